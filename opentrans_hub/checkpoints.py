@@ -1,0 +1,96 @@
+"""Reading and writing framework checkpoints safely (safetensors, or ``.pth`` through weights_only).
+
+Checkpoints are untrusted input: ``.pth`` files only ever go through ``torch.load(weights_only=True)``,
+and every failure is re-raised as :class:`OpenTransError` naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._atomic import atomic_write_bytes
+from .errors import OpenTransError
+
+#: keys under which training frameworks nest the model's state dict (detectron2: "model"; OpenTrans: "backbone")
+NESTING_KEYS = ("model", "state_dict", "module", "backbone")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file as a dict: ``.safetensors`` directly, anything else via weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        raise OpenTransError("no such file", path=path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise OpenTransError(f"not a readable safetensors file ({exc})", path=path) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad or unsafe pickles
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OpenTransError(f"cannot load as a weights-only checkpoint ({first[:300]})", path=path) from None
+    if not isinstance(obj, Mapping):
+        raise OpenTransError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors", path=path)
+    return dict(obj)
+
+
+def find_state_dict(obj: Mapping[str, Any], path: str | os.PathLike | None = None) -> tuple[dict[str, Any], str]:
+    """The tensor dict inside a checkpoint: itself, or nested under ``model``/``state_dict``/``backbone``.
+
+    Returns the dict and the key path it was found at ("" for the top level).
+    """
+    trail = []
+    current: Mapping[str, Any] = obj
+    for _ in range(4):
+        if any(isinstance(v, torch.Tensor) for v in current.values()):
+            return dict(current), ".".join(trail)
+        for key in NESTING_KEYS:
+            if isinstance(current.get(key), Mapping):
+                trail.append(key)
+                current = current[key]
+                break
+        else:
+            break
+    raise OpenTransError(f"no tensors found (looked at the top level and under {', '.join(NESTING_KEYS)})",
+                         path=path)
+
+
+def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Drop ``prefix`` from the names that carry it (``module.`` from DDP checkpoints, say)."""
+    if not prefix:
+        return dict(state)
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Flat tensor dict of a checkpoint file, un-nested and without DDP's ``module.`` prefix."""
+    state, _ = find_state_dict(read_checkpoint(path), path)
+    if all(k.startswith("module.") for k in state):
+        state = strip_prefix(state, "module.")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def write_checkpoint(path: str | os.PathLike, obj: Mapping[str, Any]) -> Path:
+    """Atomically write ``obj``: flat tensor dicts as safetensors for ``.safetensors``, else ``torch.save``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise OpenTransError("safetensors holds only a flat dict of tensors", path=path)
+        data = save({k: v.contiguous() for k, v in obj.items()})
+    else:
+        buffer = io.BytesIO()
+        torch.save(dict(obj), buffer)
+        data = buffer.getvalue()
+    return atomic_write_bytes(path, data)
