@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 from .errors import OpenTransError  # noqa: E402
 from .importers import from_torch_prune, from_zeros, import_pruned_checkpoint  # noqa: E402
 from .mapping import MappingReport, NameMap, Rule  # noqa: E402
+from .selection import LayerSelection  # noqa: E402
 from .sparsity import (  # noqa: E402
     apply_masks,
     apply_subnetwork,
@@ -20,6 +21,7 @@ from .sparsity import (  # noqa: E402
 from .subnetwork import Subnetwork  # noqa: E402
 
 __all__ = [
+    "LayerSelection",
     "MappingReport",
     "NameMap",
     "OpenTransError",
