@@ -9,8 +9,9 @@ and ``copy.deepcopy``/pickling carry it). Two global optimizer hooks keep the ze
 * after every step, the pruned weights are set to 0.0 again (covers weight decay and any optimizer
   arithmetic that could move a zero).
 
-A load-state-dict hook re-zeroes after ``load_state_dict``, and a forward pre-hook re-registers the
-parameters of deep copies. ``bake`` drops all of it and leaves plain modules holding the zeros.
+A load-state-dict hook re-zeroes after ``load_state_dict``; deep copies and unpickled models register
+their own parameters before their first optimizer step (the mask store carries its parameters through
+the copy), and a forward pre-hook follows parameters replaced later. ``bake`` drops all of it and leaves plain modules holding the zeros.
 Loops that update weights without ``torch.optim`` call :func:`enforce` after their update.
 """
 
@@ -31,11 +32,51 @@ from .subnetwork import Subnetwork
 _ATTR = "_opentrans_masks"
 _HOOKS_ATTR = "_opentrans_hook_ids"
 
-# parameter -> (module, parameter attribute name); weak so dropped models free their entries
+# parameter -> (weakref to the _MaskStore holding its mask, attribute name); weak so dropped models free it
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # optimizer -> (parameter -> the mask whose positions were already cleared in its state)
 _SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# stores made by deepcopy/unpickling whose parameters are not registered yet (drained at the next step)
+_PENDING: list[weakref.ref] = []
 _GLOBAL_HOOKS: list[Any] = []
+_ZERO = torch.zeros(())
+
+
+class _MaskStore(dict):
+    """``attribute -> keep-mask`` of one module, plus the parameters those masks belong to.
+
+    It is what ``module._opentrans_masks`` holds (a dict, for readers). Keeping the parameters here lets
+    ``copy.deepcopy`` and pickling carry the pairing over: the copy's store points at the copy's own
+    parameters (same object graph), so it is registered before its first optimizer step, forward or not.
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor] = (), params: Mapping[str, torch.Tensor] | None = None):
+        super().__init__(masks)
+        self.params: dict[str, torch.Tensor] = dict(params or {})
+
+    def __reduce_ex__(self, protocol: Any):
+        return _rebuild_store, (dict(self), self.params)
+
+
+def _rebuild_store(masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> _MaskStore:
+    store = _MaskStore(masks, params)
+    _PENDING.append(weakref.ref(store))
+    _ensure_global_hooks()
+    return store
+
+
+def _register_store(store: _MaskStore) -> None:
+    ref = weakref.ref(store)
+    for attr, param in store.params.items():
+        if attr in store:
+            _REGISTRY[param] = (ref, attr)
+
+
+def _drain_pending() -> None:
+    while _PENDING:
+        store = _PENDING.pop()()
+        if store is not None:
+            _register_store(store)
 
 
 # ------------------------------------------------------------------ registration
@@ -43,35 +84,50 @@ def _mask_for(param: torch.Tensor) -> torch.Tensor | None:
     entry = _REGISTRY.get(param)
     if entry is None:
         return None
-    module = entry[0]()
-    masks = getattr(module, _ATTR, None) if module is not None else None
-    if not masks or entry[1] not in masks or getattr(module, entry[1]) is not param:
+    store, attr = entry[0](), entry[1]
+    if store is None or store.params.get(attr) is not param:
         return None
-    mask = masks[entry[1]]
-    if mask.device != param.device:
-        mask = masks[entry[1]] = mask.to(param.device)
+    mask = store.get(attr)
+    if mask is not None and mask.device != param.device:
+        mask = store[attr] = mask.to(param.device)
     return mask
 
 
+def _store_of(module: nn.Module) -> _MaskStore | None:
+    store = module.__dict__.get(_ATTR)
+    if store is not None and not isinstance(store, _MaskStore):  # a plain dict from an older pickle
+        store = _MaskStore(store, {attr: getattr(module, attr) for attr in store})
+        object.__setattr__(module, _ATTR, store)
+    return store
+
+
 def _register_module(module: nn.Module) -> None:
-    for attr in getattr(module, _ATTR, {}):
+    store = _store_of(module)
+    if store is None:
+        return
+    for attr in store:
         param = getattr(module, attr)
+        if store.params.get(attr) is not param:
+            store.params[attr] = param  # replaced parameter (load_state_dict(assign=True), user code)
         entry = _REGISTRY.get(param)
-        if entry is None or entry[1] != attr or entry[0]() is not module:
-            _REGISTRY[param] = (weakref.ref(module), attr)
+        if entry is None or entry[1] != attr or entry[0]() is not store:
+            _REGISTRY[param] = (weakref.ref(store), attr)
 
 
 def _zero_module(module: nn.Module) -> None:
+    store = _store_of(module)
+    if store is None:
+        return
     with torch.no_grad():
-        for attr, mask in getattr(module, _ATTR, {}).items():
+        for attr, mask in store.items():
             param = getattr(module, attr)
             if mask.device != param.device:
-                mask = module._opentrans_masks[attr] = mask.to(param.device)
-            param.mul_(mask)
+                mask = store[attr] = mask.to(param.device)
+            param.masked_fill_(~mask, 0)  # not mul_: NaN or inf times 0 is not 0
 
 
 def _forward_pre_hook(module: nn.Module, args: Any) -> None:
-    # cheap: registers the parameters of copies (deepcopy, pickling) the first time they run
+    # cheap: follows parameters replaced since the mask was applied
     _register_module(module)
 
 
@@ -81,6 +137,8 @@ def _load_state_dict_post_hook(module: nn.Module, incompatible_keys: Any) -> Non
 
 
 def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if _PENDING:
+        _drain_pending()
     seen = _SEEN.get(optimizer)
     if seen is None:
         seen = _SEEN[optimizer] = WeakIdKeyDictionary()
@@ -90,17 +148,21 @@ def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
                 mask = _mask_for(param)
                 if mask is None:
                     continue
-                if param.grad is not None:
-                    param.grad.mul_(mask)
+                grad = param.grad
+                if grad is not None and not grad.is_sparse:
+                    # where, not mul_: a NaN/inf gradient at a pruned position must become exactly 0
+                    torch.where(mask, grad, _ZERO.to(grad.device, grad.dtype), out=grad)
                 if seen.get(param) is not mask:
                     # state from before this mask could move pruned weights: clear it there, once
                     for value in optimizer.state.get(param, {}).values():
                         if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                            value.mul_(mask)
+                            value.masked_fill_(~mask, 0)
                     seen[param] = mask
 
 
 def _optimizer_post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    # gradients and state are exactly 0 at pruned positions, so updates there are 0 + weight decay of 0;
+    # the multiply (half the cost of masked_fill_) only has to undo arithmetic such as -0.0 or round-off
     with torch.no_grad():
         for group in optimizer.param_groups:
             for param in group["params"]:
@@ -143,18 +205,19 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         module_name, attr = _split_name(name)
         module = model.get_submodule(module_name) if module_name else model
         param = getattr(module, attr)
-        store = module.__dict__.get(_ATTR)
+        store = _store_of(module)
         if store is None:
-            store = {}
+            store = _MaskStore()
             object.__setattr__(module, _ATTR, store)
             ids = [module.register_forward_pre_hook(_forward_pre_hook).id,
                    module.register_load_state_dict_post_hook(_load_state_dict_post_hook).id]
             object.__setattr__(module, _HOOKS_ATTR, ids)
         mask = mask.to(param.device)
         store[attr] = mask & store[attr] if attr in store else mask
-        _REGISTRY[param] = (weakref.ref(module), attr)
+        store.params[attr] = param
+        _REGISTRY[param] = (weakref.ref(store), attr)
         with torch.no_grad():
-            param.mul_(store[attr])
+            param.masked_fill_(~store[attr], 0)
 
 
 def apply_subnetwork(model: nn.Module, subnetwork: Subnetwork, name_map: NameMap | None = None,
@@ -192,6 +255,7 @@ def enforce(model: nn.Module) -> None:
         if _ATTR in module.__dict__:
             _register_module(module)
             _zero_module(module)
+    _drain_pending()
 
 
 def masked_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -207,21 +271,37 @@ def is_masked(model: nn.Module) -> bool:
     return any(_ATTR in module.__dict__ for module in model.modules())
 
 
-def bake(model: nn.Module) -> nn.Module:
-    """Make the zeros permanent and return plain modules: masks, hooks and registrations removed."""
+def _detach_masks(model: nn.Module, zero: bool) -> nn.Module:
     for module in model.modules():
-        store = module.__dict__.get(_ATTR)
+        store = _store_of(module)
         if store is None:
             continue
-        _zero_module(module)
+        _register_module(module)
+        if zero:
+            _zero_module(module)
         for attr in store:
             _REGISTRY.pop(getattr(module, attr), None)
         for hook_id in module.__dict__.get(_HOOKS_ATTR, []):
             module._forward_pre_hooks.pop(hook_id, None)
             module._load_state_dict_post_hooks.pop(hook_id, None)
+        store.params.clear()
         del module.__dict__[_ATTR]
         module.__dict__.pop(_HOOKS_ATTR, None)
     return model
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """Make the zeros permanent and return plain modules: masks, hooks and registrations removed."""
+    return _detach_masks(model, zero=True)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Drop masks, hooks and registrations without touching the weights (they hold the zeros already).
+
+    Unlike ``torch.nn.utils.prune.remove`` there is no ``weight_orig`` to fold back: this only stops the
+    enforcement, e.g. to let the pruned weights regrow on purpose.
+    """
+    return _detach_masks(model, zero=False)
 
 
 def model_sparsity(model: nn.Module, names: Mapping[str, Any] | None = None) -> dict[str, Any]:
