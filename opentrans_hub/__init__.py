@@ -17,6 +17,7 @@ from .sparsity import (  # noqa: E402
     enforce,
     masked_parameters,
     model_sparsity,
+    remove,
 )
 from .subnetwork import Subnetwork  # noqa: E402
 
@@ -38,4 +39,5 @@ __all__ = [
     "import_pruned_checkpoint",
     "masked_parameters",
     "model_sparsity",
+    "remove",
 ]
