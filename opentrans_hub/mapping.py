@@ -7,6 +7,8 @@ Rules apply in order to every canonical name (and, optionally, a tensor that tra
   integer arithmetic ``{gN+K}`` / ``{gN-K}``; the guard compares captures with integers
   (``g1 < 9 and g2 >= 0``). Rules whose guard is false leave the name alone;
 * ``drop REGEX``                        the name has no counterpart by design (reported as dropped);
+* ``unmap REGEX``                       the target has no faithful counterpart although a namesake may exist
+  (torchvision's 7x7 ``conv1``): reported as unmapped, so ``strict`` fails on it;
 * ``transpose REGEX [-> TEMPLATE]``     transpose a 2-D tensor (and optionally rename);
 * ``unsqueeze REGEX DIM [-> TEMPLATE]`` add a dimension;
 * ``split REGEX DIM -> T1, T2, ...``    split along ``DIM`` into equal parts, one destination each.
@@ -72,9 +74,13 @@ def _guard_holds(guard: tuple[tuple[int, str, int], ...], match: re.Match) -> bo
     return True
 
 
+class Unmapped(str):
+    """The reason an ``unmap`` rule gives: :meth:`NameMap.map` returns it like a drop reason."""
+
+
 @dataclass(frozen=True)
 class Rule:
-    """One step of a NameMap. ``kind`` is one of prefix, rename, drop, transpose, unsqueeze, split."""
+    """One step of a NameMap. ``kind`` is one of prefix, rename, drop, unmap, transpose, unsqueeze, split."""
 
     kind: str
     pattern: str = ""
@@ -85,7 +91,7 @@ class Rule:
     _guard: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
-        if self.kind not in {"prefix", "rename", "drop", "transpose", "unsqueeze", "split"}:
+        if self.kind not in {"prefix", "rename", "drop", "unmap", "transpose", "unsqueeze", "split"}:
             raise OpenTransError(f"unknown rule kind {self.kind!r}")
         if self.kind != "prefix":
             try:
@@ -101,8 +107,8 @@ class Rule:
     def __str__(self) -> str:
         if self.kind == "prefix":
             return f"prefix {self.pattern}"
-        if self.kind == "drop":
-            return f"drop {self.pattern}"
+        if self.kind in {"drop", "unmap"}:
+            return f"{self.kind} {self.pattern}"
         dim = f" {self.dim}" if self.kind in {"split", "unsqueeze"} else ""
         arrow = f" -> {', '.join(self.targets)}" if self.targets else ""
         guard = f" if {self.guard}" if self.guard else ""
@@ -117,6 +123,8 @@ class Rule:
             return [(name, tensor)]
         if self.kind == "drop":
             return f"dropped by rule '{self}'"
+        if self.kind == "unmap":
+            return Unmapped(f"no counterpart in the target (rule '{self}')")
         renamed = [name[:match.start()] + _fill(t, match) + name[match.end():] for t in self.targets] or [name]
         if self.kind == "rename":
             return [(renamed[0], tensor)]
@@ -139,7 +147,7 @@ class Rule:
 
 
 _LINE = re.compile(
-    r"^(?P<kind>prefix|rename|drop|transpose|unsqueeze|split)\s+(?P<pattern>\S+)"
+    r"^(?P<kind>prefix|rename|drop|unmap|transpose|unsqueeze|split)\s+(?P<pattern>\S+)"
     r"(?:\s+(?P<dim>-?\d+))?(?:\s*->\s*(?P<targets>.+?))?(?:\s+if\s+(?P<guard>.+))?\s*$"
 )
 
@@ -270,6 +278,9 @@ class NameMap:
         origin: dict[str, str] = {}
         for source, tensor in tensors.items():
             result = self.map(source, tensor)
+            if isinstance(result, Unmapped):
+                report.unmapped.append((source, str(result)))
+                continue
             if isinstance(result, str):
                 report.dropped.append((source, result))
                 continue

@@ -1,0 +1,400 @@
+"""Plugins: how one OVS framework names the CLIP image encoder, found only through entry points.
+
+A plugin is a :class:`Plugin` object that a distribution declares under the entry-point group
+``opentrans_hub.plugins``::
+
+    [project.entry-points."opentrans_hub.plugins"]
+    myframework = "my_package.opentrans:plugin"
+
+It says which frameworks and architectures it covers, gives one :class:`~opentrans_hub.mapping.NameMap`
+per architecture id (canonical open_clip names -> the framework's full parameter names), and where the
+visual tower sits in a live model. From that alone it can transfer a Subnetwork or a LayerSelection onto
+a live model (run-time mode, for frameworks whose checkpoints never hold CLIP) or onto a checkpoint file.
+
+The core never imports a plugin by name: :func:`list_plugins` reads the entry points, and a plugin that
+fails to load is reported next to the others instead of breaking them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import OpenTransError
+from .mapping import MappingReport, NameMap
+from .selection import LayerSelection
+from .subnetwork import Subnetwork
+
+ENTRY_POINT_GROUP = "opentrans_hub.plugins"
+
+
+@dataclass
+class Plugin:
+    """What opentrans-hub needs to know about one framework.
+
+    ``archs`` maps architecture ids (``open_clip/RN50``; shell patterns such as ``open_clip/RN*`` allowed)
+    to a NameMap or its text form, from canonical tower names to the framework's full names.
+    ``tower_path`` is the dotted attribute path of the visual tower in the framework's model (``""``: the
+    model is the tower); plugins
+    whose tower is split over several modules pass ``locator`` instead (model -> tower module).
+    ``config`` names the detectron2 config fragment shipped in ``configs/`` for detectron2 frameworks.
+    """
+
+    name: str
+    frameworks: tuple[str, ...]
+    archs: Mapping[str, NameMap | str]
+    tower_path: str | None = None
+    description: str = ""
+    config: str | None = None
+    locator: Callable[[nn.Module], nn.Module] | None = field(default=None, repr=False)
+    source: str = field(default="", compare=False)  # the distribution it came from (set by discovery)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise OpenTransError(f"a plugin needs a non-empty name, got {self.name!r}")
+        if isinstance(self.frameworks, str):
+            self.frameworks = (self.frameworks,)
+        self.frameworks = tuple(self.frameworks)
+        if not self.archs:
+            raise OpenTransError(f"plugin {self.name!r} declares no architectures")
+        parsed: dict[str, NameMap] = {}
+        for arch, name_map in self.archs.items():
+            try:
+                parsed[arch] = name_map if isinstance(name_map, NameMap) else NameMap.parse(name_map)
+            except OpenTransError as exc:
+                raise OpenTransError(f"plugin {self.name!r}, arch {arch!r}: {exc}") from None
+        self.archs = parsed
+
+    # ------------------------------------------------------------------ names
+    @property
+    def default_arch(self) -> str:
+        """The first architecture declared without wildcards (what ``check`` uses without ``--arch``)."""
+        for arch in self.archs:
+            if not any(ch in arch for ch in "*?["):
+                return arch
+        raise OpenTransError(f"plugin {self.name!r} declares only patterns; pass an architecture id")
+
+    def covers(self, arch: str) -> bool:
+        return any(arch == key or fnmatch.fnmatchcase(arch, key) for key in self.archs)
+
+    def name_map(self, arch: str) -> NameMap:
+        """The NameMap for ``arch`` (exact id first, then the first matching pattern)."""
+        if arch in self.archs:
+            return self.archs[arch]
+        for key, name_map in self.archs.items():
+            if fnmatch.fnmatchcase(arch, key):
+                return name_map
+        raise OpenTransError(f"plugin {self.name!r} does not cover architecture {arch!r}; "
+                             f"it covers {', '.join(self.archs)}")
+
+    def locate_tower(self, model: nn.Module) -> nn.Module:
+        """The framework's module holding the CLIP image encoder inside a live ``model``."""
+        if self.locator is not None:
+            return self.locator(model)
+        if self.tower_path is None:
+            raise OpenTransError(f"plugin {self.name!r} declares no tower_path")
+        try:
+            return model.get_submodule(self.tower_path)
+        except AttributeError:
+            raise OpenTransError(f"plugin {self.name!r}: the model has no module {self.tower_path!r} "
+                                 f"(is it a {' / '.join(self.frameworks)} model?)") from None
+
+    # ------------------------------------------------------------------ live models (run-time mode)
+    def apply(self, model: nn.Module, subnetwork: Subnetwork, strict: bool = False) -> MappingReport:
+        """Zero ``subnetwork``'s pruned weights in ``model`` and keep them zero while training.
+
+        ``model`` is the whole framework model (names as in its state dict); all-or-nothing.
+        """
+        from .sparsity import apply_subnetwork
+
+        return apply_subnetwork(_unwrap(model), subnetwork, self.name_map(subnetwork.arch), strict=strict)
+
+    def map_selection(self, selection: LayerSelection, target_names: Any,
+                      arch: str | None = None) -> tuple[dict[str, bool], MappingReport]:
+        """Framework parameter name -> trainable, for every selected layer that has a destination.
+
+        ``target_names`` is any collection of the framework's tensor names (a state dict, a list).
+        """
+        name_map = self.name_map(arch or selection.arch)
+        names = set(target_names)
+        report = MappingReport()
+        out: dict[str, bool] = {}
+        for layer in selection.layers:
+            source = layer["name"]
+            result = name_map.map_name(source)
+            if isinstance(result, str):
+                from .mapping import Unmapped
+
+                (report.unmapped if isinstance(result, Unmapped) else report.dropped).append((source, result))
+                continue
+            missing = [dest for dest in result if dest not in names]
+            if missing:
+                report.unmapped.append((source, f"no tensor {missing[0]!r} in the target"))
+                continue
+            for dest in result:
+                out[dest] = bool(layer["trainable"])
+                report.mapped.append((source, dest))
+        return out, report
+
+    def apply_selection(self, model: nn.Module, selection: LayerSelection, strict: bool = False,
+                        arch: str | None = None) -> MappingReport:
+        """Set ``requires_grad`` of the selected layers' parameters in ``model`` (frozen layers get False).
+
+        Parameters the selection does not list are left as they are. All-or-nothing under ``strict``.
+        """
+        params = dict(_unwrap(model).named_parameters(remove_duplicate=False))
+        flags, report = self.map_selection(selection, params, arch)
+        report.check(strict=strict)
+        for name, trainable in flags.items():
+            params[name].requires_grad_(trainable)
+        return report
+
+    # ------------------------------------------------------------------ checkpoints
+    def apply_checkpoint(self, path_in: str | os.PathLike, subnetwork: Subnetwork, path_out: str | os.PathLike,
+                         strict: bool = False) -> MappingReport:
+        """Rewrite a framework checkpoint with ``subnetwork``'s pruned weights zeroed.
+
+        Nesting (``model``/``state_dict``...), a DDP ``module.`` prefix and every other entry are kept; every
+        tensor the subnetwork does not touch is written bit-identical. The output is written atomically,
+        and nothing is written when a shape disagrees (or, with ``strict``, a name finds no destination).
+        """
+        from .sparsity import apply_subnetwork_to_state_dict
+
+        loaded = load_checkpoint(path_in)
+        name_map = self.name_map(subnetwork.arch)
+        if loaded.ddp_prefix:
+            name_map = name_map.then(NameMap.prefix(loaded.ddp_prefix))
+        tensors = {k: v for k, v in loaded.state.items() if isinstance(v, torch.Tensor)}
+        new_tensors, report = apply_subnetwork_to_state_dict(tensors, subnetwork, name_map, strict=strict,
+                                                             source=os.fspath(path_in))
+        state = dict(loaded.state)
+        state.update(new_tensors)
+        loaded.write(path_out, state)
+        return report
+
+    def check(self, target: nn.Module | str | os.PathLike | Mapping[str, Any], arch: str | None = None,
+              subnetwork: Subnetwork | None = None) -> dict[str, Any]:
+        """How well this plugin fits a real checkpoint file, state dict or live model.
+
+        Without a subnetwork, every parameter of the canonical ``arch`` tower is mapped (so the report
+        shows which tower tensors the framework holds); with one, its masks are. ``kept_sparsity`` is the
+        fraction of exact zeros over the mapped target tensors — after applying ``subnetwork`` in memory
+        when one is given — i.e. the sparsity the framework's copy of the tower has (or would have).
+        """
+        arch = arch or (subnetwork.arch if subnetwork is not None else self.default_arch)
+        name_map = self.name_map(arch)
+        source = None
+        if isinstance(target, nn.Module):
+            state = {k: v.detach() for k, v in target.state_dict(keep_vars=True).items()}
+            state.update({k: v.detach() for k, v in target.named_parameters(remove_duplicate=False)})
+        elif isinstance(target, Mapping):
+            state = dict(target)
+        else:
+            source = os.fspath(target)
+            loaded = load_checkpoint(target)
+            state = loaded.state
+            if loaded.ddp_prefix:
+                name_map = name_map.then(NameMap.prefix(loaded.ddp_prefix))
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        if subnetwork is not None:
+            sources: Mapping[str, torch.Tensor] = subnetwork.masks
+        else:
+            sources = canonical_shapes(arch)
+        _, report = name_map.resolve(sources, shapes)
+        zeros = numel = 0
+        masks = {}
+        if subnetwork is not None:
+            masks, _ = name_map.resolve(subnetwork.masks, shapes)
+        for _, dest in report.mapped:
+            weight = tensors[dest]
+            if dest in masks:
+                weight = weight.masked_fill(~masks[dest], 0)
+            zeros += int((weight == 0).sum())
+            numel += weight.numel()
+        info = report.to_dict()
+        info.update({"plugin": self.name, "arch": arch, "target": source or type(target).__name__,
+                     "subnetwork": subnetwork.sha256 if subnetwork is not None else None,
+                     "target_tensors": len(tensors), "mapped_params": numel, "zeros": zeros,
+                     "kept_sparsity": zeros / numel if numel else 0.0, "ok": report.ok})
+        info["counts"]["kept_sparsity"] = info["kept_sparsity"]
+        return info
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "frameworks": list(self.frameworks), "archs": list(self.archs),
+                "tower_path": self.tower_path, "config": self.config, "description": self.description,
+                "source": self.source}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel (their names carry ``module.``)."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+# ---------------------------------------------------------------------- canonical tower shapes
+_CANONICAL_CACHE: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def canonical_shapes(arch: str) -> dict[str, torch.Tensor]:
+    """Canonical parameter name -> a meta tensor of its shape, for the tower of ``arch`` (no weights)."""
+    if arch not in _CANONICAL_CACHE:
+        from .backbones import parse_arch
+
+        family, name = parse_arch(arch)
+        if family != "open_clip":
+            raise OpenTransError(f"canonical names are known for open_clip architectures only, not {arch!r}")
+        import open_clip
+
+        if name not in open_clip.list_models():
+            raise OpenTransError(f"open_clip has no model {name!r} (see open_clip.list_models())")
+        visual = open_clip.create_model(name, device="meta").visual
+        _CANONICAL_CACHE[arch] = {k: v for k, v in visual.named_parameters()}
+    return _CANONICAL_CACHE[arch]
+
+
+# ---------------------------------------------------------------------- checkpoint files
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read for rewriting: the tensor dict, where it was nested and how to write it back."""
+
+    path: Path
+    obj: dict[str, Any]
+    trail: tuple[str, ...]
+    state: dict[str, Any]
+    ddp_prefix: str
+    metadata: dict[str, str] | None
+
+    def write(self, path_out: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+        """Write ``state`` back at the same nesting; safetensors output holds the tensor dict only."""
+        from ._atomic import atomic_write_bytes
+
+        path_out = Path(path_out)
+        if path_out.suffix == ".safetensors":
+            from safetensors.torch import save
+
+            # safetensors is flat: only the tensor dict travels (nesting and other entries cannot)
+            tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+            data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=self.metadata)
+            return atomic_write_bytes(path_out, data)
+        obj: Any = state
+        for depth in range(len(self.trail), 0, -1):
+            parent = self.obj
+            for key in self.trail[:depth - 1]:
+                parent = parent[key]
+            rebuilt = dict(parent)
+            rebuilt[self.trail[depth - 1]] = obj
+            obj = rebuilt
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        return atomic_write_bytes(path_out, buffer.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    """Read a framework checkpoint (weights_only / safetensors) keeping what is needed to write it back."""
+    from .checkpoints import find_state_dict, read_checkpoint
+
+    path = Path(path)
+    obj = read_checkpoint(path)
+    state, trail = find_state_dict(obj, path)
+    # find_state_dict copies; keep the real nested dict so entries keep their order
+    nested: Any = obj
+    for key in [k for k in trail.split(".") if k]:
+        nested = nested[key]
+    state = dict(nested)
+    tensor_keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
+    ddp = "module." if tensor_keys and all(k.startswith("module.") for k in tensor_keys) else ""
+    metadata = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+    return LoadedCheckpoint(path, obj, tuple(k for k in trail.split(".") if k), state, ddp, metadata)
+
+
+# ---------------------------------------------------------------------- discovery
+@dataclass(frozen=True)
+class PluginError:
+    """An entry point that did not give a usable plugin (reported, never fatal to the others)."""
+
+    name: str
+    value: str
+    error: str
+    source: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "entry_point": self.value, "error": self.error, "source": self.source}
+
+
+_CACHE: tuple[dict[str, Plugin], list[PluginError]] | None = None
+
+
+def _load(entry_point: Any) -> Plugin:
+    obj = entry_point.load()
+    if not isinstance(obj, Plugin) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, Plugin):
+        raise OpenTransError(f"entry point gives a {type(obj).__name__}, expected an opentrans_hub.plugins.Plugin "
+                             "(or a callable returning one)")
+    if obj.name != entry_point.name:
+        raise OpenTransError(f"entry point {entry_point.name!r} gives a plugin named {obj.name!r}")
+    return obj
+
+
+def discover(refresh: bool = False) -> tuple[dict[str, Plugin], list[PluginError]]:
+    """All plugins declared under the ``opentrans_hub.plugins`` entry-point group, and the ones that failed."""
+    global _CACHE
+    if _CACHE is not None and not refresh:
+        return _CACHE
+    from importlib.metadata import entry_points
+
+    plugins: dict[str, Plugin] = {}
+    errors: list[PluginError] = []
+    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.name, ep.value)):
+        dist = getattr(entry_point, "dist", None)
+        source = f"{dist.metadata['Name']} {dist.version}" if dist is not None else ""
+        try:
+            plugin = _load(entry_point)
+        except Exception as exc:  # a broken plugin must not take the others down
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            errors.append(PluginError(entry_point.name, entry_point.value, f"{type(exc).__name__}: {message}"[:500],
+                                      source))
+            continue
+        if plugin.name in plugins:
+            errors.append(PluginError(entry_point.name, entry_point.value,
+                                      f"duplicate plugin name (already given by {plugins[plugin.name].source})",
+                                      source))
+            continue
+        plugin.source = source
+        plugins[plugin.name] = plugin
+    _CACHE = (plugins, errors)
+    return _CACHE
+
+
+def list_plugins(refresh: bool = False) -> tuple[list[Plugin], list[PluginError]]:
+    """(plugins sorted by name, entry points that failed to load)."""
+    plugins, errors = discover(refresh)
+    return [plugins[name] for name in sorted(plugins)], list(errors)
+
+
+def get_plugin(name: str) -> Plugin:
+    """The plugin registered under ``name``; a clear error lists what is installed (and why it failed)."""
+    plugins, errors = discover()
+    if name in plugins:
+        return plugins[name]
+    for error in errors:
+        if error.name == name:
+            raise OpenTransError(f"plugin {name!r} failed to load from {error.value}: {error.error}")
+    known = ", ".join(sorted(plugins)) or "none installed"
+    raise OpenTransError(f"no plugin named {name!r} (installed: {known}); plugins are found through the "
+                         f"{ENTRY_POINT_GROUP!r} entry-point group")
