@@ -1,0 +1,279 @@
+"""Distribution: publish subnetworks/selections to a Hugging Face Hub repo, pull them back, build backbones.
+
+A published repo holds three files:
+
+* ``subnetwork.safetensors`` (or ``selection.json``): the artefact itself;
+* ``opentrans_hub.json``: a small manifest (kind, file, content sha256, file sha256, arch, summary);
+* ``README.md``: a model card (YAML front matter with ``library_name: opentrans-hub``, tags, ``base_model``
+  when known and ``license``; a sparsity table, the method, provenance and how to load it).
+
+``push`` uses ``HfApi.create_repo(exist_ok=True)`` and ``upload_folder``; ``pull`` uses
+``hf_hub_download`` with a revision, so the normal HF cache and ``HF_HUB_OFFLINE=1`` work, and checks both
+hashes before anything is returned. Tokens come from the usual HF environment/config (``HF_TOKEN``,
+``hf auth login``), never from arguments. ``HF_ENDPOINT`` picks the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import OpenTransError
+from .registry import KIND_FILES, Artefact, Registry, decode, default_registry, encode, kind_of, summary
+from .selection import LayerSelection
+from .subnetwork import Subnetwork
+
+MANIFEST = "opentrans_hub.json"
+MANIFEST_FORMAT = "opentrans-hub/hub-manifest"
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_HF_REF = re.compile(r"hf://(?P<repo>[^@/]+/[^@/]+)(?:@(?P<rev>[^/]+))?(?:/(?P<file>[^/]+))?")
+#: open_clip weights tags -> the model id model cards name as ``base_model``
+_BASE_MODELS = {("open_clip/RN50", "openai"): "timm/resnet50_clip.openai",
+                ("open_clip/RN101", "openai"): "timm/resnet101_clip.openai"}
+
+
+# --------------------------------------------------------------------------- references
+def parse_hf_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``hf://ORG/REPO[@REVISION][/FILE]`` -> (repo_id, revision or None, file or None)."""
+    m = _HF_REF.fullmatch(ref)
+    if not m or not _REPO_ID.fullmatch(m.group("repo")):
+        raise OpenTransError(f"bad Hub reference {ref!r}: expected hf://ORG/REPO[@REVISION][/FILE]")
+    rev, file = m.group("rev"), m.group("file")
+    if rev is not None and not _REVISION.fullmatch(rev):
+        raise OpenTransError(f"bad revision {rev!r} in {ref!r}")
+    if file is not None and file not in KIND_FILES.values():
+        raise OpenTransError(f"refusing file {file!r} in {ref!r}: expected one of {', '.join(KIND_FILES.values())}")
+    return m.group("repo"), rev, file
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
+        raise OpenTransError(f"bad repo id {repo_id!r}: expected ORG/REPO")
+    return repo_id
+
+
+# --------------------------------------------------------------------------- model card
+def _yaml_list(items: list[str]) -> str:
+    return "".join(f"\n- {item}" for item in items)
+
+
+def _base_model(obj: Artefact) -> str | None:
+    base = obj.provenance.get("base_model") or obj.provenance.get("base_weights")
+    if isinstance(base, str):
+        return base
+    if isinstance(base, Mapping):
+        return _BASE_MODELS.get((obj.arch, base.get("pretrained")))
+    return None
+
+
+def model_card(obj: Artefact, manifest: Mapping[str, Any], license: str | None = None) -> str:
+    """README.md text: YAML front matter the Hub indexes, then what the artefact is and how to load it."""
+    kind = manifest["kind"]
+    tags = ["opentrans-hub", "pruning" if kind == "subnetwork" else "layer-selection", "clip",
+            "open-vocabulary-segmentation"]
+    base = _base_model(obj)
+    license = license or obj.provenance.get("license") or "apache-2.0"
+    front = ["library_name: opentrans-hub", f"license: {license}", f"tags:{_yaml_list(tags)}"]
+    if base:
+        front.append(f"base_model: {base}")
+    name = manifest.get("name") or manifest["file"]
+    lines = ["---", *front, "---", "", f"# {name}", ""]
+    method = obj.provenance.get("method") if kind == "subnetwork" else obj.policy.get("name")
+    if kind == "subnetwork":
+        stats = obj.stats()
+        lines += [f"A pruned subnetwork (boolean keep-masks) of the CLIP image encoder `{obj.arch}`, stored in "
+                  "opentrans-hub's bit-packed safetensors format, keyed by open_clip's canonical tensor names.", "",
+                  "| masked tensors | weights | kept | sparsity |", "|---:|---:|---:|---:|",
+                  f"| {stats['num_layers']} | {stats['total_params']:,} | {stats['kept_params']:,} | "
+                  f"{stats['sparsity']:.2%} |", "", "<details><summary>Per-layer sparsity</summary>", "",
+                  "| tensor | shape | kept | sparsity |", "|---|---|---:|---:|"]
+        lines += [f"| `{layer['name']}` | {'x'.join(map(str, layer['shape']))} | {layer['kept']:,} | "
+                  f"{layer['sparsity']:.2%} |" for layer in stats["layers"]]
+        lines += ["", "</details>", ""]
+    else:
+        lines += [f"A layer selection for the CLIP image encoder `{obj.arch}`: {len(obj.trainable)} of "
+                  f"{len(obj.layers)} layers are fine-tuned, the rest stay frozen.", ""]
+    lines += ["## Method", "", f"`{method}`", "", "```json",
+              json.dumps(obj.provenance if kind == "subnetwork" else {"policy": obj.policy, **obj.provenance},
+                         indent=1, sort_keys=True, default=str), "```", "",
+              "## Provenance", "", f"- content sha256: `{manifest['sha256']}`",
+              f"- file `{manifest['file']}` sha256: `{manifest['file_sha256']}`",
+              f"- created with {manifest.get('library', 'opentrans-hub')}", "",
+              "## How to load", "", "```bash", "pip install opentrans-hub",
+              "opentrans-hub pull hf://ORG/REPO --name my-subnetwork   # ORG/REPO: this repo", "```", "",
+              "```python", "import opentrans_hub as oth",
+              f"obj = oth.load_{'subnetwork' if kind == 'subnetwork' else 'selection'}(\"hf://ORG/REPO\")",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def export_folder(obj: Artefact, folder: str | os.PathLike, name: str | None = None,
+                  license: str | None = None) -> dict[str, Any]:
+    """Write the artefact, its manifest and a model card into ``folder``; returns the manifest."""
+    from . import __version__
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = kind_of(obj)
+    data = encode(obj)
+    manifest = {"format": MANIFEST_FORMAT, "format_version": 1, "name": name, "kind": kind, "file": KIND_FILES[kind],
+                "sha256": obj.sha256, "file_sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                "library": f"opentrans-hub {__version__}", **summary(obj)}
+    (folder / KIND_FILES[kind]).write_bytes(data)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n", encoding="utf-8")
+    (folder / "README.md").write_text(model_card(obj, manifest, license=license), encoding="utf-8")
+    return manifest
+
+
+# --------------------------------------------------------------------------- push / pull
+def _hub_error(exc: Exception, what: str) -> OpenTransError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OpenTransError(f"{what}: {type(exc).__name__}: {first[:300]}")
+
+
+def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None = None, private: bool = False,
+         registry: Registry | None = None, endpoint: str | None = None, commit_message: str | None = None,
+         license: str | None = None) -> dict[str, Any]:
+    """Publish a registry name, file or object to ``repo_id`` (created if missing) on ``revision``."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    check_repo_id(repo_id)
+    if revision is not None and not _REVISION.fullmatch(revision):
+        raise OpenTransError(f"bad revision {revision!r}")
+    if isinstance(ref, (Subnetwork, LayerSelection)):
+        obj, name = ref, None
+    else:
+        obj, _ = (registry or default_registry()).resolve(ref)
+        name = os.fspath(ref) if re.fullmatch(r"[a-z0-9][a-z0-9._-]*", os.fspath(ref)) else None
+    api = HfApi(endpoint=endpoint)
+    with tempfile.TemporaryDirectory(prefix="opentrans-hub-push-") as tmp:
+        manifest = export_folder(obj, tmp, name=name, license=license)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision is not None:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
+                                     commit_message=commit_message or f"opentrans-hub: {name or manifest['kind']} "
+                                                                      f"{manifest['sha256'][:12]}")
+        except HfHubHTTPError as exc:
+            raise _hub_error(exc, f"push to {repo_id}") from None
+    return {"repo_id": repo_id, "revision": revision or "main", "commit": info.oid, "commit_url": info.commit_url,
+            "ref": f"hf://{repo_id}@{info.oid}", **manifest}
+
+
+def _download(repo_id: str, filename: str, revision: str | None, endpoint: str | None,
+              cache_dir: str | os.PathLike | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint, cache_dir=cache_dir))
+    except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
+        raise _hub_error(exc, f"hf://{repo_id}@{revision or 'main'}/{filename}") from None
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise OpenTransError("manifest is not valid JSON", path=path) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise OpenTransError("not an opentrans-hub manifest", path=path)
+    kind, file = manifest.get("kind"), manifest.get("file")
+    if kind not in KIND_FILES or file != KIND_FILES[kind]:
+        raise OpenTransError(f"manifest names kind {kind!r} and file {file!r}; refusing anything but "
+                             f"{', '.join(KIND_FILES.values())}", path=path)
+    for key in ("sha256", "file_sha256"):
+        if not isinstance(manifest.get(key), str) or not re.fullmatch(r"[0-9a-f]{64}", manifest[key]):
+            raise OpenTransError(f"manifest has no valid {key}", path=path)
+    return manifest
+
+
+def pull(ref: str, name: str | None = None, registry: Registry | None = None, endpoint: str | None = None,
+         cache_dir: str | os.PathLike | None = None) -> tuple[Artefact, dict[str, Any]]:
+    """Download ``hf://ORG/REPO[@REV][/FILE]``, verify both hashes, optionally add it to a registry as ``name``.
+
+    Returns the artefact and a record (repo, revision, commit, local path, hashes).
+    """
+    repo_id, revision, wanted = parse_hf_ref(ref)
+    manifest_path = _download(repo_id, MANIFEST, revision, endpoint, cache_dir)
+    manifest = _read_manifest(manifest_path)
+    if wanted is not None and wanted != manifest["file"]:
+        raise OpenTransError(f"{ref}: the repo's manifest publishes {manifest['file']!r}, not {wanted!r}")
+    path = _download(repo_id, manifest["file"], revision, endpoint, cache_dir)
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != manifest["file_sha256"]:
+        raise OpenTransError(f"{ref}: file sha256 {actual[:16]}... is not the manifest's "
+                             f"{manifest['file_sha256'][:16]}... (tampered or corrupted download)", path=path)
+    obj = decode(data, str(path), kind=manifest["kind"], expected_sha256=manifest["sha256"])
+    commit = path.parent.name  # hf cache layout: snapshots/<commit>/<file>
+    record = {"ref": ref, "repo_id": repo_id, "revision": revision or "main", "commit": commit, "path": str(path),
+              "kind": manifest["kind"], "sha256": obj.sha256, "file_sha256": actual}
+    if name is not None:
+        entry = (registry or default_registry()).add(obj, name, source=f"hf://{repo_id}@{commit}", overwrite=True)
+        record["name"] = entry.name
+    return obj, record
+
+
+# --------------------------------------------------------------------------- backbones
+def _full_arch(arch: str) -> str:
+    return arch if "/" in arch else f"open_clip/{arch}"
+
+
+def _weights_file(pretrained: str | os.PathLike | None, endpoint: str | None = None) -> str | os.PathLike | None:
+    """``hf://ORG/REPO[@REV]/FILE`` weights are downloaded (HF cache); tags and paths pass through."""
+    if isinstance(pretrained, str) and pretrained.startswith("hf://"):
+        m = re.fullmatch(r"hf://([^@/]+/[^@/]+)(?:@([^/]+))?/(.+)", pretrained)
+        if not m or not _REPO_ID.fullmatch(m.group(1)) or ".." in m.group(3).split("/"):
+            raise OpenTransError(f"bad Hub weights reference {pretrained!r}: expected hf://ORG/REPO[@REV]/FILE")
+        return _download(m.group(1), m.group(3), m.group(2), endpoint, None)
+    return pretrained
+
+
+def apply_selection(model: nn.Module, selection: LayerSelection) -> dict[str, int]:
+    """Set ``requires_grad`` of the listed parameters from the selection (canonical names); others untouched."""
+    params = dict(model.named_parameters())
+    unknown = [layer["name"] for layer in selection.layers if layer["name"] not in params]
+    if unknown:
+        raise OpenTransError(f"{len(unknown)} selected layer(s) not in the model, first {unknown[0]!r}; "
+                             "nothing was changed", tensor=unknown[0])
+    for layer in selection.layers:
+        params[layer["name"]].requires_grad_(bool(layer["trainable"]))
+    return {"trainable": len(selection.trainable), "frozen": len(selection.frozen)}
+
+
+def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = None,
+                  subnetwork: str | os.PathLike | Subnetwork | None = None,
+                  selection: str | os.PathLike | LayerSelection | None = None, exact: bool = False,
+                  strict: bool = True, registry: Registry | None = None) -> nn.Module:
+    """A CLIP visual tower (canonical open_clip names) with an optional subnetwork and layer selection.
+
+    ``arch``: ``RN50`` / ``open_clip/ViT-B-16`` / ``timm/resnet50_clip``. ``pretrained``: a tag (``openai``),
+    a local weights file or ``hf://ORG/REPO[@REV]/FILE``. ``subnetwork`` / ``selection``: a registry name,
+    ``hf://`` reference, path or object. ``exact=False`` bakes the zeros into plain weights (inference);
+    ``exact=True`` keeps the masks so pruned weights stay exactly zero while training.
+    """
+    from .backbones import build_visual
+    from .registry import load_selection, load_subnetwork
+    from .sparsity import apply_subnetwork, bake
+
+    tower = build_visual(_full_arch(arch), _weights_file(pretrained))
+    if subnetwork is not None:
+        sub = load_subnetwork(subnetwork, registry)
+        apply_subnetwork(tower, sub, strict=strict)
+        if not exact:
+            bake(tower)
+        tower.opentrans_subnetwork = {"sha256": sub.sha256, "arch": sub.arch, "sparsity": sub.sparsity}
+    if selection is not None:
+        apply_selection(tower, load_selection(selection, registry))
+    return tower
