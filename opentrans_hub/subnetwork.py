@@ -33,6 +33,8 @@ FORMAT_VERSION = 1
 ENCODINGS = ("packbits", "zstd")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 _ZSTD_LEVEL = 19
+_MAX_NDIM = 16
+_MAX_DIM = 1 << 48
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,21 @@ def _library_version() -> str:
     return __version__
 
 
-def default_provenance(method: str, **settings: Any) -> dict[str, Any]:
-    """Provenance every new Subnetwork should carry: method, its settings, version and creation time."""
-    return {
+def default_provenance(method: str, *, base_sha256: str | None = None, **settings: Any) -> dict[str, Any]:
+    """Provenance every new Subnetwork should carry: method, its settings, version and creation time.
+
+    ``base_sha256`` (the sha256 of the weights the mask was found on, see ``backbones.weights_sha256``) is
+    recorded when known, so a user can tell whether a mask fits the weights they have.
+    """
+    provenance = {
         "method": method,
         "settings": settings,
         "library": f"opentrans-hub {_library_version()}",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if base_sha256 is not None:
+        provenance["base_sha256"] = base_sha256
+    return provenance
 
 
 class Subnetwork:
@@ -85,6 +94,8 @@ class Subnetwork:
             if not isinstance(name, str) or not name:
                 raise OpenTransError(f"mask names must be non-empty strings, got {name!r}")
             if isinstance(mask, np.ndarray):
+                if mask.dtype != np.bool_:
+                    raise OpenTransError(f"mask must have dtype bool, got numpy {mask.dtype}", tensor=name)
                 mask = torch.from_numpy(np.ascontiguousarray(mask))
             if not isinstance(mask, torch.Tensor):
                 raise OpenTransError(f"mask must be a tensor, got {type(mask).__name__}", tensor=name)
@@ -123,6 +134,12 @@ class Subnetwork:
 
     def layers(self) -> list[LayerStats]:
         return [LayerStats(name, tuple(m.shape), m.numel(), int(m.sum())) for name, m in self._masks.items()]
+
+    @property
+    def base_sha256(self) -> str | None:
+        """sha256 of the weights the mask was found on, when the provenance records it."""
+        value = self.provenance.get("base_sha256")
+        return value if isinstance(value, str) else None
 
     @property
     def numel(self) -> int:
@@ -231,14 +248,18 @@ class Subnetwork:
         masks: dict[str, torch.Tensor] = {}
         for name in sorted(tensors):
             shape = shapes[name]
-            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d
-                                                      for d in shape):
-                raise OpenTransError(f"bad shape {shape!r}", path=source, tensor=name)
+            if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in shape)):
+                raise OpenTransError(f"bad shape {str(shape)[:80]}", path=source, tensor=name)
             numel = math.prod(shape)
             nbytes = (numel + 7) // 8
             raw = tensors[name]
             if encoding == "zstd":
                 try:
+                    declared = zstandard.frame_content_size(raw)
+                    if declared >= 0 and declared != nbytes:  # refuse before allocating what the frame claims
+                        raise OpenTransError(f"zstd frame holds {declared} bytes, shape {shape} needs {nbytes}",
+                                             path=source, tensor=name)
                     raw = decompressor.decompress(raw, max_output_size=max(nbytes, 1))
                 except zstandard.ZstdError as exc:
                     raise OpenTransError(f"corrupted zstd stream ({exc})", path=source, tensor=name) from None
@@ -307,7 +328,7 @@ def _content_hash(items) -> str:
 def _json_field(metadata: Mapping[str, str], key: str, kind: type, source: str):
     try:
         value = json.loads(metadata.get(key, ""))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise OpenTransError(f"header field {key!r} is not valid JSON", path=source) from None
     if not isinstance(value, kind):
         raise OpenTransError(f"header field {key!r} must be a JSON {kind.__name__}", path=source)
@@ -328,7 +349,7 @@ def _read_safetensors_u8(data: bytes, source: str) -> tuple[dict[str, str], dict
                              f"({len(data)} bytes)", path=source)
     try:
         header = json.loads(data[8:8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise OpenTransError("safetensors header is not valid JSON", path=source) from None
     if not isinstance(header, dict):
         raise OpenTransError("safetensors header is not a JSON object", path=source)
