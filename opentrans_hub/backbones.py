@@ -44,6 +44,64 @@ def _open_clip_visual(name: str, pretrained: str | None) -> nn.Module:
 
 BUILDERS["open_clip"] = _open_clip_visual
 
+# timm's CLIP ResNets (ByobNet) hold the same tensors as open_clip's ModifiedResNet under other names;
+# these rules carry each canonical name to timm's, so a timm tower is rebuilt with canonical names.
+_TIMM_CLIP_RESNETS = {"resnet50_clip": "RN50", "resnet101_clip": "RN101", "resnet50x4_clip": "RN50x4",
+                      "resnet50x16_clip": "RN50x16", "resnet50x64_clip": "RN50x64"}
+TIMM_CLIP_RESNET_RULES = r"""
+rename ^(conv|bn)([123])\.(.+)$ -> stem.conv{g2}.{g1}.{g3}
+rename ^layer(\d)\.(\d+)\.(conv|bn)1\.(.+)$ -> stages.{g1-1}.{g2}.conv1_1x1.{g3}.{g4}
+rename ^layer(\d)\.(\d+)\.(conv|bn)2\.(.+)$ -> stages.{g1-1}.{g2}.conv2_kxk.{g3}.{g4}
+rename ^layer(\d)\.(\d+)\.(conv|bn)3\.(.+)$ -> stages.{g1-1}.{g2}.conv3_1x1.{g3}.{g4}
+rename ^layer(\d)\.(\d+)\.downsample\.0\.(.+)$ -> stages.{g1-1}.{g2}.shortcut.conv.conv.{g3}
+rename ^layer(\d)\.(\d+)\.downsample\.1\.(.+)$ -> stages.{g1-1}.{g2}.shortcut.conv.bn.{g3}
+rename ^attnpool\.positional_embedding$ -> head.pos_embed
+rename ^attnpool\.([qkv])_proj\.(.+)$ -> head.{g1}.{g2}
+rename ^attnpool\.c_proj\.(.+)$ -> head.proj.{g1}
+"""
+
+
+def timm_to_canonical(state: Mapping[str, torch.Tensor], canonical_names) -> dict[str, torch.Tensor]:
+    """Rename a timm CLIP-ResNet state dict to open_clip's names (every canonical name must be found)."""
+    from .mapping import NameMap
+
+    name_map = NameMap.parse(TIMM_CLIP_RESNET_RULES)
+    out = {}
+    for name in canonical_names:
+        dest = name_map.map_name(name)
+        if isinstance(dest, str) or len(dest) != 1 or dest[0] not in state:
+            raise OpenTransError(f"timm weights have no counterpart {dest!r}", tensor=name)
+        out[name] = state[dest[0]]
+    return out
+
+
+def _timm_clip_visual(name: str, pretrained: str | None) -> nn.Module:
+    """``timm/resnet50_clip[.TAG]``: the tower rebuilt as open_clip's ModifiedResNet holding timm's tensors."""
+    import timm
+
+    base, _, tag = name.partition(".")
+    tag = pretrained or tag or None
+    if base.endswith("_gap") and base[:-4] in _TIMM_CLIP_RESNETS:
+        raise OpenTransError(f"timm/{base} has no attention-pool head; use timm/{base[:-4]} (same trunk)")
+    if base not in _TIMM_CLIP_RESNETS:
+        raise OpenTransError(f"timm/{base} is not a supported CLIP ResNet; known: {', '.join(_TIMM_CLIP_RESNETS)}")
+    try:
+        model = timm.create_model(f"{base}.{tag}" if tag else base, pretrained=bool(tag))
+    except Exception as exc:  # unknown tag, or weights that cannot be fetched here
+        raise OpenTransError(f"cannot build timm {base} with weights {tag!r}: {exc}") from None
+    visual = _open_clip_visual(_TIMM_CLIP_RESNETS[base], None)
+    expected = visual.state_dict()
+    state = timm_to_canonical(model.state_dict(), expected)
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise OpenTransError(f"timm shape {tuple(tensor.shape)} != tower's {tuple(expected[key].shape)}",
+                                 tensor=key)
+    visual.load_state_dict(state, strict=True)
+    return visual
+
+
+BUILDERS["timm"] = _timm_clip_visual
+
 
 def build_visual(arch: str, pretrained: str | os.PathLike | None = None) -> nn.Module:
     """The visual tower of ``arch`` in eval mode, randomly initialised unless ``pretrained`` is given.
@@ -74,6 +132,8 @@ def load_visual_weights(visual: nn.Module, path: str | os.PathLike) -> str:
     from .checkpoints import read_state_dict
 
     state = visual_state_dict(read_state_dict(path))
+    if "stem.conv1.conv.weight" in state and "conv1.weight" not in state:  # a timm CLIP-ResNet file
+        state = timm_to_canonical(state, visual.state_dict())
     expected = visual.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
