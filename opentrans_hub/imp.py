@@ -1,0 +1,554 @@
+"""Magnitude pruning of a CLIP image encoder: one-shot, or iterative (IMP) inside any training loop.
+
+* :class:`PruneScope` says which tensors may be pruned (default: every Conv2d weight of the tower but the
+  first conv, as in OpenTrans), how they are ranked (one global ranking or per layer) and how dense each
+  layer must stay.
+* :func:`magnitude_masks` is the pure core: keep-masks for given weights at a target sparsity. Weights are
+  ranked by ``(|w|, layer order, flat index)``, so ties are broken the same way on every run, rank and
+  device. The threshold comes from a radix selection over the float bits (a 32,768-bucket histogram, then
+  an exact ``kthvalue`` inside one bucket), never from a sort of all weights.
+* :func:`magnitude_prune` prunes a live model (masks narrow any mask already there) and returns the
+  :class:`~opentrans_hub.subnetwork.Subnetwork` in canonical names.
+* :class:`IMPRunner` runs the rounds on a schedule (``before_train`` / ``after_step``), rewinds weights if
+  asked, writes every finished round atomically and resumes from the last one; under DDP rank 0 computes
+  the masks and broadcasts them, so every rank holds identical masks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._atomic import atomic_write_bytes, atomic_write_text
+from .errors import OpenTransError
+from .sparsity import apply_masks, enforce, masked_parameters
+from .subnetwork import Subnetwork, default_provenance
+
+LAYER_TYPES = ("conv", "linear")
+RANKINGS = ("global", "layerwise")
+STATE_FORMAT = "opentrans-hub/imp-state"
+STATE_FILE = "imp_state.json"
+REWIND_FILE = "rewind.safetensors"
+_BUCKET_SHIFT = 16  # float32 bits >> 16: 32,768 buckets for non-negative values
+
+
+# ------------------------------------------------------------------------------------------------ scope
+@dataclass(frozen=True)
+class PruneScope:
+    """Which weights of a CLIP tower are prunable, and how they are ranked.
+
+    ``layer_types``: ``"conv"`` (Conv2d weights) and/or ``"linear"`` (Linear weights and the fused
+    attention ``in_proj_weight``, for ViT and ConvNeXt towers). ``exclude_first`` leaves out the first
+    Conv2d (the stem / patch embedding). ``include`` / ``exclude`` are regexes searched in canonical names.
+    ``ranking`` is ``"global"`` (one threshold over the scope, the paper) or ``"layerwise"``;
+    ``min_density`` is the fraction of every layer that always stays (so global pruning cannot empty one).
+    """
+
+    layer_types: tuple[str, ...] = ("conv",)
+    exclude_first: bool = True
+    include: str | None = None
+    exclude: str | None = None
+    ranking: str = "global"
+    min_density: float = 0.0
+
+    def __post_init__(self):
+        types = (self.layer_types,) if isinstance(self.layer_types, str) else tuple(self.layer_types)
+        object.__setattr__(self, "layer_types", types)
+        if not types or any(t not in LAYER_TYPES for t in types):
+            raise OpenTransError(f"layer_types must be a non-empty subset of {LAYER_TYPES}, got {types!r}")
+        if self.ranking not in RANKINGS:
+            raise OpenTransError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
+        if not 0.0 <= float(self.min_density) <= 1.0:
+            raise OpenTransError(f"min_density must lie in [0, 1], got {self.min_density!r}")
+        for pattern in (self.include, self.exclude):
+            if pattern:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise OpenTransError(f"bad regex {pattern!r} in the prune scope: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layer_types"] = list(self.layer_types)
+        return data
+
+    def select(self, model: nn.Module, prefix: str = "") -> dict[str, tuple[str, nn.Parameter]]:
+        """Canonical name -> (full parameter name in ``model``, parameter), in module order.
+
+        ``prefix`` is where the tower sits in ``model`` (``backbone.clip_model.visual.``); canonical names
+        are the full names with it stripped.
+        """
+        model = unwrap(model)
+        include = re.compile(self.include) if self.include else None
+        exclude = re.compile(self.exclude) if self.exclude else None
+        out: dict[str, tuple[str, nn.Parameter]] = {}
+        first_conv_seen = False
+        in_tower = False
+        for module_name, module in model.named_modules():
+            full_module = f"{module_name}." if module_name else ""
+            if prefix and not full_module.startswith(prefix):
+                continue
+            in_tower = True
+            canonical_module = full_module[len(prefix):]
+            attrs: list[str] = []
+            if isinstance(module, nn.Conv2d):
+                if not first_conv_seen:
+                    first_conv_seen = True
+                    if self.exclude_first:
+                        continue
+                if "conv" in self.layer_types:
+                    attrs = ["weight"]
+            elif "linear" in self.layer_types:
+                if isinstance(module, nn.Linear):
+                    attrs = ["weight"]
+                elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+                    attrs = ["in_proj_weight"]
+            for attr in attrs:
+                param = module._parameters.get(attr)
+                if not isinstance(param, nn.Parameter):
+                    continue
+                canonical = canonical_module + attr
+                if include is not None and not include.search(canonical):
+                    continue
+                if exclude is not None and exclude.search(canonical):
+                    continue
+                out[canonical] = (full_module + attr, param)
+        if prefix and not in_tower:
+            raise OpenTransError(f"the model has no module under prefix {prefix!r}")
+        if not out:
+            raise OpenTransError(f"the prune scope selects no tensor (layer_types={list(self.layer_types)}, "
+                                 f"include={self.include!r}, exclude={self.exclude!r}, prefix={prefix!r})")
+        return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+# ------------------------------------------------------------------------------------------- selection core
+def _magnitudes(weight: torch.Tensor, alive: torch.Tensor | None) -> torch.Tensor:
+    """|w| as flat float32, with pruned positions at +inf so they are never selected again."""
+    values = weight.detach().reshape(-1).abs().to(torch.float32)
+    if alive is not None:
+        values = values.masked_fill(~alive.reshape(-1).to(values.device), math.inf)
+    return values
+
+
+def _count(mask: torch.Tensor) -> int:
+    return int(torch.count_nonzero(mask).item())
+
+
+def _kth_smallest(values: list[torch.Tensor], k: int) -> float:
+    """The k-th smallest (1-based) of several flat non-negative float32 tensors, without sorting or joining them.
+
+    Non-negative float32 values order like their int32 bit patterns, so a histogram of the top bits
+    finds the bucket holding the k-th value; only that bucket's values are gathered for an exact kthvalue.
+    """
+    device = values[0].device
+    buckets = 1 << (31 - _BUCKET_SHIFT)
+    hist = torch.zeros(buckets, dtype=torch.long, device=device)
+    for v in values:
+        hist += torch.bincount(v.view(torch.int32) >> _BUCKET_SHIFT, minlength=buckets)
+    cumulative = hist.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, torch.tensor([k], device=device)).item())
+    below = int(cumulative[bucket - 1].item()) if bucket else 0
+    pool = torch.cat([v[(v.view(torch.int32) >> _BUCKET_SHIFT) == bucket] for v in values])
+    return float(pool.kthvalue(k - below).values.item())
+
+
+def _prune_lowest(values: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """Flat bool "prune now" tensors selecting exactly ``count`` of the smallest ``(value, tensor order,
+    flat index)``; ``values`` are live magnitudes with +inf at pruned positions."""
+    if count <= 0:
+        return [torch.zeros(v.numel(), dtype=torch.bool, device=v.device) for v in values]
+    threshold = _kth_smallest(values, count)
+    prune = [v < threshold for v in values]
+    remaining = count - sum(_count(p) for p in prune)
+    for i, v in enumerate(values):
+        if remaining <= 0:
+            break
+        equal = v == threshold
+        ties = _count(equal)
+        if ties <= remaining:
+            prune[i] |= equal
+            remaining -= ties
+        else:  # the first `remaining` ties in flat-index order
+            prune[i] |= equal & (equal.cumsum(0) <= remaining)
+            remaining = 0
+    return prune
+
+
+def magnitude_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None, *,
+                    sparsity: float | None = None, rate: float | None = None, ranking: str = "global",
+                    min_density: float = 0.0) -> dict[str, torch.Tensor]:
+    """Keep-masks (bool, shaped like each weight) that prune the smallest-magnitude live weights.
+
+    Give ``sparsity`` (fraction of all weights in ``weights`` pruned afterwards; masks never regrow) or
+    ``rate`` (fraction of the weights still alive pruned now). ``masks`` are the current keep-masks (absent =
+    all alive); the result keeps a subset of them. ``ranking="global"`` uses one threshold over all tensors,
+    ``"layerwise"`` one per tensor; ``min_density`` keeps at least ``ceil(min_density * numel)`` weights
+    of every tensor (fewer only if fewer are alive). Ties are broken by tensor order, then flat index.
+    """
+    if (sparsity is None) == (rate is None):
+        raise OpenTransError("give exactly one of sparsity and rate")
+    amount = float(sparsity if sparsity is not None else rate)
+    if not 0.0 <= amount <= 1.0:
+        raise OpenTransError(f"{'sparsity' if sparsity is not None else 'rate'} must lie in [0, 1], got {amount}")
+    if ranking not in RANKINGS:
+        raise OpenTransError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+    names = list(weights)
+    if not names:
+        raise OpenTransError("no weights to prune")
+    tensors = [weights[n] for n in names]
+    masks = masks or {}
+    alive: list[torch.Tensor | None] = []
+    for name, tensor in zip(names, tensors):
+        mask = masks.get(name)
+        if mask is not None and (tuple(mask.shape) != tuple(tensor.shape) or mask.dtype != torch.bool):
+            raise OpenTransError(f"mask {tuple(mask.shape)}/{mask.dtype} does not fit weight {tuple(tensor.shape)}",
+                                 tensor=name)
+        alive.append(None if mask is None else mask.to(tensor.device))
+    alive_counts = [t.numel() if m is None else _count(m) for t, m in zip(tensors, alive)]
+    values = [_magnitudes(t, m) for t, m in zip(tensors, alive)]  # one float32 copy, reused by every pass
+    floors = [math.ceil(float(min_density) * t.numel()) for t in tensors]
+    capacity = [max(0, a - f) for a, f in zip(alive_counts, floors)]
+
+    def target_prune(alive_count: int, numel: int) -> int:
+        if sparsity is not None:
+            return max(0, alive_count - round(numel * (1.0 - amount)))
+        return alive_count - round(alive_count * (1.0 - amount))
+
+    prune: list[torch.Tensor] = [torch.zeros(t.numel(), dtype=torch.bool, device=t.device) for t in tensors]
+    if ranking == "layerwise":
+        for i, tensor in enumerate(tensors):
+            count = min(capacity[i], target_prune(alive_counts[i], tensor.numel()))
+            prune[i] = _prune_lowest([values[i]], count)[0]
+    else:
+        total = min(sum(capacity), target_prune(sum(alive_counts), sum(t.numel() for t in tensors)))
+        active = [i for i in range(len(tensors)) if capacity[i] > 0]
+        # water-filling: a layer that would drop under its floor is pruned down to the floor and leaves the pool
+        while total > 0 and active:
+            chosen = _prune_lowest([values[i] for i in active], total)
+            over = [(i, p) for i, p in zip(active, chosen) if _count(p) > capacity[i]]
+            if not over:
+                for i, p in zip(active, chosen):
+                    prune[i] = p
+                break
+            for i, _ in over:
+                prune[i] = _prune_lowest([values[i]], capacity[i])[0]
+                total -= capacity[i]
+            clamped = {i for i, _ in over}
+            active = [i for i in active if i not in clamped]
+    out = {}
+    for name, tensor, mask, cut in zip(names, tensors, alive, prune):
+        keep = ~cut.reshape(tensor.shape)
+        out[name] = keep if mask is None else keep & mask
+    return out
+
+
+# ------------------------------------------------------------------------------------------ live models
+def _current_masks(scope_params: Mapping[str, tuple[str, nn.Parameter]], model: nn.Module) -> dict[str, torch.Tensor]:
+    existing = masked_parameters(unwrap(model))
+    return {canonical: existing[full] for canonical, (full, _) in scope_params.items() if full in existing}
+
+
+def magnitude_prune(model: nn.Module, *, sparsity: float | None = None, rate: float | None = None,
+                    scope: PruneScope | None = None, prefix: str = "", arch: str = "unknown", apply: bool = True,
+                    provenance: Mapping[str, Any] | None = None) -> Subnetwork:
+    """Prune ``model``'s tower by magnitude (one shot) and return the Subnetwork in canonical names.
+
+    Masks already on the model are respected (the result is nested in them). With ``apply`` the masks go
+    onto the model through :func:`~opentrans_hub.sparsity.apply_masks` and stay exact while training.
+    """
+    scope = scope or PruneScope()
+    selected = scope.select(model, prefix)
+    weights = {canonical: param for canonical, (_, param) in selected.items()}
+    current = _current_masks(selected, model)
+    masks = magnitude_masks(weights, current, sparsity=sparsity, rate=rate, ranking=scope.ranking,
+                            min_density=scope.min_density)
+    if apply:
+        apply_masks(unwrap(model), {selected[c][0]: m for c, m in masks.items()})
+    settings = {"scope": scope.to_dict(), "prefix": prefix}
+    settings.update({"sparsity": sparsity} if sparsity is not None else {"rate": rate})
+    prov = default_provenance("magnitude", **settings)
+    prov.update(provenance or {})
+    return Subnetwork(masks, arch=arch, provenance=prov)
+
+
+prune_round = magnitude_prune  # one IMP round is a magnitude prune at ``rate`` of the live weights
+
+
+def imp_sparsity(rate: float, rounds: int) -> float:
+    """Scope sparsity after ``rounds`` rounds that each prune ``rate`` of the live weights."""
+    return 1.0 - (1.0 - rate) ** rounds
+
+
+# ------------------------------------------------------------------------------------------ distributed
+def _dist_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast_masks(masks: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Rank 0's masks on every rank (one flat uint8 broadcast)."""
+    import torch.distributed as dist
+
+    names = list(masks)
+    flat = torch.cat([masks[n].reshape(-1).to(device=device, dtype=torch.uint8) for n in names])
+    dist.broadcast(flat, src=0)
+    out, offset = {}, 0
+    for name in names:
+        numel = masks[name].numel()
+        out[name] = flat[offset:offset + numel].to(torch.bool).reshape(masks[name].shape)
+        offset += numel
+    return out
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _dist_world()[1] > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------ IMP runner
+def _parse_rewind(rewind: int | str | None) -> int | None:
+    if rewind is None or rewind == "none" or rewind == -1:
+        return None
+    if rewind == "init":
+        return 0
+    if isinstance(rewind, bool) or not isinstance(rewind, int) or rewind < 0:
+        raise OpenTransError(f"rewind must be None/'none', 'init' or an iteration >= 0, got {rewind!r}")
+    return rewind
+
+
+class IMPRunner:
+    """Iterative magnitude pruning on a training schedule, with rewinding and resume.
+
+    Call :meth:`before_train` once before the loop and :meth:`after_step` after every optimizer step
+    (iterations counted from 0). Round ``r`` (1-based) runs after iteration ``start + r * period - 1``
+    and brings the scope to sparsity ``1 - (1 - rate) ** r``. ``rewind``: ``None`` keeps training (the
+    paper), ``0``/``"init"`` resets the tower to its weights at ``before_train``, ``k`` to its weights after
+    ``k`` iterations (lottery-ticket rewinding); the pruned masks stay.
+
+    With ``out_dir`` every finished round is written atomically: ``round_NNN.safetensors``, then
+    ``on_round(round, iteration, subnetwork)`` (save your training checkpoint there), then
+    ``imp_state.json`` as the commit point. ``before_train`` resumes from that state. Under
+    ``torch.distributed`` rank 0 computes the masks and broadcasts them; only rank 0 writes files.
+    """
+
+    def __init__(self, model: nn.Module, *, rate: float = 0.1, rounds: int = 21, period: int = 5000, start: int = 0,
+                 scope: PruneScope | None = None, prefix: str = "", arch: str = "unknown",
+                 rewind: int | str | None = None, out_dir: str | os.PathLike | None = None,
+                 encoding: str = "packbits",
+                 on_round: Callable[[int, int, Subnetwork], None] | None = None):
+        if not 0.0 < rate < 1.0:
+            raise OpenTransError(f"rate must lie in (0, 1), got {rate!r}")
+        if rounds < 1 or period < 1 or start < 0:
+            raise OpenTransError(f"need rounds >= 1, period >= 1, start >= 0 (got {rounds}, {period}, {start})")
+        self.model = model
+        self.rate, self.rounds, self.period, self.start = float(rate), int(rounds), int(period), int(start)
+        self.scope = scope or PruneScope()
+        self.prefix, self.arch = prefix, arch
+        self.rewind = _parse_rewind(rewind)
+        if self.rewind is not None and self.rewind > self.start + self.period - 1:
+            raise OpenTransError(f"rewind iteration {self.rewind} comes after the first round "
+                                 f"(iteration {self.start + self.period - 1})")
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.encoding = encoding
+        self.on_round = on_round
+        self.rounds_done = 0
+        self.history: list[dict[str, Any]] = []
+        self.last: Subnetwork | None = None
+        self.base_weights_sha256: str | None = None
+        self._rewind_state: dict[str, torch.Tensor] | None = None
+        self._rewind_sha256: str | None = None
+        self._started = False
+
+    # -------------------------------------------------------------- configuration identity
+    def settings(self) -> dict[str, Any]:
+        """What must match for a resume to continue the same run."""
+        return {"rate": self.rate, "rounds": self.rounds, "period": self.period, "start": self.start,
+                "scope": self.scope.to_dict(), "prefix": self.prefix, "arch": self.arch, "rewind": self.rewind}
+
+    def round_iteration(self, round_index: int) -> int:
+        """The iteration after which round ``round_index`` (1-based) runs."""
+        return self.start + round_index * self.period - 1
+
+    @property
+    def resume_iteration(self) -> int:
+        """The first iteration to run after the last finished round (0 when none finished)."""
+        return int(self.history[-1]["iteration"]) + 1 if self.history else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.rounds_done >= self.rounds
+
+    # -------------------------------------------------------------- tower state
+    def _tower(self) -> nn.Module:
+        model = unwrap(self.model)
+        return model.get_submodule(self.prefix.rstrip(".")) if self.prefix else model
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self._tower().state_dict().items()}
+
+    def _restore(self, state: Mapping[str, torch.Tensor]) -> None:
+        tower = self._tower()
+        current = tower.state_dict()
+        with torch.no_grad():
+            for name, tensor in current.items():
+                if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
+                    raise OpenTransError("rewind snapshot does not fit the tower", tensor=name)
+                tensor.copy_(state[name].to(tensor.device, tensor.dtype))
+        enforce(unwrap(self.model))
+
+    # -------------------------------------------------------------- schedule
+    @staticmethod
+    def read_state(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+        """The committed state of a run in ``out_dir`` (None when there is none)."""
+        path = Path(out_dir) / STATE_FILE
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise OpenTransError(f"cannot read IMP state ({exc})", path=path) from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(
+                state.get("rounds"), list):
+            raise OpenTransError("not an opentrans-hub IMP state file", path=path)
+        return state
+
+    def before_train(self, start_iter: int | None = None) -> None:
+        """Record the base weights, capture rewind weights at iteration 0, resume from ``out_dir``.
+
+        ``start_iter`` is the first iteration this process will run after a framework's own resume: only
+        rounds finished before it are restored. ``None`` restores every committed round (plain loops then
+        reload the checkpoint they saved in ``on_round`` and continue at :attr:`resume_iteration`).
+        """
+        from .backbones import weights_sha256
+
+        self._started = True
+        state = self.read_state(self.out_dir) if self.out_dir is not None else None
+        if state is not None:
+            self._resume(state, start_iter)
+            return
+        self.base_weights_sha256 = weights_sha256(self._tower())
+        if self.rewind == 0:
+            self._capture_rewind()
+
+    def _resume(self, state: dict[str, Any], start_iter: int | None) -> None:
+        path = self.out_dir / STATE_FILE
+        if state.get("settings") != json.loads(json.dumps(self.settings())):
+            raise OpenTransError("IMP settings differ from the run being resumed (use another out_dir); "
+                                 f"saved {state.get('settings')}", path=path)
+        rounds = [r for r in state["rounds"] if start_iter is None or int(r["iteration"]) < start_iter]
+        self.base_weights_sha256 = state.get("base_weights_sha256")
+        rewind = state.get("rewind")
+        if rewind:
+            from safetensors.torch import load_file
+
+            self._rewind_state = load_file(str(self.out_dir / rewind["file"]))
+            self._rewind_sha256 = rewind["weights_sha256"]
+        if not rounds:
+            return
+        last = rounds[-1]
+        sub = Subnetwork.load(self.out_dir / last["file"], expected_sha256=last["sha256"])
+        selected = self.scope.select(self.model, self.prefix)
+        if set(sub.masks) != set(selected):
+            raise OpenTransError("saved round does not cover the prune scope of this model",
+                                 path=self.out_dir / last["file"])
+        apply_masks(unwrap(self.model), {selected[c][0]: m for c, m in sub.masks.items()})
+        self.rounds_done = int(last["round"])
+        self.history = list(rounds)
+        self.last = sub
+
+    def _capture_rewind(self) -> None:
+        from .backbones import weights_sha256
+
+        self._rewind_state = self._snapshot()
+        self._rewind_sha256 = weights_sha256(self._rewind_state)
+        rank, _ = _dist_world()
+        if self.out_dir is not None and rank == 0:
+            from safetensors.torch import save
+
+            atomic_write_bytes(self.out_dir / REWIND_FILE, save({k: v.contiguous() for k, v in
+                                                                 self._rewind_state.items()}))
+
+    def after_step(self, iteration: int) -> Subnetwork | None:
+        """Capture rewind weights or run a round when ``iteration`` calls for it; the new Subnetwork or None."""
+        if not self._started:
+            self.before_train()
+        if self.rewind and iteration == self.rewind - 1 and self._rewind_state is None:
+            self._capture_rewind()
+        if self.finished or iteration != self.round_iteration(self.rounds_done + 1):
+            return None
+        return self.prune_now(iteration)
+
+    def prune_now(self, iteration: int) -> Subnetwork:
+        """Run the next round now (after ``iteration``), rewind if asked, write and commit it."""
+        from .backbones import weights_sha256
+
+        round_index = self.rounds_done + 1
+        target = imp_sparsity(self.rate, round_index)
+        selected = self.scope.select(self.model, self.prefix)
+        rank, world = _dist_world()
+        if rank == 0:
+            weights = {c: p for c, (_, p) in selected.items()}
+            masks = magnitude_masks(weights, _current_masks(selected, self.model), sparsity=target,
+                                    ranking=self.scope.ranking, min_density=self.scope.min_density)
+        else:
+            masks = {c: torch.empty(p.shape, dtype=torch.bool) for c, (_, p) in selected.items()}
+        if world > 1:
+            device = next(iter(selected.values()))[1].device
+            masks = _broadcast_masks(masks, device)
+        apply_masks(unwrap(self.model), {selected[c][0]: m for c, m in masks.items()})
+        trained_sha = weights_sha256(self._tower()) if rank == 0 else None  # the weights the masks ranked
+        rewind_info: dict[str, Any] = {"to": "none"}
+        if self.rewind is not None:
+            if self._rewind_state is None:
+                raise OpenTransError(f"no rewind weights captured for iteration {self.rewind}")
+            self._restore(self._rewind_state)
+            rewind_info = {"to": "init" if self.rewind == 0 else "iteration", "iteration": self.rewind,
+                           "what": "tower (parameters and buffers)", "weights_sha256": self._rewind_sha256}
+        provenance = default_provenance("imp", **self.settings())
+        provenance.update({"round": round_index, "iteration": iteration, "target_sparsity": target,
+                           "base_weights_sha256": self.base_weights_sha256,
+                           "parent_sha256": self.last.sha256 if self.last is not None else None,
+                           "rewind": rewind_info, "trained_weights_sha256": trained_sha})
+        sub = Subnetwork(masks, arch=self.arch, provenance=provenance)
+        record = {"round": round_index, "iteration": iteration, "file": f"round_{round_index:03d}.safetensors",
+                  "sha256": sub.sha256, "sparsity": sub.sparsity}
+        if self.out_dir is not None and rank == 0:
+            sub.save(self.out_dir / record["file"], encoding=self.encoding)
+        if self.on_round is not None:
+            self.on_round(round_index, iteration, sub)
+        self.rounds_done = round_index
+        self.history.append(record)
+        self.last = sub
+        if self.out_dir is not None and rank == 0:
+            self._commit()
+        _barrier()
+        return sub
+
+    def _commit(self) -> None:
+        state = {"format": STATE_FORMAT, "version": 1, "settings": self.settings(),
+                 "base_weights_sha256": self.base_weights_sha256, "rounds_done": self.rounds_done,
+                 "rounds": self.history,
+                 "rewind": ({"file": REWIND_FILE, "iteration": self.rewind, "weights_sha256": self._rewind_sha256}
+                            if self._rewind_state is not None else None)}
+        atomic_write_text(self.out_dir / STATE_FILE, json.dumps(state, indent=1) + "\n")

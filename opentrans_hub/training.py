@@ -1,0 +1,184 @@
+"""A trainer-agnostic schedule: apply a subnetwork at iteration A, bake it at B, prune every K iterations.
+
+Plain PyTorch loops use it directly::
+
+    sched = OpenTransSchedule(model, subnetwork="rn50-imp21.safetensors",
+                              name_map=NameMap.prefix("backbone.clip_model.visual."), bake_at=89_999,
+                              on_bake=lambda it: torch.save(model.state_dict(), f"model_{it}.pt"))
+    sched.before_train()
+    for it in range(max_iter):
+        ...; optimizer.step()
+        sched.after_step(it)
+
+Framework integrations (``opentrans_hub.integrations.detectron2``) are thin adapters over this class, so
+every behaviour is defined and tested here. Iterations are counted from 0; ``after_step(it)`` runs after
+the optimizer step of iteration ``it``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import OpenTransError
+from .imp import IMPRunner, unwrap
+from .mapping import MappingReport, NameMap
+from .selection import LayerSelection
+from .sparsity import apply_subnetwork, bake, is_masked
+from .subnetwork import Subnetwork
+
+
+def load_subnetwork(ref: Subnetwork | str | os.PathLike) -> Subnetwork:
+    """A Subnetwork object, a file path, or a name the registry knows (when the registry is installed)."""
+    if isinstance(ref, Subnetwork):
+        return ref
+    path = Path(ref)
+    if path.is_file():
+        return Subnetwork.load(path)
+    try:
+        from . import registry  # optional part of the package; absent in minimal installs
+    except ImportError:
+        registry = None
+    loader = getattr(registry, "load_subnetwork", None) if registry is not None else None
+    if loader is None:
+        raise OpenTransError("no such subnetwork file (and no registry to look the name up)", path=str(ref))
+    return loader(str(ref))
+
+
+def load_selection(ref: LayerSelection | str | os.PathLike) -> LayerSelection:
+    """A LayerSelection object or a JSON manifest path."""
+    if isinstance(ref, LayerSelection):
+        return ref
+    return LayerSelection.load(ref)
+
+
+def apply_layer_selection(model: nn.Module, selection: LayerSelection, name_map: NameMap | None = None,
+                          strict: bool = True) -> dict[str, list[str]]:
+    """Set ``requires_grad`` of every parameter the selection lists (trainable or frozen), all-or-nothing.
+
+    Names go through ``name_map``; names it drops are skipped, names with no parameter in ``model`` raise
+    when ``strict`` (nothing is changed then). Returns the model names made trainable and frozen.
+    """
+    name_map = name_map or NameMap()
+    params = dict(unwrap(model).named_parameters())
+    plan: list[tuple[nn.Parameter, bool, str]] = []
+    missing = []
+    for layer in selection.layers:
+        result = name_map.map_name(layer["name"])
+        if isinstance(result, str):
+            continue
+        for dest in result:
+            if dest in params:
+                plan.append((params[dest], layer["trainable"], dest))
+            else:
+                missing.append((layer["name"], dest))
+    if strict and missing:
+        source, dest = missing[0]
+        raise OpenTransError(f"{len(missing)} selected layer(s) have no parameter in the model, first "
+                             f"{source!r} -> {dest!r}; nothing was changed", tensor=source)
+    out: dict[str, list[str]] = {"trainable": [], "frozen": []}
+    for param, trainable, dest in plan:
+        param.requires_grad_(trainable)
+        out["trainable" if trainable else "frozen"].append(dest)
+    return out
+
+
+class OpenTransSchedule:
+    """What OpenTrans does to a model during training, keyed by iteration.
+
+    * ``selection`` (+ ``selection_map``): set ``requires_grad`` per layer in :meth:`before_train` (call it
+      before building the optimizer and any DDP wrapper);
+    * ``subnetwork`` (object, path or registry name) through ``name_map``: applied in :meth:`before_train`
+      when ``apply_at`` is None, else after iteration ``apply_at``; its zeros stay exact while training;
+    * ``bake_at``: after that iteration the masks are made permanent (:func:`~opentrans_hub.sparsity.bake`)
+      and ``on_bake(iteration)`` is called (save the model there);
+    * ``imp``: an :class:`~opentrans_hub.imp.IMPRunner` on the same model, driven from the same calls.
+
+    ``before_train(start_iter)`` makes a resumed run consistent: past the bake nothing is re-applied
+    (the loaded weights hold the zeros), past ``apply_at`` the masks are re-registered at once.
+    """
+
+    def __init__(self, model: nn.Module, *, subnetwork: Subnetwork | str | os.PathLike | None = None,
+                 name_map: NameMap | None = None, strict: bool = False, apply_at: int | None = None,
+                 bake_at: int | None = None, on_bake: Callable[[int], Any] | None = None,
+                 imp: IMPRunner | None = None, selection: LayerSelection | str | os.PathLike | None = None,
+                 selection_map: NameMap | None = None, log: Callable[[str], Any] | None = None):
+        if apply_at is not None and subnetwork is None:
+            raise OpenTransError("apply_at is set but no subnetwork is given")
+        if bake_at is not None and apply_at is not None and bake_at < apply_at:
+            raise OpenTransError(f"bake_at ({bake_at}) comes before apply_at ({apply_at})")
+        if imp is not None and imp.model is not model and unwrap(imp.model) is not unwrap(model):
+            raise OpenTransError("the IMP runner works on another model than the schedule")
+        self.model = model
+        self.subnetwork = load_subnetwork(subnetwork) if subnetwork is not None else None
+        self.name_map = name_map or NameMap()
+        self.strict = strict
+        self.apply_at, self.bake_at, self.on_bake = apply_at, bake_at, on_bake
+        self.imp = imp
+        self.selection = load_selection(selection) if selection is not None else None
+        self.selection_map = selection_map if selection_map is not None else self.name_map
+        self.log = log or (lambda message: None)
+        self.applied = False
+        self.baked = False
+        self.report: MappingReport | None = None
+        self.selection_result: dict[str, list[str]] | None = None
+        self.events: list[tuple[int | None, str]] = []
+
+    # ------------------------------------------------------------------ steps
+    def _apply(self, iteration: int | None) -> None:
+        self.report = apply_subnetwork(unwrap(self.model), self.subnetwork, self.name_map, strict=self.strict)
+        self.applied = True
+        self.events.append((iteration, "apply"))
+        self.log(f"opentrans: applied subnetwork {self.subnetwork.sha256[:12]} "
+                 f"({len(self.report.mapped)} tensors, sparsity {self.subnetwork.sparsity:.2%}) at {iteration}")
+
+    def _bake(self, iteration: int) -> None:
+        bake(unwrap(self.model))
+        self.baked = True
+        self.events.append((iteration, "bake"))
+        self.log(f"opentrans: baked masks at iteration {iteration}")
+        if self.on_bake is not None:
+            self.on_bake(iteration)
+
+    def before_train(self, start_iter: int | None = None) -> None:
+        """Layer selection, then the subnetwork (if due), then IMP's base weights / resume.
+
+        ``start_iter``: the first iteration this run executes (a resumed run's start; ``None`` = fresh).
+        """
+        first = start_iter or 0
+        if self.selection is not None:
+            self.selection_result = apply_layer_selection(self.model, self.selection, self.selection_map)
+            self.events.append((start_iter, "select"))
+        if self.subnetwork is not None:
+            past_bake = self.bake_at is not None and first > self.bake_at
+            due = self.apply_at is None or first > self.apply_at
+            if past_bake:
+                self.baked = True
+            elif due:
+                self._apply(start_iter)
+        if self.imp is not None:
+            self.imp.before_train(start_iter)
+
+    def after_step(self, iteration: int) -> Subnetwork | None:
+        """Run what is due after ``iteration``; returns the Subnetwork of an IMP round that just ran."""
+        if self.subnetwork is not None and not self.applied and not self.baked and iteration == self.apply_at:
+            self._apply(iteration)
+        produced = None
+        if self.imp is not None and not self.baked:
+            produced = self.imp.after_step(iteration)
+            if produced is not None:
+                self.events.append((iteration, f"imp round {self.imp.rounds_done}"))
+                self.log(f"opentrans: IMP round {self.imp.rounds_done} at {iteration}, "
+                         f"sparsity {produced.sparsity:.2%}")
+        if self.bake_at is not None and iteration == self.bake_at and not self.baked:
+            if not is_masked(unwrap(self.model)):
+                self.log(f"opentrans: nothing to bake at iteration {iteration}")
+            self._bake(iteration)
+        return produced
+
+    def after_train(self) -> None:
+        """Nothing to finish: every round and the bake commit themselves when they run."""
