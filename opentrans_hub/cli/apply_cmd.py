@@ -1,0 +1,92 @@
+"""``opentrans-hub apply --plugin P --subnetwork S --checkpoint IN --out OUT``: transfer onto a checkpoint.
+
+With ``--subnetwork`` the checkpoint is rewritten with the pruned weights zeroed (everything else
+bit-identical); with ``--selection`` a JSON manifest of the framework's parameter names that train and that
+stay frozen is written instead, for trainers that freeze by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..selection import LayerSelection
+from ..subnetwork import Subnetwork
+from ._common import print_json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("apply", help="transfer a subnetwork (or layer selection) onto a framework "
+                                   "checkpoint through a plugin")
+    parser.add_argument("--plugin", required=True, help="plugin name (see 'plugins list')")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--subnetwork", help="subnetwork name or .safetensors file")
+    what.add_argument("--selection", help="layer selection name or .json file")
+    parser.add_argument("--checkpoint", required=True, help="framework checkpoint (.pth via weights_only, "
+                        ".safetensors)")
+    parser.add_argument("--out", required=True, help="checkpoint to write (subnetwork) or JSON manifest (selection)")
+    parser.add_argument("--strict", action="store_true", help="fail (write nothing) when a name finds no destination")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def _registry_loader(name: str):
+    try:
+        from .. import registry
+    except ImportError:
+        return None
+    return getattr(registry, name, None)
+
+
+def load_subnetwork(ref: str) -> Subnetwork:
+    """A registry name, Hub reference or plain file (the registry decides when it is installed)."""
+    loader = _registry_loader("load_subnetwork")
+    return loader(ref) if loader is not None else Subnetwork.load(ref)
+
+
+def load_selection(ref: str) -> LayerSelection:
+    loader = _registry_loader("load_selection")
+    return loader(ref) if loader is not None else LayerSelection.load(ref)
+
+
+def _print_report(report_dict: dict[str, Any], header: str) -> None:
+    counts = report_dict["counts"]
+    print(f"{header}: mapped {counts['mapped']}, dropped {counts['dropped']}, unmapped {counts['unmapped']}")
+    for item in report_dict["dropped"]:
+        print(f"  dropped   {item['source']}: {item['reason']}")
+    for item in report_dict["unmapped"]:
+        print(f"  unmapped  {item['source']}: {item['reason']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._atomic import atomic_write_text
+    from ..checkpoints import read_state_dict
+    from ..plugins import get_plugin
+
+    plugin = get_plugin(args.plugin)
+    if args.subnetwork:
+        subnetwork = load_subnetwork(args.subnetwork)
+        report = plugin.apply_checkpoint(args.checkpoint, subnetwork, args.out, strict=args.strict)
+        info = {"plugin": plugin.name, "arch": subnetwork.arch, "subnetwork": subnetwork.sha256,
+                "sparsity": subnetwork.sparsity, "checkpoint": args.checkpoint, "out": args.out, **report.to_dict()}
+        if args.json:
+            print_json(info)
+        else:
+            _print_report(info, f"{plugin.name}: wrote {args.out}")
+        return 0
+    selection = load_selection(args.selection)
+    state = read_state_dict(args.checkpoint)
+    flags, report = plugin.map_selection(selection, state)
+    report.check(strict=args.strict, source=args.checkpoint)
+    manifest = {"format": "opentrans-hub/mapped-selection", "plugin": plugin.name, "arch": selection.arch,
+                "selection": selection.sha256, "checkpoint": args.checkpoint,
+                "trainable": sorted(n for n, t in flags.items() if t),
+                "frozen": sorted(n for n, t in flags.items() if not t), "report": report.to_dict()}
+    atomic_write_text(args.out, json.dumps(manifest, indent=1) + "\n")
+    if args.json:
+        print_json({k: v for k, v in manifest.items()} | {"out": args.out})
+    else:
+        _print_report(manifest["report"], f"{plugin.name}: wrote {args.out} ({len(manifest['trainable'])} trainable, "
+                      f"{len(manifest['frozen'])} frozen)")
+    return 0
