@@ -220,7 +220,8 @@ def _d2_deeplab(tower: nn.Module) -> tuple[nn.Module, dict[str, str]]:
                 shortcut = _conv_like(block.downsample[1])
                 shortcut.norm = nn.BatchNorm2d(shortcut.out_channels)
                 d2_block.shortcut = shortcut
-                expected[f"layer{stage}.{index}.downsample.0.weight"] = f"backbone.res{stage + 1}.{index}.shortcut.weight"
+                source = f"layer{stage}.{index}.downsample.0.weight"
+                expected[source] = f"backbone.res{stage + 1}.{index}.shortcut.weight"
             blocks.append(d2_block)
         setattr(backbone, f"res{stage + 1}", blocks)
     model.sem_seg_head = nn.Conv2d(8, 4, 1)
