@@ -35,6 +35,7 @@ _MAX_HEADER_BYTES = 64 * 1024 * 1024
 _ZSTD_LEVEL = 19
 _MAX_NDIM = 16
 _MAX_DIM = 1 << 48
+_MAX_WEIGHTS = 1 << 34  # per tensor: 17G weights, 2 GiB of bits; far beyond any CLIP layer
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,9 @@ class Subnetwork:
                     or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in shape)):
                 raise OpenTransError(f"bad shape {str(shape)[:80]}", path=source, tensor=name)
             numel = math.prod(shape)
+            if numel > _MAX_WEIGHTS:
+                raise OpenTransError(f"shape {shape} holds {numel} weights, more than any real layer",
+                                     path=source, tensor=name)
             nbytes = (numel + 7) // 8
             raw = tensors[name]
             if encoding == "zstd":
@@ -260,7 +264,7 @@ class Subnetwork:
                     if declared >= 0 and declared != nbytes:  # refuse before allocating what the frame claims
                         raise OpenTransError(f"zstd frame holds {declared} bytes, shape {shape} needs {nbytes}",
                                              path=source, tensor=name)
-                    raw = decompressor.decompress(raw, max_output_size=max(nbytes, 1))
+                    raw = _inflate(decompressor, raw, nbytes, source, name)
                 except zstandard.ZstdError as exc:
                     raise OpenTransError(f"corrupted zstd stream ({exc})", path=source, tensor=name) from None
             if len(raw) != nbytes:
@@ -323,6 +327,21 @@ def _content_hash(items) -> str:
         digest.update(struct.pack("<Q", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape))
         digest.update(struct.pack("<Q", len(packed)) + packed)
     return digest.hexdigest()
+
+
+def _inflate(decompressor, raw: bytes, nbytes: int, source: str, name: str) -> bytes:
+    """Decompress one zstd frame, never holding more than ``nbytes + 1`` bytes (bombs, lying frames)."""
+    reader = decompressor.stream_reader(raw)
+    chunks, total = [], 0
+    while True:
+        chunk = reader.read(min(1 << 20, nbytes + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > nbytes:
+            raise OpenTransError(f"zstd stream inflates beyond the {nbytes} bytes its shape needs",
+                                 path=source, tensor=name)
 
 
 def _json_field(metadata: Mapping[str, str], key: str, kind: type, source: str):

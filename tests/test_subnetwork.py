@@ -334,6 +334,13 @@ def test_zstd_defects(tmp_path, tiny_sub):
     bomb = dict(packed)  # a frame that claims far more than the shape needs is refused before inflating
     bomb[name] = np.frombuffer(zstandard.ZstdCompressor().compress(b"\0" * 50_000_000), np.uint8)
     expect_error(craft(bomb, **common), tmp_path, "zstd frame holds", tensor=name)
+    streamed = dict(packed)  # no content size in the frame: inflation stops at what the shape needs
+    streamed[name] = np.frombuffer(zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 50_000_000),
+                                   np.uint8)
+    expect_error(craft(streamed, **common), tmp_path, "inflates beyond", tensor=name)
+    huge = json.loads(meta["shapes"])
+    huge[name] = [2**20, 2**20, 2**10]  # declared 2**50 weights: refused before any allocation
+    expect_error(craft(streamed, **{**common, "shapes": json.dumps(huge)}), tmp_path, "more than any", tensor=name)
     short = dict(packed)
     short[name] = np.frombuffer(zstandard.ZstdCompressor().compress(tensors[name].tobytes()[:-1]), np.uint8)
     expect_error(craft(short, **common), tmp_path, "zstd frame holds|bytes of bits", tensor=name)
