@@ -435,7 +435,7 @@ def compute_metrics(source: nn.Module | Mapping[str, torch.Tensor], xmin: str = 
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(matrices, desc="spectra", unit="layer", leave=False)
+        iterator = tqdm(matrices, desc="spectra", unit="layer", leave=False, disable=None)  # off without a TTY
     for m in iterator:
         key = None
         if cache:

@@ -1,0 +1,32 @@
+"""``opentrans-hub select TARGET --policy median --out FILE``: derive and save a LayerSelection (JSON)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import print_json
+from .spectrum_cmd import add_metric_options, add_policy_options, build_selection, measure
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("select", help="choose the layers to fine-tune by alpha; write a selection")
+    add_metric_options(parser)
+    add_policy_options(parser, required=False)
+    parser.add_argument("--out", required=True, help="where to write the selection JSON")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run, policy="median")
+
+
+def run(args: argparse.Namespace) -> int:
+    metrics, arch, sha = measure(args)
+    selection = build_selection(args, metrics, arch, sha)
+    path = selection.save(args.out)
+    if args.json:
+        print_json({"path": str(path), "sha256": selection.sha256, "arch": selection.arch,
+                    "weights_sha256": selection.weights_sha256, "policy": selection.policy,
+                    "trainable": selection.trainable, "frozen": selection.frozen})
+        return 0
+    print(f"{path}: {selection.arch}, policy {selection.policy.get('name')}: {len(selection.trainable)} of "
+          f"{len(selection.layers)} layers trainable ({selection.policy.get('trainable_params', 0):,} weights); "
+          f"sha256 {selection.sha256[:16]}")
+    return 0
