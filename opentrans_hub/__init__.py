@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 from .errors import OpenTransError  # noqa: E402
 from .importers import from_torch_prune, from_zeros, import_pruned_checkpoint  # noqa: E402
 from .mapping import MappingReport, NameMap, Rule  # noqa: E402
-from .selection import LayerSelection  # noqa: E402
+from .report import count_flops, parameter_counts, plot_alpha, plot_sparsity, sparse_inference_flops  # noqa: E402
+from .selection import LayerSelection, SelectionReport, select_layers  # noqa: E402
 from .sparsity import (  # noqa: E402
     apply_masks,
     apply_subnetwork,
@@ -19,25 +20,35 @@ from .sparsity import (  # noqa: E402
     model_sparsity,
     remove,
 )
+from .spectral import LayerMetrics, compute_metrics  # noqa: E402
 from .subnetwork import Subnetwork  # noqa: E402
 
 __all__ = [
+    "LayerMetrics",
     "LayerSelection",
     "MappingReport",
     "NameMap",
     "OpenTransError",
     "Rule",
+    "SelectionReport",
     "Subnetwork",
     "__version__",
     "apply_masks",
     "apply_subnetwork",
     "apply_subnetwork_to_state_dict",
     "bake",
+    "compute_metrics",
+    "count_flops",
     "enforce",
     "from_torch_prune",
     "from_zeros",
     "import_pruned_checkpoint",
     "masked_parameters",
     "model_sparsity",
+    "parameter_counts",
+    "plot_alpha",
+    "plot_sparsity",
     "remove",
+    "select_layers",
+    "sparse_inference_flops",
 ]
