@@ -40,8 +40,13 @@ def _fill(template: str, match: re.Match) -> str:
             value = match.group(group)
         except IndexError:
             raise OpenTransError(f"template {template!r} names group {group}, the pattern has fewer") from None
+        if value is None:
+            raise OpenTransError(f"template {template!r}: group {group} did not take part in the match")
         if m.group(2) is None:
             return value
+        if not value.lstrip("-").isdigit():
+            raise OpenTransError(f"template {template!r}: arithmetic on group {group}, which captured {value!r} "
+                                 "(not an integer); narrow the pattern or add a guard")
         offset = int(m.group(3)) * (1 if m.group(2) == "+" else -1)
         return str(int(value) + offset)
 
