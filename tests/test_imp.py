@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_resnet
-from imp_worker import PREFIX, TinyClassifier, make_optimizer, train_step
+from imp_worker import PREFIX, TinyClassifier, make_optimizer, run_resume, train_step
 from torch import nn
 
 from opentrans_hub import OpenTransError, Subnetwork
@@ -294,7 +294,7 @@ def _run_worker(out_dir: Path, steps: int, *extra: str, wait: bool = True) -> su
 def test_killed_run_resumes_to_the_same_masks(tmp_path):
     steps = 13  # rounds after iterations 2, 5, 8, 11
     reference = tmp_path / "reference"
-    _run_worker(reference, steps)
+    run_resume(str(reference), steps, 0.0)  # uninterrupted, in this process
     interrupted = tmp_path / "interrupted"
     proc = _run_worker(interrupted, steps, "--sleep-after-round", "60", wait=False)
     deadline = time.monotonic() + 240
