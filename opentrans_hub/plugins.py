@@ -121,18 +121,18 @@ class Plugin:
                       arch: str | None = None) -> tuple[dict[str, bool], MappingReport]:
         """Framework parameter name -> trainable, for every selected layer that has a destination.
 
-        ``target_names`` is any collection of the framework's tensor names (a state dict, a list).
+        ``target_names`` is any collection of the framework's tensor names (a state dict, a list). Only the
+        selected layers themselves are listed (what a trainer that freezes by name needs).
         """
+        from .mapping import Unmapped
+
         name_map = self.name_map(arch or selection.arch)
         names = set(target_names)
         report = MappingReport()
         out: dict[str, bool] = {}
-        for layer in selection.layers:
-            source = layer["name"]
+        for source, trainable in selection.params.items():
             result = name_map.map_name(source)
             if isinstance(result, str):
-                from .mapping import Unmapped
-
                 (report.unmapped if isinstance(result, Unmapped) else report.dropped).append((source, result))
                 continue
             missing = [dest for dest in result if dest not in names]
@@ -140,22 +140,28 @@ class Plugin:
                 report.unmapped.append((source, f"no tensor {missing[0]!r} in the target"))
                 continue
             for dest in result:
-                out[dest] = bool(layer["trainable"])
+                out[dest] = out.get(dest, False) or trainable
                 report.mapped.append((source, dest))
         return out, report
 
     def apply_selection(self, model: nn.Module, selection: LayerSelection, strict: bool = False,
-                        arch: str | None = None) -> MappingReport:
-        """Set ``requires_grad`` of the selected layers' parameters in ``model`` (frozen layers get False).
+                        arch: str | None = None, **options: Any) -> Any:
+        """Set ``requires_grad`` in ``model`` from ``selection`` through this plugin's NameMap.
 
-        Parameters the selection does not list are left as they are. All-or-nothing under ``strict``.
+        Uses :func:`opentrans_hub.selection.apply_selection` with the scope set to the plugin's tower, so
+        the framework's decoder and text tower are never touched; ``options`` (``biases``, ``norms``,
+        ``others``) pass through. Plugins whose tower is split (no ``tower_path``) change only the selected
+        layers and their biases unless told otherwise. Returns the SelectionReport; all-or-nothing.
         """
-        params = dict(_unwrap(model).named_parameters(remove_duplicate=False))
-        flags, report = self.map_selection(selection, params, arch)
-        report.check(strict=strict)
-        for name, trainable in flags.items():
-            params[name].requires_grad_(trainable)
-        return report
+        from .selection import apply_selection
+
+        if self.tower_path is not None:
+            options.setdefault("scope", f"{self.tower_path}." if self.tower_path else "")
+        else:
+            options.setdefault("norms", "keep")
+            options.setdefault("others", "keep")
+        return apply_selection(selection, _unwrap(model), name_map=self.name_map(arch or selection.arch),
+                               strict=strict, **options)
 
     # ------------------------------------------------------------------ checkpoints
     def apply_checkpoint(self, path_in: str | os.PathLike, subnetwork: Subnetwork, path_out: str | os.PathLike,

@@ -426,29 +426,53 @@ def test_san_offsets_the_recognition_head_blocks(tiny_vit):
 
 
 # ----------------------------------------------------------------------------- layer selections
-def test_selection_sets_requires_grad_through_the_name_map(tiny_rn):
-    sub = random_subnetwork(tiny_rn, "open_clip/RN50")
-    gen = torch.Generator().manual_seed(4)
+def _random_selection(sub: Subnetwork, seed: int = 4) -> LayerSelection:
+    gen = torch.Generator().manual_seed(seed)
     layers = [{"name": n, "trainable": bool(torch.rand(1, generator=gen) < 0.5)} for n in sub.masks]
-    selection = LayerSelection(layers, arch="open_clip/RN50", policy={"name": "test"})
+    return LayerSelection(layers, arch=sub.arch, policy={"name": "test"})
+
+
+def test_selection_sets_requires_grad_within_the_tower(tiny_rn):
+    sub = random_subnetwork(tiny_rn, "open_clip/RN50")
+    selection = _random_selection(sub)
+    flags = {layer["name"]: layer["trainable"] for layer in selection.layers}
     model, expected = _d2_deeplab(tiny_rn)
-    plugin = get_plugin("deeplabv3-d2")
-    report = plugin.apply_selection(model, selection)
+    report = get_plugin("deeplabv3-d2").apply_selection(model, selection)
     params = dict(model.named_parameters())
-    flags = {layer["name"]: layer["trainable"] for layer in layers}
     for source, dest in expected.items():
         assert params[dest].requires_grad is flags[source], dest
-    touched = set(expected.values())
-    assert all(p.requires_grad for n, p in params.items() if n not in touched)  # others left as they were
     assert {s for s, _ in report.dropped} == weight_names(sub, r"^attnpool\.")
+    for name, param in params.items():
+        if name.startswith("backbone.") and ".norm." in name:
+            assert not param.requires_grad, name  # the tower's norms freeze (the paper trains conv weights)
+        elif not name.startswith("backbone."):
+            assert param.requires_grad, name  # the decoder is outside the tower: untouched
 
     han = _han_model(tiny_rn, res_atten=False)
+    han.vision_clip.requires_grad_(True)  # whatever its state, nothing may map onto the KD copy
     with pytest.raises(OpenTransError, match="strict"):
         get_plugin("hanovs").apply_selection(han, selection, strict=True)
-    assert all(p.requires_grad for p in han.backbone.parameters())  # nothing half-applied
+    assert all(p.requires_grad for p in han.parameters())  # nothing half-applied
     get_plugin("hanovs").apply_selection(han, selection)
-    assert not any(p.requires_grad for p in han.vision_clip.parameters())
+    assert all(p.requires_grad for p in han.vision_clip.parameters())
+    assert all(p.requires_grad for p in han.sem_seg_head.parameters())
     han_params = dict(han.named_parameters())
     for name, trainable in flags.items():
         if not name.startswith("attnpool."):
             assert han_params[f"backbone.{name}"].requires_grad is trainable
+
+
+def test_selection_on_a_split_tower_touches_only_selected_layers(tiny_vit):
+    sub = random_subnetwork(tiny_vit, "open_clip/ViT-B-16")
+    selection = _random_selection(sub, seed=8)
+    shared = copy.deepcopy(tiny_vit)
+    model = Box()
+    model.clip_visual_extractor = FeatureExtractor(shared, 9)
+    model.clip_rec_head = RecWithAttnbiasHead(shared, 9)
+    model.side_adapter_network = nn.Linear(8, 8)
+    get_plugin("san").apply_selection(model, selection, strict=True)
+    canonical = dict(shared.named_parameters())
+    for layer in selection.layers:
+        assert canonical[layer["name"]].requires_grad is layer["trainable"], layer["name"]
+    assert all(p.requires_grad for p in model.side_adapter_network.parameters())
+    assert all(p.requires_grad for n, p in canonical.items() if ".ln_" in n or n.startswith("ln_"))
