@@ -81,7 +81,7 @@ class DigitsNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def digits_net() -> nn.Module:
-    """A small CNN really trained on scikit-learn's digits (about 97 % train accuracy)."""
+    """A small CNN really trained on scikit-learn's digits (over 90 % train accuracy)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -90,8 +90,8 @@ def digits_net() -> nn.Module:
     torch.manual_seed(0)
     net = DigitsNet()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(60):
-        for idx in torch.randperm(len(x)).split(128):
+    for _ in range(12):
+        for idx in torch.randperm(len(x)).split(64):
             opt.zero_grad()
             nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
             opt.step()
@@ -162,10 +162,10 @@ def test_scan_agrees_with_weightwatcher_on_trained_cnn(digits_net):
 
 
 def test_scan_agrees_with_weightwatcher_on_trained_minilm(minilm_state):
-    model = as_linear_model(minilm_state)
+    model = as_linear_model({k: v for k, v in minilm_state.items() if k.startswith("encoder.layer.0.")})
     ww = weightwatcher_alphas(model)
     ours = compute_metrics(model, "scan", cache=False)
-    assert len(ours) == 12
+    assert len(ours) == 6
     for m in ours:
         name = m.param.removesuffix(".weight")
         assert m.num_eigs >= 20
