@@ -310,8 +310,8 @@ def apply_selection(selection: LayerSelection, model: nn.Module, name_map: NameM
     flags: dict[str, bool] = {}
     for source, trainable in selection.params.items():
         result = name_map.map_name(source)
-        if isinstance(result, str):
-            report.dropped.append((source, result))
+        if isinstance(result, str):  # an ``unmap`` rule's reason is an Unmapped (a str subclass)
+            (report.unmapped if type(result).__name__ == "Unmapped" else report.dropped).append((source, result))
             continue
         missing = [dest for dest in result if dest not in params]
         if missing:
