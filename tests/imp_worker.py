@@ -128,7 +128,8 @@ def run_ddp(out_dir: str, rank: int, world: int, port: int) -> None:
             train_step(model, optimizer, iteration, rank)  # each rank sees its own data
             runner.after_step(iteration)
         with open(os.path.join(out_dir, f"rank{rank}_weights.txt"), "w") as handle:
-            handle.write(weights_sha256(model.module))
+            # parameters only: BatchNorm running statistics follow each rank's own data
+            handle.write(weights_sha256(dict(model.module.named_parameters())))
         # towers that differ on purpose (no DDP): the masks must still be rank 0's on every rank
         lone = TinyClassifier(seed=100 + rank)
         lone_runner = IMPRunner(lone, prefix=PREFIX, arch="tiny/RN", rate=0.5, rounds=1, period=1)
