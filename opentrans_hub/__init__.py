@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 from .errors import OpenTransError  # noqa: E402
 from .importers import from_torch_prune, from_zeros, import_pruned_checkpoint  # noqa: E402
 from .mapping import MappingReport, NameMap, Rule  # noqa: E402
+from .plugins import Plugin, get_plugin, list_plugins  # noqa: E402
 from .report import count_flops, parameter_counts, plot_alpha, plot_sparsity, sparse_inference_flops  # noqa: E402
 from .selection import LayerSelection, SelectionReport, select_layers  # noqa: E402
 from .sparsity import (  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "MappingReport",
     "NameMap",
     "OpenTransError",
+    "Plugin",
     "Rule",
     "SelectionReport",
     "Subnetwork",
@@ -42,7 +44,9 @@ __all__ = [
     "enforce",
     "from_torch_prune",
     "from_zeros",
+    "get_plugin",
     "import_pruned_checkpoint",
+    "list_plugins",
     "masked_parameters",
     "model_sparsity",
     "parameter_counts",
