@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise OpenTransError(f"not a readable safetensors file ({exc})", path=path) from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # protocol notes about an untrusted pickle: the error below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad or unsafe pickles
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OpenTransError(f"cannot load as a weights-only checkpoint ({first[:300]})", path=path) from None

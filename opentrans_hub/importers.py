@@ -23,10 +23,13 @@ from .subnetwork import Subnetwork, default_provenance
 _MASK_SUFFIX = "_mask"
 
 
-def _canonical(name: str, prefix: str) -> str:
+def _canonical(name: str, prefix: str) -> str | None:
+    """``name`` without DDP's ``module.`` and ``prefix``; None when a prefix is given and the name is outside it."""
     if name.startswith("module."):
         name = name[len("module."):]
-    if prefix and name.startswith(prefix):
+    if prefix:
+        if not name.startswith(prefix):
+            return None
         name = name[len(prefix):]
     return name
 
@@ -35,14 +38,21 @@ def from_pruned_state_dict(state: Mapping[str, Any], arch: str = "unknown", pref
                            source: str | None = None) -> Subnetwork:
     """Subnetwork from ``*_mask`` entries of a torch.nn.utils.prune state dict.
 
-    ``prefix`` (e.g. ``backbone.clip_model.visual.``) is stripped to reach canonical names; ``module.``
-    is always stripped. Masks may be float (0/1) as torch.prune writes them; anything else is refused.
+    ``prefix`` (e.g. ``backbone.clip_model.visual.``) is stripped to reach canonical names and masks
+    outside it (other parts of a detector) are left out; ``module.`` is always stripped. Masks may be
+    float (0/1) as torch.prune writes them; anything else is refused.
     """
     masks: dict[str, torch.Tensor] = {}
+    outside = 0
     for key, value in state.items():
         if not key.endswith(_MASK_SUFFIX) or not isinstance(value, torch.Tensor):
             continue
         name = _canonical(key[: -len(_MASK_SUFFIX)], prefix)
+        if name is None:
+            outside += 1
+            continue
+        if not name:
+            raise OpenTransError(f"prefix {prefix!r} leaves an empty name", path=source, tensor=key)
         if value.dtype != torch.bool and not bool(((value == 0) | (value == 1)).all()):
             raise OpenTransError("mask holds values other than 0 and 1", path=source, tensor=key)
         orig = state.get(key[: -len(_MASK_SUFFIX)] + "_orig")
@@ -50,6 +60,9 @@ def from_pruned_state_dict(state: Mapping[str, Any], arch: str = "unknown", pref
             raise OpenTransError(f"mask shape {tuple(value.shape)} != weight shape {tuple(orig.shape)}",
                                  path=source, tensor=key)
         masks[name] = value.detach().to("cpu") != 0
+    if not masks and outside:
+        raise OpenTransError(f"{outside} '<name>_mask' tensor(s) found, none under the prefix {prefix!r}",
+                             path=source)
     if not masks:
         raise OpenTransError("no '<name>_mask' tensors found: not a torch.nn.utils.prune checkpoint "
                              "(for a baked model with zeros use --from-zeros)", path=source)
@@ -81,7 +94,7 @@ def from_zeros(weights: nn.Module | Mapping[str, torch.Tensor], arch: str = "unk
     masks = {}
     for name, tensor in items:
         name = _canonical(name, prefix)
-        if pattern is not None and not pattern.search(name):
+        if not name or (pattern is not None and not pattern.search(name)):
             continue
         keep = tensor.detach().to("cpu") != 0
         if not bool(keep.all()):
@@ -91,10 +104,16 @@ def from_zeros(weights: nn.Module | Mapping[str, torch.Tensor], arch: str = "unk
     return Subnetwork(masks, arch=arch, provenance=default_provenance("import", kind="zeros", include=include))
 
 
-def from_torch_prune(module: nn.Module, arch: str = "unknown") -> Subnetwork:
-    """Subnetwork from a live module pruned with ``torch.nn.utils.prune`` (reads its ``*_mask`` buffers)."""
-    masks = {name[: -len(_MASK_SUFFIX)]: buf.detach().to("cpu") != 0
-             for name, buf in module.named_buffers() if name.endswith(_MASK_SUFFIX)}
+def from_torch_prune(module: nn.Module, arch: str = "unknown", prefix: str = "") -> Subnetwork:
+    """Subnetwork from a live module pruned with ``torch.nn.utils.prune`` (reads its ``*_mask`` buffers).
+
+    ``prefix`` (e.g. ``backbone.clip_model.visual.``) selects and strips the tower inside a larger model.
+    """
+    masks = {}
+    for name, buf in module.named_buffers():
+        canonical = _canonical(name[: -len(_MASK_SUFFIX)], prefix) if name.endswith(_MASK_SUFFIX) else None
+        if canonical:
+            masks[canonical] = buf.detach().to("cpu") != 0
     if not masks:
         raise OpenTransError("module has no torch.nn.utils.prune masks (no '*_mask' buffers)")
     return Subnetwork(masks, arch=arch, provenance=default_provenance("import", kind="torch.nn.utils.prune/live"))
