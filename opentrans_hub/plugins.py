@@ -77,9 +77,8 @@ class Plugin:
     @property
     def default_arch(self) -> str:
         """The first architecture declared without wildcards (what ``check`` uses without ``--arch``)."""
-        for arch in self.archs:
-            if not any(ch in arch for ch in "*?["):
-                return arch
+        for arch in self.concrete_archs():
+            return arch
         raise OpenTransError(f"plugin {self.name!r} declares only patterns; pass an architecture id")
 
     def covers(self, arch: str) -> bool:
@@ -194,45 +193,60 @@ class Plugin:
         shows which tower tensors the framework holds); with one, its masks are. ``kept_sparsity`` is the
         fraction of exact zeros over the mapped target tensors — after applying ``subnetwork`` in memory
         when one is given — i.e. the sparsity the framework's copy of the tower has (or would have).
+        Without ``arch`` (and subnetwork) every declared architecture is tried and the best fit is reported
+        (fewest shape mismatches, then most mapped, then fewest unmapped; ``arch_detected``).
         """
-        arch = arch or (subnetwork.arch if subnetwork is not None else self.default_arch)
-        name_map = self.name_map(arch)
         source = None
         if isinstance(target, nn.Module):
+            target = _unwrap(target)
             state = {k: v.detach() for k, v in target.state_dict(keep_vars=True).items()}
             state.update({k: v.detach() for k, v in target.named_parameters(remove_duplicate=False)})
         elif isinstance(target, Mapping):
             state = dict(target)
         else:
             source = os.fspath(target)
-            loaded = load_checkpoint(target)
-            state = loaded.state
-            if loaded.ddp_prefix:
-                name_map = name_map.then(NameMap.prefix(loaded.ddp_prefix))
+            state = load_checkpoint(target).state
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        if subnetwork is not None:
-            sources: Mapping[str, torch.Tensor] = subnetwork.masks
-        else:
-            sources = canonical_shapes(arch)
-        _, report = name_map.resolve(sources, shapes)
+        ddp = "module." if tensors and all(k.startswith("module.") for k in tensors) else ""
+
+        def resolve(candidate: str) -> tuple[dict[str, torch.Tensor], MappingReport]:
+            name_map = self.name_map(candidate)
+            if ddp:
+                name_map = name_map.then(NameMap.prefix(ddp))
+            sources = subnetwork.masks if subnetwork is not None else canonical_shapes(candidate)
+            return name_map.resolve(sources, shapes)
+
+        detected = arch is None and subnetwork is None
+        arch = arch or (subnetwork.arch if subnetwork is not None else self.default_arch)
+        masks, report = resolve(arch)
+        if detected:
+            def fit(r: MappingReport) -> tuple[int, int, int]:
+                return (-len(r.mismatched), len(r.mapped), -len(r.unmapped))
+
+            for candidate in self.concrete_archs()[1:]:
+                _, other = resolve(candidate)
+                if fit(other) > fit(report):
+                    arch, report = candidate, other
         zeros = numel = 0
-        masks = {}
-        if subnetwork is not None:
-            masks, _ = name_map.resolve(subnetwork.masks, shapes)
         for _, dest in report.mapped:
             weight = tensors[dest]
-            if dest in masks:
-                weight = weight.masked_fill(~masks[dest], 0)
+            if subnetwork is not None:
+                weight = weight.masked_fill(~masks[dest].to(weight.device), 0)
             zeros += int((weight == 0).sum())
             numel += weight.numel()
         info = report.to_dict()
-        info.update({"plugin": self.name, "arch": arch, "target": source or type(target).__name__,
+        info.update({"plugin": self.name, "arch": arch, "arch_detected": detected,
+                     "target": source or type(target).__name__,
                      "subnetwork": subnetwork.sha256 if subnetwork is not None else None,
                      "target_tensors": len(tensors), "mapped_params": numel, "zeros": zeros,
                      "kept_sparsity": zeros / numel if numel else 0.0, "ok": report.ok})
         info["counts"]["kept_sparsity"] = info["kept_sparsity"]
         return info
+
+    def concrete_archs(self) -> list[str]:
+        """The declared architecture ids that are not patterns."""
+        return [arch for arch in self.archs if not any(ch in arch for ch in "*?[")]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "frameworks": list(self.frameworks), "archs": list(self.archs),

@@ -215,6 +215,7 @@ def test_plugins_check_counts_on_a_real_checkpoint(tmp_path, capsys, deeplab_che
     code, stdout, _ = run_cli(capsys, "plugins", "check", "deeplabv3-torchvision", "--checkpoint", str(out),
                               "--json")  # default arch: the plugin's first, open_clip/RN50
     after = json.loads(stdout)
+    assert after["arch"] == "open_clip/RN50" and after["arch_detected"]  # RN101 also declared: fits worse
     assert after["zeros"] == pruned and after["mapped_params"] == mapped_numel
     assert after["kept_sparsity"] == pytest.approx(pruned / mapped_numel)
     # checking the dense checkpoint with the subnetwork predicts the same figure without writing anything
@@ -241,3 +242,19 @@ def test_apply_selection_writes_framework_names(tmp_path, capsys, tower):
     assert manifest["selection"] == selection.sha256
     assert manifest["trainable"] == sorted(f"backbone.clip_model.visual.{n}" for n in selection.trainable)
     assert manifest["frozen"] == sorted(f"backbone.clip_model.visual.{n}" for n in selection.frozen)
+
+
+def test_check_a_live_model_with_a_subnetwork(tower):
+    sub = random_subnetwork(tower)
+    model = nn.Module()
+    model.backbone = copy.deepcopy(tower)
+    del model.backbone.attnpool
+    model.vision_clip = copy.deepcopy(tower)
+    info = get_plugin("hanovs").check(model, subnetwork=sub)
+    attnpool = {n for n in sub.masks if n.startswith("attnpool.")}
+    assert info["counts"]["unmapped"] == len(attnpool) and info["counts"]["mapped"] == len(sub) - len(attnpool)
+    mapped = [n for n in sub.masks if n not in attnpool]
+    assert info["zeros"] == sum(int((~sub.masks[n]).sum()) for n in mapped)
+    assert info["mapped_params"] == sum(sub.masks[n].numel() for n in mapped)
+    assert not info["arch_detected"] and info["arch"] == "open_clip/RN50"
+    assert all(bool((p != 0).all()) for p in model.parameters())  # check never changes the model
