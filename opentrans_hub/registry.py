@@ -160,6 +160,8 @@ class Entry:
         """Read and verify (file bytes, then content) the artefact."""
         try:
             data = self.path.read_bytes()
+        except FileNotFoundError:
+            raise _ObjectGone(f"registry entry {self.name!r}: its file is missing", path=self.path) from None
         except OSError as exc:
             raise OpenTransError(f"registry entry {self.name!r}: cannot read ({exc.strerror or exc})",
                                  path=self.path) from None
@@ -168,6 +170,10 @@ class Entry:
             raise OpenTransError(f"registry entry {self.name!r}: file sha256 {actual[:16]}... is not the recorded "
                                  f"{self.file_sha256[:16]}... (file changed or tampered with)", path=self.path)
         return decode(data, str(self.path), kind=self.kind, expected_sha256=self.sha256)
+
+
+class _ObjectGone(OpenTransError):
+    """An entry's object vanished: a concurrent overwrite replaced the entry (readers re-read it)."""
 
 
 def _now() -> str:
@@ -237,6 +243,19 @@ class Registry:
         meta = {k: v for k, v in data.items()
                 if k not in {"format", "name", "kind", "sha256", "file_sha256", "file", "source"}}
         return Entry(name, kind, data["sha256"], data["file_sha256"], target, str(data.get("source", "local")), meta)
+
+    def load(self, name: str) -> Artefact | None:
+        """Load and verify the user entry ``name`` (None if absent); re-reads the entry if a concurrent
+        overwrite removed the object between reading the entry and reading its file."""
+        for _ in range(5):
+            entry = self.entry(name)
+            if entry is None:
+                return None
+            try:
+                return entry.load()
+            except _ObjectGone:
+                continue
+        return self.entry(name).load() if self.entry(name) is not None else None
 
     def names(self) -> list[str]:
         """Names in the user registry (sorted)."""
@@ -309,6 +328,8 @@ class Registry:
             if not target.is_file() or hashlib.sha256(target.read_bytes()).hexdigest() != digest:
                 atomic_write_bytes(target, data)
             atomic_write_text(self._entry_path(name), json.dumps(record, indent=1, default=str) + "\n")
+            if existing is not None and existing.path != target:
+                self._drop_if_unused(existing.path)
         entry = self.entry(name)
         assert entry is not None
         return entry
@@ -320,9 +341,18 @@ class Registry:
             if entry is None:
                 raise OpenTransError(f"no registry entry named {name!r}")
             self._entry_path(name).unlink()
-            still_used = any((e := self.entry(other)) is not None and e.path == entry.path for other in self.names())
-            if not still_used:
-                entry.path.unlink(missing_ok=True)
+            self._drop_if_unused(entry.path)
+
+    def _drop_if_unused(self, path: Path) -> None:
+        """Delete an object no entry points at any more (caller holds the lock)."""
+        for other in self.names():
+            try:
+                entry = self.entry(other)
+            except OpenTransError:
+                continue  # a broken entry must not stop the clean-up of others
+            if entry is not None and entry.path == path:
+                return
+        path.unlink(missing_ok=True)
 
     # ----------------------------------------------------------------- resolving
     def resolve(self, ref: str | os.PathLike, weights: str | os.PathLike | None = None) -> tuple[Artefact, str]:
@@ -337,12 +367,12 @@ class Registry:
             obj, _ = pull(text)
             return obj, text
         if NAME_PATTERN.fullmatch(text):
-            entry = self.entry(text)
-            if entry is not None:
-                return entry.load(), f"registry:{text}"
+            obj = self.load(text)
+            if obj is not None:
+                return obj, f"registry:{text}"
             if text in self.recipes():
-                entry = self.materialise(text, weights=weights)
-                return entry.load(), f"registry:{text}"
+                self.materialise(text, weights=weights)
+                return self.load(text), f"registry:{text}"
         path = Path(text).expanduser()
         if path.is_file():
             return read_artefact(path), f"file:{path}"
@@ -366,9 +396,9 @@ class Registry:
     def verify(self, ref: str | os.PathLike) -> dict[str, Any]:
         """Re-check a name's (or file's) hashes; a user entry must match its file and content sha256."""
         text = os.fspath(ref)
-        if NAME_PATTERN.fullmatch(text) and self.entry(text) is not None:
-            entry = self.entry(text)
-            obj = entry.load()
+        entry = self.entry(text) if NAME_PATTERN.fullmatch(text) else None
+        if entry is not None:
+            obj = self.load(text)
             return {"name": text, "kind": entry.kind, "sha256": obj.sha256, "file_sha256": entry.file_sha256,
                     "path": str(entry.path), "ok": True}
         obj, source = self.resolve(text)
