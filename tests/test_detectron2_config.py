@@ -1,0 +1,161 @@
+"""MODEL.OPENTRANS.* keys on a real yacs CfgNode (detectron2's base class), the shipped YAML fragments, and
+the schedule they build; detectron2 itself is absent here and must stay optional."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_resnet
+from imp_worker import make_batch
+from torch import nn
+from yacs.config import CfgNode
+
+from opentrans_hub import OpenTransError
+from opentrans_hub.imp import PruneScope, magnitude_prune
+from opentrans_hub.integrations.detectron2 import (
+    add_opentrans_config,
+    build_schedule_from_cfg,
+    name_map_from_cfg,
+    opentrans_hook,
+)
+from opentrans_hub.sparsity import masked_parameters
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _cfg(tmp_path: Path | None = None) -> CfgNode:
+    cfg = CfgNode()
+    cfg.MODEL = CfgNode()
+    cfg.MODEL.WEIGHTS = ""
+    cfg.OUTPUT_DIR = str(tmp_path) if tmp_path else "./output"
+    return add_opentrans_config(cfg)
+
+
+def _model_at(path: str, tower: nn.Module) -> nn.Module:
+    """A model holding ``tower`` at the dotted ``path`` (as the framework does), plus a head."""
+    root = nn.Module()
+    parent = root
+    parts = path.split(".")
+    for part in parts[:-1]:
+        child = nn.Module()
+        parent.add_module(part, child)
+        parent = child
+    parent.add_module(parts[-1], tower)
+    root.head = nn.Conv2d(3, 4, 1)
+    return root
+
+
+def test_package_imports_without_detectron2_and_the_hook_says_why():
+    code = ("import sys, opentrans_hub, opentrans_hub.integrations.detectron2 as d2\n"
+            "assert 'detectron2' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    if importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed here")
+    with pytest.raises(OpenTransError, match="needs detectron2"):
+        opentrans_hook(_cfg())
+
+
+def test_keys_and_defaults_on_a_real_cfgnode():
+    cfg = _cfg()
+    oc = cfg.MODEL.OPENTRANS
+    assert isinstance(oc, CfgNode) and isinstance(oc.IMP, CfgNode)
+    assert oc.APPLY_AT == -1 and oc.BAKE_AT == -1 and oc.SUBNETWORK == ""
+    assert oc.IMP.ENABLED is False and oc.IMP.RATE == 0.1 and oc.IMP.ROUNDS == 21 and oc.IMP.PERIOD == 5000
+    assert list(oc.IMP.LAYER_TYPES) == ["conv"] and oc.IMP.EXCLUDE_FIRST is True
+    cfg.merge_from_list(["MODEL.OPENTRANS.IMP.RATE", "0.2", "MODEL.OPENTRANS.BAKE_AT", "100"])
+    assert cfg.MODEL.OPENTRANS.IMP.RATE == 0.2 and cfg.MODEL.OPENTRANS.BAKE_AT == 100
+    with pytest.raises(AssertionError, match="Non-existent key"):  # typos are refused by the CfgNode, as in detectron2
+        cfg.merge_from_list(["MODEL.OPENTRANS.IMP.RATES", "0.2"])
+    frozen = _cfg()
+    frozen.freeze()
+    with pytest.raises(OpenTransError, match="frozen"):
+        add_opentrans_config(frozen)
+    with pytest.raises(OpenTransError, match="add_opentrans_config"):
+        build_schedule_from_cfg(CfgNode({"MODEL": CfgNode()}), nn.Linear(1, 1))
+
+
+@pytest.mark.parametrize("fragment", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_fragment_merges(fragment):
+    cfg = _cfg()
+    cfg.MODEL.RESNETS = CfgNode({"DEPTH": 50, "STEM_TYPE": "basic", "STEM_OUT_CHANNELS": 128})  # d2 DeepLab keys
+    cfg.merge_from_file(str(CONFIGS / fragment))
+    oc = cfg.MODEL.OPENTRANS
+    assert oc.PLUGIN, "every fragment names its framework's plugin"
+    name_map = name_map_from_cfg(cfg)
+    assert str(name_map)
+
+
+def test_fcclip_fragment_applies_then_bakes_and_saves(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.merge_from_file(str(CONFIGS / "fcclip.yaml"))
+    assert cfg.MODEL.OPENTRANS.SUBNETWORK == "rn50-openai-imp21"
+    from opentrans_hub.registry import default_registry
+
+    assert "rn50-openai-imp21" in default_registry().recipes()  # a built-in name
+    tower = make_tiny_resnet()
+    sub = magnitude_prune(make_tiny_resnet(seed=3), sparsity=0.8, apply=False, arch="open_clip/RN50")
+    path = sub.save(tmp_path / "sub.safetensors")
+    cfg.merge_from_list(["MODEL.OPENTRANS.SUBNETWORK", str(path), "MODEL.OPENTRANS.APPLY_AT", "1",
+                         "MODEL.OPENTRANS.BAKE_AT", "3"])
+    model = _model_at("backbone.clip_model.visual", tower)
+    saved = []
+    schedule = build_schedule_from_cfg(cfg, model, save=saved.append)
+    assert schedule.apply_at == 1 and schedule.bake_at == 3 and schedule.imp is None and schedule.strict
+    schedule.before_train(start_iter=0)
+    assert not masked_parameters(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    params = dict(model.named_parameters())
+    for iteration in range(5):
+        images, _ = make_batch(iteration, size=2)
+        optimizer.zero_grad()
+        tower(nn.functional.interpolate(images, size=64)).square().mean().backward()
+        optimizer.step()
+        schedule.after_step(iteration)
+        if iteration in (1, 2):
+            for canonical, keep in sub.masks.items():
+                assert (params["backbone.clip_model.visual." + canonical][~keep] == 0).all()
+    assert saved == ["model_0000003_needed"]
+    assert [event for _, event in schedule.events] == ["apply", "bake"]
+    assert len(schedule.report.mapped) == len(sub)
+
+
+def test_hanovs_fragment_runs_imp_rounds_into_the_output_dir(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.merge_from_file(str(CONFIGS / "hanovs.yaml"))
+    model = _model_at("backbone", make_tiny_resnet())
+    model.vision_clip = make_tiny_resnet(seed=9)  # the frozen KD copy: must never be pruned
+    schedule = build_schedule_from_cfg(cfg, model)
+    imp = schedule.imp
+    assert (imp.rate, imp.rounds, imp.period, imp.rewind, imp.prefix) == (0.1, 21, 5000, None, "backbone.")
+    assert imp.scope == PruneScope()
+    assert imp.out_dir == tmp_path / "opentrans_imp"
+    cfg.merge_from_list(["MODEL.OPENTRANS.IMP.PERIOD", "2", "MODEL.OPENTRANS.IMP.ROUNDS", "2"])
+    schedule = build_schedule_from_cfg(cfg, model)
+    schedule.before_train(start_iter=0)
+    for iteration in range(5):
+        schedule.after_step(iteration)
+    assert sorted(p.name for p in (tmp_path / "opentrans_imp").glob("round_*")) == [
+        "round_001.safetensors", "round_002.safetensors"]
+    assert all(name.startswith("backbone.") for name in masked_parameters(model))
+    assert schedule.imp.last.arch == "open_clip/RN50"
+
+
+def test_deeplab_fragment_drops_the_attention_pool(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.merge_from_file(str(CONFIGS / "deeplabv3-opentrans.yaml"))
+    donor = make_tiny_resnet(seed=4)
+    sub = magnitude_prune(donor, sparsity=0.5, apply=False, scope=PruneScope(layer_types=("conv", "linear")))
+    cfg.merge_from_list(["MODEL.OPENTRANS.SUBNETWORK", str(sub.save(tmp_path / "s.safetensors"))])
+    tower = make_tiny_resnet()
+    del tower.attnpool  # DeepLab's backbone has no attention pool
+    model = _model_at("backbone", tower)
+    schedule = build_schedule_from_cfg(cfg, model)
+    schedule.before_train(start_iter=0)
+    dropped = {source for source, _ in schedule.report.dropped}
+    assert dropped == {n for n in sub.masks if n.startswith("attnpool.")} and dropped
+    assert len(schedule.report.mapped) == len(sub) - len(dropped)
