@@ -43,8 +43,8 @@ class Plugin:
     ``archs`` maps architecture ids (``open_clip/RN50``; shell patterns such as ``open_clip/RN*`` allowed)
     to a NameMap or its text form, from canonical tower names to the framework's full names.
     ``tower_path`` is the dotted attribute path of the visual tower in the framework's model (``""``: the
-    model is the tower); plugins
-    whose tower is split over several modules pass ``locator`` instead (model -> tower module).
+    model is the tower); plugins whose tower is split over several modules pass ``locator`` instead
+    (model -> a module presenting the tower).
     ``config`` names the detectron2 config fragment shipped in ``configs/`` for detectron2 frameworks.
     """
 
@@ -77,8 +77,9 @@ class Plugin:
     @property
     def default_arch(self) -> str:
         """The first architecture declared without wildcards (what ``check`` uses without ``--arch``)."""
-        for arch in self.concrete_archs():
-            return arch
+        concrete = self.concrete_archs()
+        if concrete:
+            return concrete[0]
         raise OpenTransError(f"plugin {self.name!r} declares only patterns; pass an architecture id")
 
     def covers(self, arch: str) -> bool:
@@ -107,14 +108,18 @@ class Plugin:
                                  f"(is it a {' / '.join(self.frameworks)} model?)") from None
 
     # ------------------------------------------------------------------ live models (run-time mode)
-    def apply(self, model: nn.Module, subnetwork: Subnetwork, strict: bool = False) -> MappingReport:
+    def apply(self, model: nn.Module, subnetwork: Subnetwork | str | os.PathLike, strict: bool = False,
+              arch: str | None = None) -> MappingReport:
         """Zero ``subnetwork``'s pruned weights in ``model`` and keep them zero while training.
 
-        ``model`` is the whole framework model (names as in its state dict); all-or-nothing.
+        ``model`` is the whole framework model (names as in its state dict; DDP wrappers are looked
+        through); ``subnetwork`` may be a registry name or file; ``arch`` overrides the subnetwork's
+        architecture id. All-or-nothing.
         """
         from .sparsity import apply_subnetwork
 
-        return apply_subnetwork(_unwrap(model), subnetwork, self.name_map(subnetwork.arch), strict=strict)
+        subnetwork = _as_subnetwork(subnetwork)
+        return apply_subnetwork(_unwrap(model), subnetwork, self.name_map(arch or subnetwork.arch), strict=strict)
 
     def map_selection(self, selection: LayerSelection, target_names: Any,
                       arch: str | None = None) -> tuple[dict[str, bool], MappingReport]:
@@ -143,7 +148,7 @@ class Plugin:
                 report.mapped.append((source, dest))
         return out, report
 
-    def apply_selection(self, model: nn.Module, selection: LayerSelection, strict: bool = False,
+    def apply_selection(self, model: nn.Module, selection: LayerSelection | str | os.PathLike, strict: bool = False,
                         arch: str | None = None, **options: Any) -> Any:
         """Set ``requires_grad`` in ``model`` from ``selection`` through this plugin's NameMap.
 
@@ -154,6 +159,7 @@ class Plugin:
         """
         from .selection import apply_selection
 
+        selection = _as_selection(selection)
         if self.tower_path is not None:
             options.setdefault("scope", f"{self.tower_path}." if self.tower_path else "")
         else:
@@ -163,8 +169,8 @@ class Plugin:
                                strict=strict, **options)
 
     # ------------------------------------------------------------------ checkpoints
-    def apply_checkpoint(self, path_in: str | os.PathLike, subnetwork: Subnetwork, path_out: str | os.PathLike,
-                         strict: bool = False) -> MappingReport:
+    def apply_checkpoint(self, path_in: str | os.PathLike, subnetwork: Subnetwork | str | os.PathLike,
+                         path_out: str | os.PathLike, strict: bool = False, arch: str | None = None) -> MappingReport:
         """Rewrite a framework checkpoint with ``subnetwork``'s pruned weights zeroed.
 
         Nesting (``model``/``state_dict``...), a DDP ``module.`` prefix and every other entry are kept; every
@@ -173,8 +179,9 @@ class Plugin:
         """
         from .sparsity import apply_subnetwork_to_state_dict
 
+        subnetwork = _as_subnetwork(subnetwork)
         loaded = load_checkpoint(path_in)
-        name_map = self.name_map(subnetwork.arch)
+        name_map = self.name_map(arch or subnetwork.arch)
         if loaded.ddp_prefix:
             name_map = name_map.then(NameMap.prefix(loaded.ddp_prefix))
         tensors = {k: v for k, v in loaded.state.items() if isinstance(v, torch.Tensor)}
@@ -252,6 +259,22 @@ class Plugin:
         return {"name": self.name, "frameworks": list(self.frameworks), "archs": list(self.archs),
                 "tower_path": self.tower_path, "config": self.config, "description": self.description,
                 "source": self.source}
+
+
+def _as_subnetwork(ref: Subnetwork | str | os.PathLike) -> Subnetwork:
+    if isinstance(ref, Subnetwork):
+        return ref
+    from .registry import load_subnetwork
+
+    return load_subnetwork(ref)
+
+
+def _as_selection(ref: LayerSelection | str | os.PathLike) -> LayerSelection:
+    if isinstance(ref, LayerSelection):
+        return ref
+    from .registry import load_selection
+
+    return load_selection(ref)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -25,29 +25,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--selection", help="layer selection name or .json file")
     parser.add_argument("--checkpoint", required=True, help="framework checkpoint (.pth via weights_only, "
                         ".safetensors)")
-    parser.add_argument("--out", required=True, help="checkpoint to write (subnetwork) or JSON manifest (selection)")
+    parser.add_argument("--out", required=True, help="checkpoint to write (subnetwork; .pth keeps the input's "
+                        "nesting, .safetensors holds its tensor dict) or JSON manifest (selection)")
+    parser.add_argument("--arch", default=None, help="architecture id to map with (default: the subnetwork's or "
+                        "selection's own, e.g. open_clip/RN50)")
     parser.add_argument("--strict", action="store_true", help="fail (write nothing) when a name finds no destination")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
-def _registry_loader(name: str):
-    try:
-        from .. import registry
-    except ImportError:
-        return None
-    return getattr(registry, name, None)
-
-
 def load_subnetwork(ref: str) -> Subnetwork:
-    """A registry name, Hub reference or plain file (the registry decides when it is installed)."""
-    loader = _registry_loader("load_subnetwork")
-    return loader(ref) if loader is not None else Subnetwork.load(ref)
+    """A registry name, ``hf://`` reference or plain file."""
+    from ..registry import load_subnetwork as load
+
+    return load(ref)
 
 
 def load_selection(ref: str) -> LayerSelection:
-    loader = _registry_loader("load_selection")
-    return loader(ref) if loader is not None else LayerSelection.load(ref)
+    from ..registry import load_selection as load
+
+    return load(ref)
 
 
 def _print_report(report_dict: dict[str, Any], header: str) -> None:
@@ -67,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     plugin = get_plugin(args.plugin)
     if args.subnetwork:
         subnetwork = load_subnetwork(args.subnetwork)
-        report = plugin.apply_checkpoint(args.checkpoint, subnetwork, args.out, strict=args.strict)
-        info = {"plugin": plugin.name, "arch": subnetwork.arch, "subnetwork": subnetwork.sha256,
+        report = plugin.apply_checkpoint(args.checkpoint, subnetwork, args.out, strict=args.strict, arch=args.arch)
+        info = {"plugin": plugin.name, "arch": args.arch or subnetwork.arch, "subnetwork": subnetwork.sha256,
                 "sparsity": subnetwork.sparsity, "checkpoint": args.checkpoint, "out": args.out, **report.to_dict()}
         if args.json:
             print_json(info)
@@ -77,15 +74,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     selection = load_selection(args.selection)
     state = read_state_dict(args.checkpoint)
-    flags, report = plugin.map_selection(selection, state)
+    flags, report = plugin.map_selection(selection, state, arch=args.arch)
     report.check(strict=args.strict, source=args.checkpoint)
-    manifest = {"format": "opentrans-hub/mapped-selection", "plugin": plugin.name, "arch": selection.arch,
+    manifest = {"format": "opentrans-hub/mapped-selection", "plugin": plugin.name, "arch": args.arch or selection.arch,
                 "selection": selection.sha256, "checkpoint": args.checkpoint,
                 "trainable": sorted(n for n, t in flags.items() if t),
                 "frozen": sorted(n for n, t in flags.items() if not t), "report": report.to_dict()}
     atomic_write_text(args.out, json.dumps(manifest, indent=1) + "\n")
     if args.json:
-        print_json({k: v for k, v in manifest.items()} | {"out": args.out})
+        print_json({**manifest, "out": args.out})
     else:
         _print_report(manifest["report"], f"{plugin.name}: wrote {args.out} ({len(manifest['trainable'])} trainable, "
                       f"{len(manifest['frozen'])} frozen)")
