@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from opentrans_hub import NameMap, OpenTransError
 from opentrans_hub.plugins import Plugin, list_plugins
@@ -33,8 +34,10 @@ def test_first_party_plugins_are_installed_distributions():
         assert plugin.default_arch.startswith("open_clip/")
         assert isinstance(plugin.name_map(plugin.default_arch), NameMap)
         if plugin.config:  # detectron2 frameworks ship a config fragment naming the plugin
-            text = (REPO / plugin.config).read_text()
-            assert f"PLUGIN: {name}" in text, plugin.config
+            fragment = yaml.safe_load((REPO / plugin.config).read_text())
+            assert fragment["MODEL"]["OPENTRANS"]["PLUGIN"] == name, plugin.config
+    assert {p.name for p in plugins if p.config} >= {"fcclip", "hanovs", "deeplabv3-opentrans", "deeplabv3-d2",
+                                                     "catseg", "san"}
     with pytest.raises(OpenTransError, match="does not cover"):
         by_name["fcclip"].name_map("open_clip/ViT-B-16")
     assert by_name["fcclip"].name_map("open_clip/RN50x64") == by_name["fcclip"].name_map("open_clip/RN50")

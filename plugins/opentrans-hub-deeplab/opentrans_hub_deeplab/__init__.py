@@ -18,6 +18,7 @@ opentrans_deeplab = Plugin(
     frameworks=("OpenTrans DeepLabv3",),
     archs={"open_clip/RN50": _NO_ATTNPOOL + "prefix backbone.\n"},
     tower_path="backbone",
+    config="configs/deeplabv3-opentrans.yaml",
     description="OpenTrans DeepLabv3: zs3 ResNet-50 with CLIP stem at backbone (names as open_clip)",
 )
 

@@ -19,5 +19,6 @@ plugin = Plugin(
         "open_clip/convnext_*": _PREFIX,  # convnext_base(_w, _w_320), convnext_large(_d), convnext_xxlarge
     },
     tower_path="backbone.clip_model.visual",
+    config="configs/fcclip.yaml",
     description="FC-CLIP: frozen open_clip ResNet / ConvNeXt tower at backbone.clip_model.visual",
 )

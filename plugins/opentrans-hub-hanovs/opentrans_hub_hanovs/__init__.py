@@ -19,5 +19,6 @@ plugin = Plugin(
     frameworks=("OpenTrans Mask2Former OVS (Han et al.)",),
     archs={"open_clip/RN50": _MAP, "open_clip/RN101": _MAP},
     tower_path="backbone",
+    config="configs/hanovs.yaml",  # IMP search; configs/hanovs-transfer.yaml for the second stage
     description="OpenTrans Mask2Former OVS: trained CLIP ResNet at backbone (never the vision_clip KD copy)",
 )
