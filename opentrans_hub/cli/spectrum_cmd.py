@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ def load_target(args: argparse.Namespace) -> tuple[Any, str, str | None]:
             raise OpenTransError("--weights goes with an architecture id; TARGET is already a weights file",
                                  path=target)
         state = read_state_dict(target)
+        if Path(target).suffix == ".safetensors":  # safetensors sorts names: restore a network order
+            state = {name: state[name] for name in _network_order(state, args.arch)}
         return state, args.arch or "unknown", weights_sha256(state)
     if Path(target).suffix in {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}:
         raise OpenTransError("no such file", path=target)
@@ -65,6 +68,24 @@ def load_target(args: argparse.Namespace) -> tuple[Any, str, str | None]:
         print(f"opentrans-hub: no --weights given, measuring a randomly initialised {target}", file=sys.stderr)
     visual = build_visual(target, pretrained=args.weights)
     return visual, target, (weights_sha256(visual) if args.weights else None)
+
+
+def _natural_key(name: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def _network_order(state: dict, arch: str | None) -> list[str]:
+    """Names in the order the architecture's tower defines them (with ``--arch``), else natural order."""
+    names = sorted(state, key=_natural_key)
+    if arch:
+        from ..backbones import build_visual
+
+        try:
+            order = {name: i for i, name in enumerate(build_visual(arch).state_dict())}
+        except OpenTransError:
+            return names
+        names.sort(key=lambda name: order.get(name, len(order)))
+    return names
 
 
 def measure(args: argparse.Namespace) -> tuple[list, str, str | None]:
