@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_resnet
 from imp_worker import PREFIX, TinyClassifier, make_optimizer, run_resume, train_step
 from torch import nn
 
