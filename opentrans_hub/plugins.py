@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -198,8 +199,9 @@ class Plugin:
 
         Without a subnetwork, every parameter of the canonical ``arch`` tower is mapped (so the report
         shows which tower tensors the framework holds); with one, its masks are. ``kept_sparsity`` is the
-        fraction of exact zeros over the mapped target tensors — after applying ``subnetwork`` in memory
-        when one is given — i.e. the sparsity the framework's copy of the tower has (or would have).
+        fraction of exact zeros over the mapped weight tensors (2-D and up: conv kernels, matrices) —
+        after applying ``subnetwork`` in memory when one is given — i.e. the sparsity the framework's copy
+        of the tower has (or would have).
         Without ``arch`` (and subnetwork) every declared architecture is tried and the best fit is reported
         (fewest shape mismatches, then most mapped, then fewest unmapped; ``arch_detected``).
         """
@@ -238,6 +240,8 @@ class Plugin:
         zeros = numel = 0
         for _, dest in report.mapped:
             weight = tensors[dest]
+            if weight.dim() < 2:  # norms, biases, embeddings vectors: not what subnetworks prune
+                continue
             if subnetwork is not None:
                 weight = weight.masked_fill(~masks[dest].to(weight.device), 0)
             zeros += int((weight == 0).sum())
@@ -300,7 +304,12 @@ def canonical_shapes(arch: str) -> dict[str, torch.Tensor]:
 
         if name not in open_clip.list_models():
             raise OpenTransError(f"open_clip has no model {name!r} (see open_clip.list_models())")
-        visual = open_clip.create_model(name, device="meta").visual
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: none wanted
+        try:
+            visual = open_clip.create_model(name, device="meta").visual
+        finally:
+            logging.disable(previous)
         _CANONICAL_CACHE[arch] = {k: v for k, v in visual.named_parameters()}
     return _CANONICAL_CACHE[arch]
 

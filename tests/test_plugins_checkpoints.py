@@ -211,7 +211,7 @@ def test_plugins_check_counts_on_a_real_checkpoint(tmp_path, capsys, deeplab_che
     assert code == 0
     mapped_masks = {n: m for n, m in sub.masks.items() if n.startswith("layer")}
     pruned = sum(int((~m).sum()) for m in mapped_masks.values())
-    mapped_numel = sum(params[n].numel() for n in params if n not in stem and n not in attnpool)
+    mapped_numel = sum(params[n].numel() for n in params if n not in stem and n not in attnpool and params[n].dim() > 1)
     code, stdout, _ = run_cli(capsys, "plugins", "check", "deeplabv3-torchvision", "--checkpoint", str(out),
                               "--json")  # default arch: the plugin's first, open_clip/RN50
     after = json.loads(stdout)
