@@ -60,14 +60,15 @@ def git(repo: Path, *args: str, input: bytes | None = None, env: dict | None = N
 class OlahServer:
     """The real olah mirror server, offline, serving ``mirrors_path`` on a free loopback port."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, mirrors: Path | None = None):
         self.root = Path(root)
-        self.mirrors = self.root / "mirrors"
+        self.mirrors = Path(mirrors) if mirrors is not None else self.root / "mirrors"
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> OlahServer:
+        self.root.mkdir(parents=True, exist_ok=True)
         (self.mirrors / "models").mkdir(parents=True, exist_ok=True)
         config = self.root / "olah.toml"
         config.write_text(
