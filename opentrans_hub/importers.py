@@ -44,8 +44,13 @@ def from_pruned_state_dict(state: Mapping[str, Any], arch: str = "unknown", pref
     """
     masks: dict[str, torch.Tensor] = {}
     outside = 0
+    # with torch.prune's ``*_orig`` present, only their ``*_mask`` partners are masks (a model may have other
+    # buffers named ``*_mask``, e.g. attention masks); a masks-only file (OpenTrans extract_mask) has no _orig
+    has_orig = any(k.endswith("_orig") for k in state)
     for key, value in state.items():
         if not key.endswith(_MASK_SUFFIX) or not isinstance(value, torch.Tensor):
+            continue
+        if has_orig and key[: -len(_MASK_SUFFIX)] + "_orig" not in state:
             continue
         name = _canonical(key[: -len(_MASK_SUFFIX)], prefix)
         if name is None:

@@ -11,7 +11,8 @@ and ``copy.deepcopy``/pickling carry it). Two global optimizer hooks keep the ze
 
 A load-state-dict hook re-zeroes after ``load_state_dict``; deep copies and unpickled models register
 their own parameters before their first optimizer step (the mask store carries its parameters through
-the copy), and a forward pre-hook follows parameters replaced later. ``bake`` drops all of it and leaves plain modules holding the zeros.
+the copy), and a forward pre-hook follows parameters replaced later. ``bake`` drops all of it and
+leaves plain modules holding the zeros; ``remove`` drops it without touching the weights.
 Loops that update weights without ``torch.optim`` call :func:`enforce` after their update.
 """
 

@@ -97,6 +97,16 @@ def test_detectron2_ddp_layout_with_prefix(tmp_path, pruned_tiny):
     assert "model_0005000.pth" in str(info.value)
 
 
+def test_other_mask_buffers_and_masks_only_files(pruned_tiny):
+    model, masks = pruned_tiny
+    state = dict(model.state_dict())
+    state["attnpool.attn_mask"] = torch.full((4, 4), float("-inf"))  # not a prune mask: no attn_orig partner
+    assert_same_masks(from_pruned_state_dict(state, source="x.pth"), masks)
+    # OpenTrans's extract_mask output: only the *_mask entries, no *_orig
+    only_masks = {k: v for k, v in model.state_dict().items() if k.endswith("_mask")}
+    assert_same_masks(from_pruned_state_dict(only_masks, source="m.pth"), masks)
+
+
 def test_safetensors_checkpoint(tmp_path, pruned_tiny):
     model, masks = pruned_tiny
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "pruned.safetensors")

@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", help=".pth (loaded weights_only) or .safetensors")
     parser.add_argument("--out", required=True, help="subnetwork file to write (.safetensors)")
     parser.add_argument("--arch", default="unknown", help="architecture id, e.g. open_clip/RN50")
-    parser.add_argument("--prefix", default="", help="strip this prefix to reach canonical names, "
-                        "e.g. backbone.clip_model.visual.")
+    parser.add_argument("--prefix", default="", help="take only the masks under this prefix and strip it to reach "
+                        "canonical names, e.g. backbone.clip_model.visual. (DDP's module. is always stripped)")
     parser.add_argument("--from-zeros", action="store_true", help="the checkpoint is baked: masks = weight != 0")
     parser.add_argument("--include", default=None, help="with --from-zeros: regex of tensor names to take")
     parser.add_argument("--encoding", choices=["packbits", "zstd"], default="packbits")
