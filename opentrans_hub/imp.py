@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +39,6 @@ RANKINGS = ("global", "layerwise")
 STATE_FORMAT = "opentrans-hub/imp-state"
 STATE_FILE = "imp_state.json"
 REWIND_FILE = "rewind.safetensors"
-_BUCKET_SHIFT = 16  # float32 bits >> 16: 32,768 buckets for non-negative values
 
 
 # ------------------------------------------------------------------------------------------------ scope
@@ -138,55 +138,43 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------- selection core
-def _magnitudes(weight: torch.Tensor, alive: torch.Tensor | None) -> torch.Tensor:
-    """|w| as flat float32, with pruned positions at +inf so they are never selected again."""
-    values = weight.detach().reshape(-1).abs().to(torch.float32)
-    if alive is not None:
-        values = values.masked_fill(~alive.reshape(-1).to(values.device), math.inf)
-    return values
-
-
 def _count(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask).item())
 
 
-def _kth_smallest(values: list[torch.Tensor], k: int) -> float:
-    """The k-th smallest (1-based) of several flat non-negative float32 tensors, without sorting or joining them.
+def _high_halves(values: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of each float32 as int16 (a view on little-endian machines, no copy)."""
+    if sys.byteorder == "little":
+        return values.view(torch.int16)[1::2]
+    return (values.view(torch.int32) >> 16).to(torch.int16)
 
-    Non-negative float32 values order like their int32 bit patterns, so a histogram of the top bits
-    finds the bucket holding the k-th value; only that bucket's values are gathered for an exact kthvalue.
+
+def _kth_smallest(values: torch.Tensor, k: int) -> float:
+    """The k-th smallest (1-based) of a flat non-negative float32 tensor, without sorting it.
+
+    Non-negative float32 values order like their bit patterns, so a histogram of the top 16 bits (32,768
+    buckets) finds the bucket holding the k-th value; only that bucket's values are gathered for an exact
+    kthvalue.
     """
-    device = values[0].device
-    buckets = 1 << (31 - _BUCKET_SHIFT)
-    hist = torch.zeros(buckets, dtype=torch.long, device=device)
-    for v in values:
-        hist += torch.bincount(v.view(torch.int32) >> _BUCKET_SHIFT, minlength=buckets)
-    cumulative = hist.cumsum(0)
-    bucket = int(torch.searchsorted(cumulative, torch.tensor([k], device=device)).item())
+    top = _high_halves(values)
+    cumulative = torch.bincount(top, minlength=1 << 15).cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, torch.tensor([k], device=values.device)).item())
     below = int(cumulative[bucket - 1].item()) if bucket else 0
-    pool = torch.cat([v[(v.view(torch.int32) >> _BUCKET_SHIFT) == bucket] for v in values])
+    pool = values[top == bucket]
     return float(pool.kthvalue(k - below).values.item())
 
 
-def _prune_lowest(values: list[torch.Tensor], count: int) -> list[torch.Tensor]:
-    """Flat bool "prune now" tensors selecting exactly ``count`` of the smallest ``(value, tensor order,
-    flat index)``; ``values`` are live magnitudes with +inf at pruned positions."""
+def _prune_lowest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat bool "prune now" tensor selecting exactly ``count`` of the smallest ``(value, flat index)``;
+    ``values`` are live magnitudes with +inf at pruned (or excluded) positions."""
     if count <= 0:
-        return [torch.zeros(v.numel(), dtype=torch.bool, device=v.device) for v in values]
+        return torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     threshold = _kth_smallest(values, count)
-    prune = [v < threshold for v in values]
-    remaining = count - sum(_count(p) for p in prune)
-    for i, v in enumerate(values):
-        if remaining <= 0:
-            break
-        equal = v == threshold
-        ties = _count(equal)
-        if ties <= remaining:
-            prune[i] |= equal
-            remaining -= ties
-        else:  # the first `remaining` ties in flat-index order
-            prune[i] |= equal & (equal.cumsum(0) <= remaining)
-            remaining = 0
+    prune = values < threshold
+    remaining = count - _count(prune)
+    if remaining > 0:  # ties at the threshold: the first ones in flat order (tensor order, then index)
+        ties = torch.nonzero(values == threshold).reshape(-1)[:remaining]
+        prune[ties] = True
     return prune
 
 
@@ -200,6 +188,9 @@ def magnitude_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, tor
     all alive); the result keeps a subset of them. ``ranking="global"`` uses one threshold over all tensors,
     ``"layerwise"`` one per tensor; ``min_density`` keeps at least ``ceil(min_density * numel)`` weights
     of every tensor (fewer only if fewer are alive). Ties are broken by tensor order, then flat index.
+
+    All tensors must live on one device. The magnitudes are gathered into one float32 buffer (the only copy
+    made), so a round is a handful of large kernels rather than several per layer.
     """
     if (sparsity is None) == (rate is None):
         raise OpenTransError("give exactly one of sparsity and rate")
@@ -211,18 +202,30 @@ def magnitude_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, tor
     names = list(weights)
     if not names:
         raise OpenTransError("no weights to prune")
-    tensors = [weights[n] for n in names]
+    tensors = [weights[n].detach() for n in names]
+    device = tensors[0].device
     masks = masks or {}
-    alive: list[torch.Tensor | None] = []
     for name, tensor in zip(names, tensors):
+        if tensor.device != device:
+            raise OpenTransError(f"weights on {tensor.device} and {device}: put them on one device", tensor=name)
         mask = masks.get(name)
         if mask is not None and (tuple(mask.shape) != tuple(tensor.shape) or mask.dtype != torch.bool):
             raise OpenTransError(f"mask {tuple(mask.shape)}/{mask.dtype} does not fit weight {tuple(tensor.shape)}",
                                  tensor=name)
-        alive.append(None if mask is None else mask.to(tensor.device))
-    alive_counts = [t.numel() if m is None else _count(m) for t, m in zip(tensors, alive)]
-    values = [_magnitudes(t, m) for t, m in zip(tensors, alive)]  # one float32 copy, reused by every pass
-    floors = [math.ceil(float(min_density) * t.numel()) for t in tensors]
+    sizes = [t.numel() for t in tensors]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    values = torch.cat([t.reshape(-1) for t in tensors]).to(torch.float32).abs_()
+    alive: torch.Tensor | None = None
+    if any(masks.get(n) is not None for n in names):
+        alive = torch.cat([masks[n].reshape(-1).to(device) if masks.get(n) is not None
+                           else torch.ones(size, dtype=torch.bool, device=device) for n, size in zip(names, sizes)])
+        values.masked_fill_(~alive, math.inf)
+        alive_counts = [_count(alive[offsets[i]:offsets[i + 1]]) for i in range(len(names))]
+    else:
+        alive_counts = list(sizes)
+    floors = [math.ceil(float(min_density) * size) for size in sizes]
     capacity = [max(0, a - f) for a, f in zip(alive_counts, floors)]
 
     def target_prune(alive_count: int, numel: int) -> int:
@@ -230,32 +233,41 @@ def magnitude_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, tor
             return max(0, alive_count - round(numel * (1.0 - amount)))
         return alive_count - round(alive_count * (1.0 - amount))
 
-    prune: list[torch.Tensor] = [torch.zeros(t.numel(), dtype=torch.bool, device=t.device) for t in tensors]
+    def span(i: int) -> slice:
+        return slice(offsets[i], offsets[i + 1])
+
+    prune: torch.Tensor | None = None
     if ranking == "layerwise":
-        for i, tensor in enumerate(tensors):
-            count = min(capacity[i], target_prune(alive_counts[i], tensor.numel()))
-            prune[i] = _prune_lowest([values[i]], count)[0]
+        prune = torch.zeros(offsets[-1], dtype=torch.bool, device=device)
+        for i, size in enumerate(sizes):
+            count = min(capacity[i], target_prune(alive_counts[i], size))
+            prune[span(i)] = _prune_lowest(values[span(i)], count)
     else:
-        total = min(sum(capacity), target_prune(sum(alive_counts), sum(t.numel() for t in tensors)))
-        active = [i for i in range(len(tensors)) if capacity[i] > 0]
+        total = min(sum(capacity), target_prune(sum(alive_counts), offsets[-1]))
+        if any(floors):
+            prune = torch.zeros(offsets[-1], dtype=torch.bool, device=device)
+        for i in range(len(sizes)):
+            if capacity[i] == 0:
+                values[span(i)] = math.inf  # at its floor already: out of the global pool
         # water-filling: a layer that would drop under its floor is pruned down to the floor and leaves the pool
-        while total > 0 and active:
-            chosen = _prune_lowest([values[i] for i in active], total)
-            over = [(i, p) for i, p in zip(active, chosen) if _count(p) > capacity[i]]
+        while total > 0:
+            chosen = _prune_lowest(values, total)
+            over = [] if not any(floors) else [
+                i for i in range(len(sizes)) if capacity[i] > 0 and _count(chosen[span(i)]) > capacity[i]]
             if not over:
-                for i, p in zip(active, chosen):
-                    prune[i] = p
+                prune = chosen if prune is None else prune | chosen
                 break
-            for i, _ in over:
-                prune[i] = _prune_lowest([values[i]], capacity[i])[0]
+            for i in over:
+                prune[span(i)] = _prune_lowest(values[span(i)], capacity[i])
+                values[span(i)] = math.inf
                 total -= capacity[i]
-            clamped = {i for i, _ in over}
-            active = [i for i in active if i not in clamped]
-    out = {}
-    for name, tensor, mask, cut in zip(names, tensors, alive, prune):
-        keep = ~cut.reshape(tensor.shape)
-        out[name] = keep if mask is None else keep & mask
-    return out
+                capacity[i] = 0
+    if prune is None:
+        keep = alive.clone() if alive is not None else torch.ones(offsets[-1], dtype=torch.bool, device=device)
+    else:
+        keep = ~prune if alive is None else alive & ~prune
+    # views into one buffer: nothing ever writes into a keep-mask in place
+    return {name: keep[span(i)].reshape(tensor.shape) for i, (name, tensor) in enumerate(zip(names, tensors))}
 
 
 # ------------------------------------------------------------------------------------------ live models
