@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -33,58 +32,29 @@ from .subnetwork import Subnetwork
 
 
 def load_subnetwork(ref: Subnetwork | str | os.PathLike) -> Subnetwork:
-    """A Subnetwork object, a file path, or a name the registry knows (when the registry is installed)."""
-    if isinstance(ref, Subnetwork):
-        return ref
-    path = Path(ref)
-    if path.is_file():
-        return Subnetwork.load(path)
-    try:
-        from . import registry  # optional part of the package; absent in minimal installs
-    except ImportError:
-        registry = None
-    loader = getattr(registry, "load_subnetwork", None) if registry is not None else None
-    if loader is None:
-        raise OpenTransError("no such subnetwork file (and no registry to look the name up)", path=str(ref))
-    return loader(str(ref))
+    """A Subnetwork object, a file path, or a registry name / ``hf://`` reference (verified on load)."""
+    from .registry import load_subnetwork as _load
+
+    return _load(ref)
 
 
 def load_selection(ref: LayerSelection | str | os.PathLike) -> LayerSelection:
-    """A LayerSelection object or a JSON manifest path."""
-    if isinstance(ref, LayerSelection):
-        return ref
-    return LayerSelection.load(ref)
+    """A LayerSelection object, a JSON manifest path, or a registry name."""
+    from .registry import load_selection as _load
+
+    return _load(ref)
 
 
 def apply_layer_selection(model: nn.Module, selection: LayerSelection, name_map: NameMap | None = None,
-                          strict: bool = True) -> dict[str, list[str]]:
-    """Set ``requires_grad`` of every parameter the selection lists (trainable or frozen), all-or-nothing.
+                          strict: bool = True) -> Any:
+    """Set ``requires_grad`` from ``selection`` on ``model`` through ``name_map``; all-or-nothing.
 
-    Names go through ``name_map``; names it drops are skipped, names with no parameter in ``model`` raise
-    when ``strict`` (nothing is changed then). Returns the model names made trainable and frozen.
+    Delegates to :func:`opentrans_hub.selection.apply_selection` (biases follow their weight, norms and
+    other tower parameters freeze, parameters outside the tower are untouched) and returns its report.
     """
-    name_map = name_map or NameMap()
-    params = dict(unwrap(model).named_parameters())
-    plan: list[tuple[nn.Parameter, bool, str]] = []
-    missing = []
-    for layer in selection.layers:
-        result = name_map.map_name(layer["name"])
-        if isinstance(result, str):
-            continue
-        for dest in result:
-            if dest in params:
-                plan.append((params[dest], layer["trainable"], dest))
-            else:
-                missing.append((layer["name"], dest))
-    if strict and missing:
-        source, dest = missing[0]
-        raise OpenTransError(f"{len(missing)} selected layer(s) have no parameter in the model, first "
-                             f"{source!r} -> {dest!r}; nothing was changed", tensor=source)
-    out: dict[str, list[str]] = {"trainable": [], "frozen": []}
-    for param, trainable, dest in plan:
-        param.requires_grad_(trainable)
-        out["trainable" if trainable else "frozen"].append(dest)
-    return out
+    from .selection import apply_selection
+
+    return apply_selection(selection, unwrap(model), name_map=name_map, strict=strict)
 
 
 class OpenTransSchedule:
@@ -125,7 +95,7 @@ class OpenTransSchedule:
         self.applied = False
         self.baked = False
         self.report: MappingReport | None = None
-        self.selection_result: dict[str, list[str]] | None = None
+        self.selection_result: Any = None
         self.events: list[tuple[int | None, str]] = []
 
     # ------------------------------------------------------------------ steps

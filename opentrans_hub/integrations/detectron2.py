@@ -26,7 +26,7 @@ from ..training import OpenTransSchedule
 #: the keys under MODEL.OPENTRANS and their defaults (a value of -1 means "off" for iterations)
 DEFAULTS: dict[str, Any] = {
     "ARCH": "open_clip/RN50",          # architecture id of the CLIP tower (recorded in subnetworks)
-    "PREFIX": "backbone.clip_model.visual.",  # where the tower sits in the model (IMP scope, default map)
+    "PREFIX": "",                      # where the tower sits in the model ("" = the PLUGIN's tower_path)
     "SUBNETWORK": "",                  # subnetwork file or registry name to apply ("" = none)
     "PLUGIN": "",                      # plugin whose NameMap carries canonical names onto this model
     "NAME_MAP": "",                    # NameMap rule text (overrides PLUGIN and PREFIX)
@@ -78,31 +78,32 @@ def add_opentrans_config(cfg: Any) -> Any:
     return cfg
 
 
-def _plugin_name_map(name: str) -> NameMap:
-    try:
-        from .. import plugins
-    except ImportError:
-        raise OpenTransError(f"MODEL.OPENTRANS.PLUGIN={name!r}: this install has no plugin support") from None
-    get = getattr(plugins, "get_plugin", None) or getattr(plugins, "load_plugin", None)
-    if get is None:
-        raise OpenTransError(f"MODEL.OPENTRANS.PLUGIN={name!r}: no plugin lookup available")
-    plugin = get(name)
-    name_map = getattr(plugin, "name_map", None)
-    if callable(name_map) and not isinstance(name_map, NameMap):
-        name_map = name_map()
-    if not isinstance(name_map, NameMap):
-        raise OpenTransError(f"plugin {name!r} provides no NameMap")
-    return name_map
+def _plugin(name: str) -> Any:
+    from ..plugins import get_plugin
+
+    return get_plugin(name)
+
+
+def tower_prefix_from_cfg(cfg: Any) -> str:
+    """PREFIX, else the PLUGIN's ``tower_path`` + ``.``, else ``""`` (the model is the tower)."""
+    oc = cfg.MODEL.OPENTRANS
+    if oc.PREFIX:
+        return oc.PREFIX
+    if oc.PLUGIN:
+        path = _plugin(oc.PLUGIN).tower_path
+        return f"{path}." if path else ""
+    return ""
 
 
 def name_map_from_cfg(cfg: Any) -> NameMap:
-    """NAME_MAP text if given, else the PLUGIN's map, else ``prefix PREFIX``."""
+    """NAME_MAP rule text if given, else the PLUGIN's map for ARCH, else ``prefix PREFIX``."""
     oc = cfg.MODEL.OPENTRANS
     if oc.NAME_MAP:
         return NameMap.parse(oc.NAME_MAP)
     if oc.PLUGIN:
-        return _plugin_name_map(oc.PLUGIN)
-    return NameMap.prefix(oc.PREFIX) if oc.PREFIX else NameMap()
+        return _plugin(oc.PLUGIN).name_map(oc.ARCH)
+    prefix = tower_prefix_from_cfg(cfg)
+    return NameMap.prefix(prefix) if prefix else NameMap()
 
 
 def imp_runner_from_cfg(cfg: Any, model: nn.Module,
@@ -117,7 +118,8 @@ def imp_runner_from_cfg(cfg: Any, model: nn.Module,
                        min_density=float(ic.MIN_DENSITY))
     out_dir = ic.OUTPUT_DIR or os.path.join(cfg.OUTPUT_DIR, "opentrans_imp")
     return IMPRunner(model, rate=float(ic.RATE), rounds=int(ic.ROUNDS), period=int(ic.PERIOD), start=int(ic.START),
-                     scope=scope, prefix=oc.PREFIX, arch=oc.ARCH, rewind=None if ic.REWIND < 0 else int(ic.REWIND),
+                     scope=scope, prefix=tower_prefix_from_cfg(cfg), arch=oc.ARCH,
+                     rewind=None if ic.REWIND < 0 else int(ic.REWIND),
                      out_dir=out_dir, encoding=ic.ENCODING, on_round=on_round)
 
 
