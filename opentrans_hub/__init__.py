@@ -6,6 +6,7 @@ The public API is kept small; everything here is documented in the README.
 __version__ = "0.1.0"
 
 from .errors import OpenTransError  # noqa: E402
+from .imp import IMPRunner, PruneScope, magnitude_masks, magnitude_prune, prune_round  # noqa: E402
 from .importers import from_torch_prune, from_zeros, import_pruned_checkpoint  # noqa: E402
 from .mapping import MappingReport, NameMap, Rule  # noqa: E402
 from .plugins import Plugin, get_plugin, list_plugins  # noqa: E402
@@ -23,14 +24,18 @@ from .sparsity import (  # noqa: E402
 )
 from .spectral import LayerMetrics, compute_metrics  # noqa: E402
 from .subnetwork import Subnetwork  # noqa: E402
+from .training import OpenTransSchedule  # noqa: E402
 
 __all__ = [
+    "IMPRunner",
     "LayerMetrics",
     "LayerSelection",
     "MappingReport",
     "NameMap",
     "OpenTransError",
+    "OpenTransSchedule",
     "Plugin",
+    "PruneScope",
     "Rule",
     "SelectionReport",
     "Subnetwork",
@@ -47,11 +52,14 @@ __all__ = [
     "get_plugin",
     "import_pruned_checkpoint",
     "list_plugins",
+    "magnitude_masks",
+    "magnitude_prune",
     "masked_parameters",
     "model_sparsity",
     "parameter_counts",
     "plot_alpha",
     "plot_sparsity",
+    "prune_round",
     "remove",
     "select_layers",
     "sparse_inference_flops",
