@@ -1,0 +1,90 @@
+"""One training step of the open_clip RN50 visual tower (batch 8, 224 px, CPU): all layers vs the median selection.
+
+The selection is the paper's: alpha per layer (``xmin`` peak), layers below the median frozen (biases follow,
+norms frozen). Both configurations run interleaved in one process, ``--repeats`` times after a warm-up step;
+the median step time is reported. FLOPs of one step (forward + backward) come from
+``torch.utils.flop_counter`` through ``opentrans_hub.report.selection_training_flops``: a frozen weight pays
+no weight-gradient FLOPs, and no input gradient is computed below the lowest trainable layer. Random-init
+weights (no downloads here). The last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+
+import torch
+
+
+def step(tower: torch.nn.Module, images: torch.Tensor, target: torch.Tensor) -> float:
+    params = [p for p in tower.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(tower(images), target)
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="one repeat, batch 2")
+    args = parser.parse_args()
+    repeats, batch = (1, 2) if args.quick else (args.repeats, args.batch)
+    logging.disable(logging.WARNING)
+    from opentrans_hub.backbones import build_visual
+    from opentrans_hub.report import parameter_counts, selection_training_flops
+    from opentrans_hub.selection import select_layers
+    from opentrans_hub.spectral import compute_metrics
+
+    torch.manual_seed(0)
+    tower = build_visual("open_clip/RN50").train()
+    selection = select_layers(compute_metrics(tower, "peak"), "median", arch="open_clip/RN50")
+    images = torch.randn(batch, 3, 224, 224)
+    target = torch.randn(batch, tower.output_dim)
+
+    def full() -> None:
+        for p in tower.parameters():
+            p.requires_grad_(True)
+
+    def selected() -> None:
+        full()
+        selection.apply(tower)
+
+    configs = {"full": full, "selected": selected}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for setup in configs.values():  # warm-up
+        setup()
+        step(tower, images, target)
+    for rep in range(repeats):
+        for name, setup in configs.items():
+            setup()
+            times[name].append(step(tower, images, target))
+        print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+    full()
+    loss_fn = lambda out: torch.nn.functional.mse_loss(out, target)  # noqa: E731
+    flops = selection_training_flops(tower, images, selection, loss_fn=loss_fn)
+    selected()
+    counts = parameter_counts(tower)
+    full_s, selected_s = statistics.median(times["full"]), statistics.median(times["selected"])
+    print(json.dumps({
+        "batch": batch, "image_size": 224, "repeats": repeats, "threads": torch.get_num_threads(),
+        "layers": len(selection.layers), "trainable_layers": len(selection.trainable),
+        "full_step_s": round(full_s, 3), "selected_step_s": round(selected_s, 3),
+        "step_ratio": round(selected_s / full_s, 3),
+        "full_train_flops": flops["full_train_flops"], "selected_train_flops": flops["selected_train_flops"],
+        "flops_ratio": round(flops["flops_ratio"], 4),
+        "full_trainable_params": flops["full_trainable_params"], "selected_trainable_params": counts["trainable"],
+        "paper_flops_ratio": round(159.6 / 181.4, 3),
+        "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
