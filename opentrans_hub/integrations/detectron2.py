@@ -163,6 +163,7 @@ def _hook_class() -> type:
         """Forwards detectron2's training loop to :class:`~opentrans_hub.training.OpenTransSchedule`."""
 
         def __init__(self, cfg: Any):
+            super().__init__()
             self.cfg = cfg.clone()
             self.schedule: OpenTransSchedule | None = None
 
