@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="subnetwork file to write (.safetensors)")
     parser.add_argument("--linear", action="store_true", help="also prune Linear weights (ViT / ConvNeXt towers)")
     parser.add_argument("--no-conv", action="store_true", help="do not prune Conv2d weights (with --linear)")
-    parser.add_argument("--keep-first", action="store_true", help="prune the first conv too (default: left dense)")
+    parser.add_argument("--prune-first", action="store_true", help="prune the first conv too (default: left dense)")
     parser.add_argument("--include", default=None, help="regex: only canonical names matching it")
     parser.add_argument("--exclude", default=None, help="regex: leave canonical names matching it dense")
     parser.add_argument("--layerwise", action="store_true", help="rank per layer instead of globally")
@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if args.sparsity is not None and not 0.0 <= args.sparsity <= 1.0:
         raise OpenTransError(f"--sparsity must lie in [0, 1], got {args.sparsity}")
     types = (() if args.no_conv else ("conv",)) + (("linear",) if args.linear else ())
-    scope = PruneScope(layer_types=types or ("conv",), exclude_first=not args.keep_first, include=args.include,
+    if not types:
+        raise OpenTransError("--no-conv leaves nothing to prune: add --linear")
+    scope = PruneScope(layer_types=types, exclude_first=not args.prune_first, include=args.include,
                        exclude=args.exclude, ranking="layerwise" if args.layerwise else "global",
                        min_density=args.min_density)
     rounds = args.rounds or 1
