@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"ours": run_ours, "torch_prune": run_torch}
     times: dict[str, list[float]] = {name: [] for name in runners}
     masks: dict[str, dict[str, torch.Tensor]] = {}
-    for name, runner in runners.items():  # warm-up, untimed
+    for runner in runners.values():  # warm-up, untimed
         runner(copy.deepcopy(base), args.amount)
     for repeat in range(args.repeats):
         order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
