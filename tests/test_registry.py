@@ -332,3 +332,35 @@ def test_cli_process_error_is_one_line(tmp_path):
     bad = cli("add", str(path), "--name", "../x", env={"OPENTRANS_HUB_HOME": str(tmp_path / "home")})
     assert bad.returncode == 2 and "bad registry name" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_wheel_ships_the_recipe_index(tmp_path):
+    """A wheel (not only the editable checkout) carries masks/ as opentrans_hub/masks and finds it."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "opentrans_hub", src / "opentrans_hub", symlinks=True, ignore=ignore)
+    shutil.copytree(REPO / "masks", src / "masks", ignore=ignore)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "opentrans_hub/masks/index.json" in names
+    assert "opentrans_hub/masks/recipes/rn50-openai-imp21.json" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = subprocess.run([sys.executable, "-c", "import opentrans_hub.registry as r; print(r.__file__); "
+                            "print(r.builtin_index_dir()); print(sorted(r.load_index(r.builtin_index_dir())))"],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(site)}, cwd=tmp_path,
+                           timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    module_file, index_dir, names_line = probe.stdout.strip().splitlines()[-3:]
+    assert module_file.startswith(str(site)) and index_dir == str(site / "opentrans_hub" / "masks")
+    assert "rn50-openai-imp21" in names_line
