@@ -6,10 +6,12 @@ The public API is kept small; everything here is documented in the README.
 __version__ = "0.1.0"
 
 from .errors import OpenTransError  # noqa: E402
+from .hub import load_backbone, pull, push  # noqa: E402
 from .imp import IMPRunner, PruneScope, magnitude_masks, magnitude_prune, prune_round  # noqa: E402
 from .importers import from_torch_prune, from_zeros, import_pruned_checkpoint  # noqa: E402
 from .mapping import MappingReport, NameMap, Rule  # noqa: E402
 from .plugins import Plugin, get_plugin, list_plugins  # noqa: E402
+from .registry import Registry, load_selection, load_subnetwork  # noqa: E402
 from .report import count_flops, parameter_counts, plot_alpha, plot_sparsity, sparse_inference_flops  # noqa: E402
 from .selection import LayerSelection, SelectionReport, select_layers  # noqa: E402
 from .sparsity import (  # noqa: E402
@@ -36,6 +38,7 @@ __all__ = [
     "OpenTransSchedule",
     "Plugin",
     "PruneScope",
+    "Registry",
     "Rule",
     "SelectionReport",
     "Subnetwork",
@@ -52,6 +55,9 @@ __all__ = [
     "get_plugin",
     "import_pruned_checkpoint",
     "list_plugins",
+    "load_backbone",
+    "load_selection",
+    "load_subnetwork",
     "magnitude_masks",
     "magnitude_prune",
     "masked_parameters",
@@ -60,6 +66,8 @@ __all__ = [
     "plot_alpha",
     "plot_sparsity",
     "prune_round",
+    "pull",
+    "push",
     "remove",
     "select_layers",
     "sparse_inference_flops",

@@ -240,18 +240,6 @@ def _weights_file(pretrained: str | os.PathLike | None, endpoint: str | None = N
     return pretrained
 
 
-def apply_selection(model: nn.Module, selection: LayerSelection) -> dict[str, int]:
-    """Set ``requires_grad`` of the listed parameters from the selection (canonical names); others untouched."""
-    params = dict(model.named_parameters())
-    unknown = [layer["name"] for layer in selection.layers if layer["name"] not in params]
-    if unknown:
-        raise OpenTransError(f"{len(unknown)} selected layer(s) not in the model, first {unknown[0]!r}; "
-                             "nothing was changed", tensor=unknown[0])
-    for layer in selection.layers:
-        params[layer["name"]].requires_grad_(bool(layer["trainable"]))
-    return {"trainable": len(selection.trainable), "frozen": len(selection.frozen)}
-
-
 def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = None,
                   subnetwork: str | os.PathLike | Subnetwork | None = None,
                   selection: str | os.PathLike | LayerSelection | None = None, exact: bool = False,
@@ -261,7 +249,8 @@ def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = Non
     ``arch``: ``RN50`` / ``open_clip/ViT-B-16`` / ``timm/resnet50_clip``. ``pretrained``: a tag (``openai``),
     a local weights file or ``hf://ORG/REPO[@REV]/FILE``. ``subnetwork`` / ``selection``: a registry name,
     ``hf://`` reference, path or object. ``exact=False`` bakes the zeros into plain weights (inference);
-    ``exact=True`` keeps the masks so pruned weights stay exactly zero while training.
+    ``exact=True`` keeps the masks so pruned weights stay exactly zero while training. A selection sets
+    ``requires_grad`` through :meth:`LayerSelection.apply` (biases follow their weight, norms freeze).
     """
     from .backbones import build_visual
     from .registry import load_selection, load_subnetwork
@@ -275,5 +264,7 @@ def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = Non
             bake(tower)
         tower.opentrans_subnetwork = {"sha256": sub.sha256, "arch": sub.arch, "sparsity": sub.sparsity}
     if selection is not None:
-        apply_selection(tower, load_selection(selection, registry))
+        chosen = load_selection(selection, registry)
+        report = chosen.apply(tower, strict=strict)  # listed layers as selected; norms and the rest frozen
+        tower.opentrans_selection = {"sha256": chosen.sha256, "trainable": len(report.trainable)}
     return tower

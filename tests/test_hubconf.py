@@ -94,7 +94,8 @@ def test_clip_backbone_with_selection(rn50_files, tmp_path):
     tower = hub_load("clip_backbone", arch="RN50", pretrained=str(weights), selection=sel_path)
     params = dict(tower.named_parameters())
     assert [n for n in convs if params[n].requires_grad] == sel.trainable
-    assert all(p.requires_grad for n, p in params.items() if n not in convs)  # unlisted: untouched
+    assert not any(p.requires_grad for n, p in params.items() if ".bn" in n or n.startswith("bn"))  # norms frozen
+    assert tower.opentrans_selection["sha256"] == sel.sha256
 
 
 def test_timm_clip_resnet_tower(rn50_files, tmp_path):
