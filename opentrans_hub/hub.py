@@ -135,6 +135,11 @@ def export_folder(obj: Artefact, folder: str | os.PathLike, name: str | None = N
 
 
 # --------------------------------------------------------------------------- push / pull
+def _endpoint(endpoint: str | None) -> str | None:
+    """The explicit endpoint, else ``HF_ENDPOINT`` as set now (huggingface_hub reads it once, at import)."""
+    return endpoint or os.environ.get("HF_ENDPOINT") or None
+
+
 def _hub_error(exc: Exception, what: str) -> OpenTransError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return OpenTransError(f"{what}: {type(exc).__name__}: {first[:300]}")
@@ -155,7 +160,7 @@ def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None =
     else:
         obj, _ = (registry or default_registry()).resolve(ref)
         name = os.fspath(ref) if re.fullmatch(r"[a-z0-9][a-z0-9._-]*", os.fspath(ref)) else None
-    api = HfApi(endpoint=endpoint)
+    api = HfApi(endpoint=_endpoint(endpoint))
     with tempfile.TemporaryDirectory(prefix="opentrans-hub-push-") as tmp:
         manifest = export_folder(obj, tmp, name=name, license=license)
         try:
@@ -176,7 +181,8 @@ def _download(repo_id: str, filename: str, revision: str | None, endpoint: str |
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint, cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=_endpoint(endpoint),
+                                    cache_dir=cache_dir or os.environ.get("HF_HUB_CACHE") or None))
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
         raise _hub_error(exc, f"hf://{repo_id}@{revision or 'main'}/{filename}") from None
 

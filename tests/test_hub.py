@@ -199,3 +199,37 @@ def test_cli_push_pull_offline_cache_and_token(hub, tmp_path):
     missing = hub_cli("pull", "hf://org/roundtrip-subnetwork", env=offline_env)  # never pulled: one clear line
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and "org/roundtrip-subnetwork" in missing.stderr
+
+
+def test_backbone_weights_and_subnetwork_from_the_hub(hub, tmp_path, monkeypatch):
+    """load_backbone with hf:// weights and an hf:// subnetwork; HF_ENDPOINT is honoured when set after import."""
+    from conftest import make_tiny_resnet
+    from huggingface_hub import HfApi
+    from safetensors.torch import save_file
+
+    from opentrans_hub.backbones import BUILDERS
+    from opentrans_hub.hub import load_backbone
+    from opentrans_hub.imp import magnitude_prune
+
+    monkeypatch.setitem(BUILDERS, "tinytest", lambda name, pretrained: make_tiny_resnet(seed=99))
+    tower = make_tiny_resnet(seed=4)
+    weights = tmp_path / "tiny.safetensors"
+    save_file(tower.state_dict(), str(weights))
+    api = HfApi(endpoint=hub.upload.url)
+    api.create_repo("org/tiny-weights", exist_ok=True)
+    commit = api.upload_file(path_or_fileobj=str(weights), path_in_repo="tiny.safetensors",
+                             repo_id="org/tiny-weights").oid
+    sub = magnitude_prune(tower, sparsity=0.5, arch="tinytest/resnet", apply=False)
+    push(sub, "org/tiny-sub", endpoint=hub.upload.url)
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.olah.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OPENTRANS_HUB_HOME", str(tmp_path / "home"))
+    model = load_backbone("tinytest/resnet", pretrained=f"hf://org/tiny-weights@{commit}/tiny.safetensors",
+                          subnetwork="hf://org/tiny-sub")
+    params, reference = dict(model.named_parameters()), dict(tower.named_parameters())
+    for name, keep in sub.masks.items():
+        assert torch.equal(params[name].detach(), reference[name].detach() * keep)
+    assert Registry().verify("hf://org/tiny-sub@main")["sha256"] == sub.sha256
+    with pytest.raises(OpenTransError, match="bad Hub weights reference"):
+        load_backbone("tinytest/resnet", pretrained="hf://org/tiny-weights/../../etc/passwd")
