@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -206,10 +207,34 @@ def eigenvalues(stack: torch.Tensor, device: torch.device | str | None = None) -
         s = torch.linalg.svdvals(stack.to(device=device, dtype=torch.float32))
         eigs = s.double().square().flatten().cpu()
     else:
-        a = stack.to(device="cpu", dtype=torch.float64)
-        gram = a @ a.transpose(1, 2) if a.shape[1] <= a.shape[2] else a.transpose(1, 2) @ a
-        eigs = torch.linalg.eigvalsh(gram).flatten().clamp_min(0.0)
+        a = stack.detach().to(device="cpu", dtype=torch.float64).contiguous()
+        eigs = _gram_eigenvalues_scipy(a) if _HAVE_SCIPY else None
+        if eigs is None:
+            gram = a @ a.transpose(1, 2) if a.shape[1] <= a.shape[2] else a.transpose(1, 2) @ a
+            eigs = torch.linalg.eigvalsh(gram).flatten()
+        eigs = eigs.clamp_min(0.0)
     return torch.sort(eigs).values
+
+
+try:  # LAPACK through scipy when present: dsyrk (half a matmul) + dsyev is ~30 % faster than mm + syevd
+    from scipy.linalg import blas as _blas
+    from scipy.linalg import eigh as _eigh
+
+    _HAVE_SCIPY = True
+except ImportError:  # pragma: no cover - scipy is optional
+    _HAVE_SCIPY = False
+
+
+def _gram_eigenvalues_scipy(a: torch.Tensor) -> torch.Tensor | None:
+    """Eigenvalues of the smaller Gram matrix of every (m, n) slice of ``a`` (float64, C-contiguous)."""
+    arrays = a.numpy()
+    wide = a.shape[1] <= a.shape[2]
+    out = []
+    for x in arrays:
+        # x is C-ordered, so x.T is a Fortran-ordered view: trans=1 gives x @ x.T, trans=0 gives x.T @ x
+        gram = _blas.dsyrk(1.0, x.T, trans=1 if wide else 0)
+        out.append(_eigh(gram, lower=False, eigvals_only=True, driver="ev", check_finite=False, overwrite_a=True))
+    return torch.from_numpy(np.concatenate(out)) if out else None
 
 
 # ----------------------------------------------------------------------------------------- the fit
