@@ -1,0 +1,145 @@
+"""Training-step cost of keeping a subnetwork exact: dense vs opentrans-hub vs torch.nn.utils.prune.
+
+open_clip RN50 visual tower (random init), CPU, one training step = zero_grad + forward + backward + SGD
+(momentum 0.9) step on a batch of 8 x 3 x 224 x 224. Masks: per-layer L1 at 89 % over every Conv2d
+weight except the first (the OpenTrans recipe). The three peers run interleaved in one process (the order
+rotates every repeat), after warm-up; medians over the repeats.
+
+The last line of stdout is one JSON object:
+  dense_s, ours_s, torch_prune_s         median seconds per training step
+  ours_over_dense, ours_over_torch_prune ratios of those medians
+  cpu_s, *_cpu                           the same from this process's CPU time (less sensitive to other
+                                         processes on a shared machine than wall time)
+  hooks_ms                               our optimizer pre+post hooks alone, median ms per step
+  bits_per_weight, compressed_bits_per_weight   subnetwork file size (packbits / zstd) per masked weight
+  state_dict_mb                          {dense, ours, torch_prune}: what state_dict() holds
+  exact                                  every pruned weight of ours is 0.0 after the timed steps
+
+Usage: python benchmarks/sparsity_overhead.py [--repeats 7] [--batch 8] [--threads N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from opentrans_hub import Subnetwork, apply_masks, model_sparsity
+from opentrans_hub import sparsity as sparsity_mod
+from opentrans_hub.backbones import build_visual
+
+
+def l1_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
+    """Per-layer magnitude masks over every Conv2d weight but the first."""
+    masks = {}
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1:]
+    for name, conv in convs:
+        scores = conv.weight.detach().abs().flatten()
+        k = int(round(sparsity * scores.numel()))
+        threshold = scores.kthvalue(k).values if k > 0 else scores.min() - 1
+        masks[f"{name}.weight"] = conv.weight.detach().abs() > threshold
+    return masks
+
+
+def state_mb(model: nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--sparsity", type=float, default=0.89)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="batch 2, 3 repeats, 1 warm-up (smoke run)")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.repeats, args.warmup = 2, 3, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    base = build_visual("open_clip/RN50")
+    masks = l1_masks(base, args.sparsity)
+    state = base.state_dict()
+    models = {}
+    for peer in ("dense", "ours", "torch_prune"):
+        model = base if peer == "dense" else build_visual("open_clip/RN50")
+        model.load_state_dict(state)
+        model.train()
+        models[peer] = model
+    apply_masks(models["ours"], masks)
+    prune_modules = dict(models["torch_prune"].named_modules())
+    for name, keep in masks.items():
+        prune.custom_from_mask(prune_modules[name.rsplit(".", 1)[0]], "weight", keep.float())
+    optimizers = {peer: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for peer, m in models.items()}
+    images = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+    def step(peer: str) -> tuple[float, float]:
+        model, optimizer = models[peer], optimizers[peer]
+        start, cpu = time.perf_counter(), time.process_time()
+        optimizer.zero_grad(set_to_none=True)
+        model(images).pow(2).mean().backward()
+        optimizer.step()
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    peers = list(models)
+    for _ in range(args.warmup):
+        for peer in peers:
+            step(peer)
+    times: dict[str, list[float]] = {peer: [] for peer in peers}
+    cpu_times: dict[str, list[float]] = {peer: [] for peer in peers}
+    hooks: list[float] = []
+    for repeat in range(args.repeats):
+        order = peers[repeat % 3:] + peers[:repeat % 3]  # rotate so no peer always runs first
+        for peer in order:
+            wall, cpu = step(peer)
+            times[peer].append(wall)
+            cpu_times[peer].append(cpu)
+        # the hooks alone, on ours' real gradients and optimizer state
+        start = time.perf_counter()
+        sparsity_mod._optimizer_pre_hook(optimizers["ours"], (), {})
+        sparsity_mod._optimizer_post_hook(optimizers["ours"], (), {})
+        hooks.append(time.perf_counter() - start)
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{p} {times[p][-1]:.3f}s" for p in peers),
+              file=sys.stderr)
+
+    med = {peer: statistics.median(values) for peer, values in times.items()}
+    cpu = {peer: statistics.median(values) for peer, values in cpu_times.items()}
+    sub = Subnetwork(masks, arch="open_clip/RN50")
+    ours_params = dict(models["ours"].named_parameters())
+    exact = all(bool((ours_params[n].detach()[~m] == 0).all()) for n, m in masks.items())
+    result = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "sparsity": model_sparsity(models["ours"])["sparsity"],
+        "dense_s": med["dense"],
+        "ours_s": med["ours"],
+        "torch_prune_s": med["torch_prune"],
+        "ours_over_dense": med["ours"] / med["dense"],
+        "ours_over_torch_prune": med["ours"] / med["torch_prune"],
+        "torch_prune_over_dense": med["torch_prune"] / med["dense"],
+        "cpu_s": cpu,
+        "ours_over_dense_cpu": cpu["ours"] / cpu["dense"],
+        "ours_over_torch_prune_cpu": cpu["ours"] / cpu["torch_prune"],
+        "hooks_ms": 1000 * statistics.median(hooks),
+        "bits_per_weight": 8 * len(sub.to_bytes("packbits")) / sub.numel,
+        "compressed_bits_per_weight": 8 * len(sub.to_bytes("zstd")) / sub.numel,
+        "state_dict_mb": {peer: round(state_mb(m), 1) for peer, m in models.items()},
+        "exact": exact,
+        "all_s": {peer: [round(t, 4) for t in values] for peer, values in times.items()},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
