@@ -4,6 +4,10 @@ A selection is data: per-layer metrics (alpha, D, ...) in network order, a ``tra
 the policy that set the flags, the architecture id and the sha256 of the weights it was measured on. It
 is stored as a small JSON manifest; its identity (sha256) covers the layer names and their flags only, so
 recomputing metrics or re-wording provenance never changes which selection it is.
+
+:func:`select_layers` derives a selection from metrics (``opentrans_hub.spectral.compute_metrics``) with a
+policy (``median`` as in the paper, ``fraction``, ``count``, ``budget``); :meth:`LayerSelection.apply` sets
+``requires_grad`` on a framework's model through a NameMap and reports the trainable parameters.
 """
 
 from __future__ import annotations
