@@ -21,6 +21,7 @@ Names match ``[a-z0-9][a-z0-9._-]*`` (at most 128 characters); an entry whose fi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -202,11 +203,25 @@ class Registry:
     def objects_dir(self) -> Path:
         return self.root / "objects"
 
+    @contextlib.contextmanager
     def _lock(self):
-        from filelock import FileLock
+        """The registry's write lock (a file lock, so it holds across processes)."""
+        from filelock import FileLock, Timeout
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / ".lock"), timeout=_LOCK_TIMEOUT_S)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OpenTransError(f"cannot create the registry folder ({exc.strerror or exc})", path=self.root) from None
+        lock = FileLock(str(self.root / ".lock"), timeout=_LOCK_TIMEOUT_S)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise OpenTransError(f"registry is locked by another process for over {_LOCK_TIMEOUT_S:.0f} s",
+                                 path=self.root / ".lock") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _entry_path(self, name: str) -> Path:
         return self.entries_dir / f"{check_name(name)}.json"
@@ -271,7 +286,11 @@ class Registry:
         """Every name: user entries first, then built-in recipes not yet materialised."""
         rows = []
         for name in self.names():
-            entry = self.entry(name)
+            try:
+                entry = self.entry(name)
+            except OpenTransError as exc:  # one broken entry must not hide the others
+                rows.append({"name": name, "kind": "?", "source": "local", "status": f"broken: {exc.detail}"})
+                continue
             if entry is not None:
                 rows.append({**entry.to_dict(), "status": "local"})
         have = {row["name"] for row in rows}
@@ -317,7 +336,12 @@ class Registry:
                   "file": rel, "bytes": len(data), "source": source or default_source, "added": _now(),
                   **summary(obj), **dict(extra or {})}
         with self._lock():
-            existing = self.entry(name)
+            try:
+                existing = self.entry(name)
+            except OpenTransError:
+                if not overwrite:
+                    raise
+                existing = None  # a broken entry may be replaced
             if existing is not None and not overwrite:
                 if existing.sha256 == obj.sha256 and existing.kind == kind:
                     return existing
@@ -549,6 +573,8 @@ def run_recipe(recipe: Mapping[str, Any], weights: str | os.PathLike | None = No
         masks = magnitude_masks(tensors, masks, rate=rate, ranking=scope.ranking, min_density=scope.min_density)
     provenance = default_provenance(recipe["method"], rounds=rounds, rate=rate, scope=scope.to_dict(),
                                     retrain_between_rounds=False)
+    if recipe.get("license"):
+        provenance["license"] = recipe["license"]  # the base weights' license carries over to the mask
     provenance.update({"recipe": recipe["name"],
                        "base_weights": {**recipe["base_weights"], "weights_sha256": weights_sha256(visual)}})
     return Subnetwork(masks or {}, arch=recipe["arch"], provenance=provenance)

@@ -364,3 +364,19 @@ def test_wheel_ships_the_recipe_index(tmp_path):
     module_file, index_dir, names_line = probe.stdout.strip().splitlines()[-3:]
     assert module_file.startswith(str(site)) and index_dir == str(site / "opentrans_hub" / "masks")
     assert "rn50-openai-imp21" in names_line
+
+
+def test_broken_entry_listed_not_fatal(registry):
+    registry.add(tiny_subnetwork(0), "good")
+    registry.add(tiny_subnetwork(1), "bad")
+    (registry.root / "entries" / "bad.json").write_text("{not json")
+    rows = {row["name"]: row for row in registry.list()}
+    assert rows["good"]["status"] == "local" and rows["bad"]["status"].startswith("broken")
+    with pytest.raises(OpenTransError, match="bad.json"):
+        registry.get_subnetwork("bad")
+    registry.add(tiny_subnetwork(2), "third")  # writes still work beside a broken entry
+    assert registry.get_subnetwork("third").sha256 == tiny_subnetwork(2).sha256
+    with pytest.raises(OpenTransError, match="bad.json"):
+        registry.add(tiny_subnetwork(3), "bad")
+    registry.add(tiny_subnetwork(3), "bad", overwrite=True)  # a broken entry can be replaced
+    assert registry.get_subnetwork("bad").sha256 == tiny_subnetwork(3).sha256
