@@ -35,7 +35,7 @@ _HOOKS_ATTR = "_opentrans_hook_ids"
 
 # parameter -> (weakref to the _MaskStore holding its mask, attribute name); weak so dropped models free it
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# optimizer -> (parameter -> the mask whose positions were already cleared in its state)
+# optimizer -> (id of its state dict, parameter -> the mask whose positions were already cleared in it)
 _SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # stores made by deepcopy/unpickling whose parameters are not registered yet (drained at the next step)
 _PENDING: list[weakref.ref] = []
@@ -140,9 +140,12 @@ def _load_state_dict_post_hook(module: nn.Module, incompatible_keys: Any) -> Non
 def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if _PENDING:
         _drain_pending()
-    seen = _SEEN.get(optimizer)
-    if seen is None:
-        seen = _SEEN[optimizer] = WeakIdKeyDictionary()
+    entry = _SEEN.get(optimizer)
+    # optimizer.load_state_dict installs a new state dict (made while the old one is alive, so its id
+    # differs): state loaded from a checkpoint taken before the mask is cleared again
+    if entry is None or entry[0] != id(optimizer.state):
+        entry = _SEEN[optimizer] = (id(optimizer.state), WeakIdKeyDictionary())
+    seen = entry[1]
     with torch.no_grad():
         for group in optimizer.param_groups:
             for param in group["params"]:

@@ -210,6 +210,26 @@ def test_bake_then_momentum_does_not_regrow_pruned_weights():
     assert bool((params[name].detach()[~masks[name]] != 0).any())
 
 
+def test_optimizer_state_loaded_after_masking_is_cleared_too():
+    """Resuming an optimizer checkpoint taken before the mask must not smuggle stale momentum back in."""
+    model = make_tiny_resnet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_steps(model, optimizer, steps=2)
+    dense_state = copy.deepcopy(optimizer.state_dict())
+    masks = conv_masks(model)
+    apply_masks(model, masks)
+    train_steps(model, optimizer, steps=1, seed=3)
+    optimizer.load_state_dict(dense_state)  # momentum non-zero at pruned positions again
+    train_steps(model, optimizer, steps=1, seed=4)
+    assert_exact_zeros(model, masks)
+    bake(model)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    assert_exact_zeros(model, masks)
+
+
 def test_bake_returns_plain_modules_that_pickle_and_load_anywhere():
     model = make_tiny_resnet()
     masks = conv_masks(model)
