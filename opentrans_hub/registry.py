@@ -525,10 +525,14 @@ def _load_base_tower(recipe: Mapping[str, Any], path: Path):
         if not zipfile.is_zipfile(path):
             raise
         # OpenAI's release files are TorchScript archives; their sha256 was pinned above, so they are trusted
+        import warnings
+
         import torch
 
         try:
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception:
             raise first from None
         state = visual_state_dict(state)

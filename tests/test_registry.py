@@ -380,3 +380,19 @@ def test_broken_entry_listed_not_fatal(registry):
         registry.add(tiny_subnetwork(3), "bad")
     registry.add(tiny_subnetwork(3), "bad", overwrite=True)  # a broken entry can be replaced
     assert registry.get_subnetwork("bad").sha256 == tiny_subnetwork(3).sha256
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_recipe_reads_torchscript_base_weights(tmp_path, monkeypatch):
+    """OpenAI's release files are TorchScript archives: after the sha256 pin they load through torch.jit."""
+    monkeypatch.setitem(BUILDERS, "tinytest", _tiny_builder)
+    tower = make_tiny_resnet(seed=5).eval()
+    archive = tmp_path / "tiny-jit.pt"
+    torch.jit.trace(tower, torch.randn(1, 3, 64, 64)).save(str(archive))
+    index = _write_index(tmp_path / "index", file_sha256(archive), rounds=2)
+    sub = Registry(tmp_path / "reg", index_dir=index).get_subnetwork("tiny-imp", weights=archive)
+    from opentrans_hub.imp import magnitude_masks
+
+    params = {n: p.detach() for n, p in tower.named_parameters() if n in sub}
+    masks = magnitude_masks(params, magnitude_masks(params, rate=0.1), rate=0.1)
+    assert all(torch.equal(sub[n], masks[n]) for n in sub)
