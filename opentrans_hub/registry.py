@@ -17,6 +17,11 @@ Layout of a registry root (all writes: temp file + ``os.replace`` under one file
 
 Names match ``[a-z0-9][a-z0-9._-]*`` (at most 128 characters); an entry whose file would lie outside
 ``objects/`` is refused. Every load checks the file's sha256 and the artefact's content sha256.
+Overwriting a name deletes the object no entry uses any more; a reader that loses that race re-reads the entry.
+
+Recipes pin their base weights by the weights FILE's sha256. The file is found as given (``weights=``),
+else in ``$OPENTRANS_HUB_WEIGHTS_DIR`` (default ``~/.cache/clip``, open_clip's download cache), else
+downloaded only when asked (``download=True`` / ``--download``); nothing is fetched implicitly.
 """
 
 from __future__ import annotations
