@@ -167,6 +167,34 @@ def test_zeros_exact_through_optimizer_steps(kind):
     assert_kept_moved(model, before, masks)
 
 
+class MiniShampoo(torch.optim.Optimizer):
+    """A non-elementwise update (left preconditioning, as Shampoo-like optimizers do): it moves weights whose
+    gradient is zero, so only the after-step re-zeroing can keep the pruned weights at 0.0."""
+
+    def __init__(self, params, lr: float = 0.01):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.reshape(p.shape[0], -1)
+                left = g @ g.t() + 1e-3 * torch.eye(g.shape[0])
+                p.sub_(group["lr"] * (left @ g).reshape(p.shape))
+
+
+def test_non_elementwise_optimizer_is_re_zeroed_after_the_step():
+    model = make_tiny_resnet()
+    masks = conv_masks(model)
+    apply_masks(model, masks)
+    before = snapshot(model)
+    train_steps(model, MiniShampoo(model.parameters(), lr=0.05), steps=2)
+    assert_exact_zeros(model, masks)
+    assert_kept_moved(model, before, masks)
+
+
 @pytest.mark.parametrize("kind", ["sgd_momentum_wd", "adamw_wd_foreach", "adamw_wd_loop"])
 def test_mask_applied_mid_training_clears_optimizer_state_once(kind):
     model = make_tiny_resnet()
