@@ -27,7 +27,9 @@ def ranks(tmp_path_factory) -> list[dict]:
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("ddp")
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if sys.platform.startswith("linux"):  # keep gloo on loopback even where the hostname resolves elsewhere
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(port), str(out)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     logs = []
