@@ -6,8 +6,9 @@ and ``copy.deepcopy``/pickling carry it). Two global optimizer hooks keep the ze
 
 * before every ``torch.optim`` step, the gradients of masked parameters are zeroed at pruned positions,
   and optimizer state left from before the mask (momentum, Adam moments) is cleared there once;
-* after every step, the pruned weights are set to 0.0 again (covers weight decay and any optimizer
-  arithmetic that could move a zero).
+* after every step of an optimizer whose update is not elementwise (or a step given a closure), the
+  pruned weights are set to 0.0 again; torch's elementwise optimizers (SGD, Adam, AdamW, ...) cannot
+  move a weight whose gradient and state are 0 (weight decay of 0 is 0), so they skip that pass.
 
 A load-state-dict hook re-zeroes after ``load_state_dict``; deep copies and unpickled models register
 their own parameters before their first optimizer step (the mask store carries its parameters through
@@ -164,9 +165,20 @@ def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
                     seen[param] = mask
 
 
+#: torch.optim classes whose update is elementwise: with a zero gradient, zero state and a zero weight at a
+#: position, every one of them leaves exactly 0.0 there (weight decay of 0 is 0, Adam's 0 / (0 + eps) is 0),
+#: so after the pre-step hook their step needs no second pass over the weights. Exact types only: a
+#: subclass may override ``step``.
+_ELEMENTWISE = tuple(getattr(torch.optim, name) for name in (
+    "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam") if hasattr(torch.optim, name))
+
+
 def _optimizer_post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    # gradients and state are exactly 0 at pruned positions, so updates there are 0 + weight decay of 0;
-    # the multiply (half the cost of masked_fill_) only has to undo arithmetic such as -0.0 or round-off
+    # Any other optimizer (preconditioners such as Shampoo, LBFGS, a closure that recomputes gradients
+    # inside ``step`` after the pre-hook ran) can move a pruned weight: set it back to 0.0. The multiply
+    # costs half of masked_fill_; gradients and state are clean, so there is no NaN to multiply.
+    if type(optimizer) in _ELEMENTWISE and not args and kwargs.get("closure") is None:
+        return
     with torch.no_grad():
         for group in optimizer.param_groups:
             for param in group["params"]:

@@ -148,7 +148,13 @@ OPTIMIZERS = {
     "adamw_wd_loop": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=False),
     "adamw_fused": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
     "adam_amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, weight_decay=1e-3),
-    "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9),
+    "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9, centered=True, weight_decay=0.1),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2, initial_accumulator_value=0.1, weight_decay=0.1),
+    "adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0, weight_decay=0.1),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=1e-2, weight_decay=0.1),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=0.1),
+    "sgd_maximize": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1, maximize=True),
 }
 
 
@@ -183,6 +189,27 @@ class MiniShampoo(torch.optim.Optimizer):
                 g = p.grad.reshape(p.shape[0], -1)
                 left = g @ g.t() + 1e-3 * torch.eye(g.shape[0])
                 p.sub_(group["lr"] * (left @ g).reshape(p.shape))
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.LBFGS(p, lr=0.1, max_iter=3),
+                                  lambda p: torch.optim.SGD(p, lr=0.1)], ids=["lbfgs", "sgd_closure"])
+def test_closure_steps_and_lbfgs_stay_exact(make):
+    """A closure recomputes gradients inside step(), after the pre-step hook: the after-step pass covers it."""
+    model = make_tiny_resnet()
+    masks = conv_masks(model)
+    apply_masks(model, masks)
+    before = snapshot(model)
+    optimizer = make(model.parameters())
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(batch(1)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert_exact_zeros(model, masks)
+    assert_kept_moved(model, before, masks)
 
 
 def test_non_elementwise_optimizer_is_re_zeroed_after_the_step():
