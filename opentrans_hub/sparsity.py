@@ -14,7 +14,9 @@ A load-state-dict hook re-zeroes after ``load_state_dict``; deep copies and unpi
 their own parameters before their first optimizer step (the mask store carries its parameters through
 the copy), and a forward pre-hook follows parameters replaced later. ``bake`` drops all of it and
 leaves plain modules holding the zeros; ``remove`` drops it without touching the weights.
-Loops that update weights without ``torch.optim`` call :func:`enforce` after their update.
+Loops that update weights without ``torch.optim`` call :func:`enforce` after their update; so does a
+loop that stepped on NaN/inf gradients without a GradScaler (NaN times 0 is NaN; ``enforce`` uses
+``masked_fill_``, which repairs that).
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ _SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # stores made by deepcopy/unpickling whose parameters are not registered yet (drained at the next step)
 _PENDING: list[weakref.ref] = []
 _GLOBAL_HOOKS: list[Any] = []
-_ZERO = torch.zeros(())
 
 
 class _MaskStore(dict):
@@ -155,8 +156,9 @@ def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
                     continue
                 grad = param.grad
                 if grad is not None and not grad.is_sparse:
-                    # where, not mul_: a NaN/inf gradient at a pruned position must become exactly 0
-                    torch.where(mask, grad, _ZERO.to(grad.device, grad.dtype), out=grad)
+                    # one multiply: the cheapest pass (torch.where(out=) costs a second, hidden copy). A NaN/inf
+                    # gradient stays NaN there; GradScaler skips such steps, otherwise call enforce() after
+                    grad.mul_(mask)
                 if seen.get(param) is not mask:
                     # state from before this mask could move pruned weights: clear it there, once
                     for value in optimizer.state.get(param, {}).values():
