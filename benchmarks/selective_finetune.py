@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import time
 
@@ -75,6 +76,8 @@ def main() -> None:
     full_s, selected_s = statistics.median(times["full"]), statistics.median(times["selected"])
     print(json.dumps({
         "batch": batch, "image_size": 224, "repeats": repeats, "threads": torch.get_num_threads(),
+        "load_avg_1m_end": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
         "layers": len(selection.layers), "trainable_layers": len(selection.trainable),
         "full_step_s": round(full_s, 3), "selected_step_s": round(selected_s, 3),
         "step_ratio": round(selected_s / full_s, 3),

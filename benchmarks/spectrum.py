@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import math
+import os
 import statistics
 import time
 import warnings
@@ -84,9 +85,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one repeat")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and BLAS threads for every peer (1: on shared busy cores more threads made "
+                             "every peer 10-50x slower at random)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     logging.disable(logging.WARNING)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
+    torch.set_num_threads(args.threads)
     from opentrans_hub.backbones import build_visual
     from opentrans_hub.spectral import clear_cache, compute_metrics
 
@@ -95,7 +103,7 @@ def main() -> None:
     times = {"ours": [], "weightwatcher": [], "research": []}
     for rep in range(repeats):
         clear_cache()
-        t, ours = timed(compute_metrics, tower, "peak", cache=False)
+        t, ours = timed(compute_metrics, tower, "peak", cache=False, threads=args.threads)
         times["ours"].append(t)
         t, ww = timed(weightwatcher_run, tower)
         times["weightwatcher"].append(t)
@@ -117,6 +125,8 @@ def main() -> None:
     medians = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "layers": len(ours), "repeats": repeats, "threads": torch.get_num_threads(),
+        "load_avg_1m_end": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
         "ours_s": round(medians["ours"], 3), "weightwatcher_s": round(medians["weightwatcher"], 3),
         "research_loop_s": round(medians["research"], 3),
         "ours_over_weightwatcher": round(medians["ours"] / medians["weightwatcher"], 3),

@@ -310,3 +310,16 @@ def test_collect_matrices_skips_non_weights_in_state_dicts():
     state = {"pos_embedding": torch.randn(50, 64), "bn.weight": torch.randn(64), "fc.weight": torch.randn(64, 64),
              "conv.weight": torch.randn(8, 4, 3, 3), "ids": torch.arange(10)}
     assert [m.name for m in collect_matrices(state)] == ["fc.weight", "conv.weight"]
+
+
+def test_thread_settings_are_restored():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        single = compute_metrics(make_tiny_resnet(), cache=False)
+        assert torch.get_num_threads() == 2
+        untouched = compute_metrics(make_tiny_resnet(), cache=False, threads=None)
+        assert [m.name for m in single] == [m.name for m in untouched]
+        assert [m.alpha for m in single] == pytest.approx([m.alpha for m in untouched], abs=1e-6)
+    finally:
+        torch.set_num_threads(previous)
