@@ -70,7 +70,7 @@ def default_provenance(method: str, *, base_sha256: str | None = None, **setting
     """Provenance every new Subnetwork should carry: method, its settings, version and creation time.
 
     ``base_sha256`` (the sha256 of the weights the mask was found on, see ``backbones.weights_sha256``) is
-    recorded when known, so a user can tell whether a mask fits the weights they have.
+    recorded as ``base_weights_sha256`` when known, so a user can tell whether a mask fits their weights.
     """
     provenance = {
         "method": method,
@@ -79,7 +79,7 @@ def default_provenance(method: str, *, base_sha256: str | None = None, **setting
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if base_sha256 is not None:
-        provenance["base_sha256"] = base_sha256
+        provenance["base_weights_sha256"] = base_sha256
     return provenance
 
 
@@ -139,7 +139,7 @@ class Subnetwork:
     @property
     def base_sha256(self) -> str | None:
         """sha256 of the weights the mask was found on, when the provenance records it."""
-        value = self.provenance.get("base_sha256")
+        value = self.provenance.get("base_weights_sha256", self.provenance.get("base_sha256"))
         return value if isinstance(value, str) else None
 
     @property

@@ -161,7 +161,7 @@ def test_provenance_fields_and_base_sha256(tmp_path):
     sub = Subnetwork({"w": torch.ones(3, 3, dtype=torch.bool)}, arch="open_clip/RN50", provenance=prov)
     loaded = Subnetwork.load(sub.save(tmp_path / "p.safetensors"))
     assert loaded.provenance == prov and loaded.base_sha256 == "ab" * 32
-    assert "base_sha256" not in default_provenance("imp")
+    assert prov["base_weights_sha256"] == "ab" * 32 and "base_weights_sha256" not in default_provenance("imp")
     assert Subnetwork({"w": torch.ones(1, dtype=torch.bool)}).base_sha256 is None
 
 
