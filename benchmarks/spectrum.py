@@ -85,16 +85,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one repeat")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch and BLAS threads for every peer (1: on shared busy cores more threads made "
-                             "every peer 10-50x slower at random)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="pin torch and BLAS threads for every peer (0: each peer's defaults, as users run "
+                             "them; opentrans-hub caps itself at 1 thread by default)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     logging.disable(logging.WARNING)
-    from threadpoolctl import threadpool_limits
+    if args.threads > 0:
+        from threadpoolctl import threadpool_limits
 
-    threadpool_limits(args.threads)
-    torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
+        torch.set_num_threads(args.threads)
     from opentrans_hub.backbones import build_visual
     from opentrans_hub.spectral import clear_cache, compute_metrics
 
@@ -103,7 +104,7 @@ def main() -> None:
     times = {"ours": [], "weightwatcher": [], "research": []}
     for rep in range(repeats):
         clear_cache()
-        t, ours = timed(compute_metrics, tower, "peak", cache=False, threads=args.threads)
+        t, ours = timed(compute_metrics, tower, "peak", cache=False, threads=args.threads or 1)
         times["ours"].append(t)
         t, ww = timed(weightwatcher_run, tower)
         times["weightwatcher"].append(t)
@@ -124,7 +125,7 @@ def main() -> None:
     ww_diff = max(abs(scan[k].alpha - ww[k][0]) for k in ww_layers)
     medians = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "layers": len(ours), "repeats": repeats, "threads": torch.get_num_threads(),
+        "layers": len(ours), "repeats": repeats, "threads": args.threads or "default",
         "load_avg_1m_end": round(os.getloadavg()[0], 2),
         "cpu_count": os.cpu_count(),
         "ours_s": round(medians["ours"], 3), "weightwatcher_s": round(medians["weightwatcher"], 3),
