@@ -21,7 +21,7 @@ weight changes (see :meth:`NameMap.resolve`). The text form above is what plugin
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,6 +271,33 @@ class NameMap:
         result = self.map(name, None)
         return result if isinstance(result, str) else [n for n, _ in result]
 
+    def _destinations(self, source: str, tensor: torch.Tensor | None, targets: Container[str],
+                      report: MappingReport) -> list[tuple[str, torch.Tensor | None]]:
+        """Map one name; record a drop, an unmap or a missing destination in ``report`` (then return [])."""
+        result = self.map(source, tensor)
+        if isinstance(result, Unmapped):
+            report.unmapped.append((source, str(result)))
+            return []
+        if isinstance(result, str):
+            report.dropped.append((source, result))
+            return []
+        missing = [dest for dest, _ in result if dest not in targets]
+        if missing:
+            report.unmapped.append((source, f"no tensor {missing[0]!r} in the target"))
+            return []
+        return result
+
+    def resolve_names(self, names: Iterable[str], targets: Container[str]) -> MappingReport:
+        """Map names without tensors (layer selections) onto ``targets``; ``report.mapped`` pairs them.
+
+        Like :meth:`resolve`, a name whose destinations are not all in ``targets`` is unmapped, and
+        ``drop``/``unmap`` rules are reported as such; there are no shapes to check.
+        """
+        report = MappingReport()
+        for source in names:
+            report.mapped.extend((source, dest) for dest, _ in self._destinations(source, None, targets, report))
+        return report
+
     def resolve(self, tensors: Mapping[str, torch.Tensor],
                 target_shapes: Mapping[str, Sequence[int]]) -> tuple[dict[str, torch.Tensor], MappingReport]:
         """Map every canonical tensor and check it against ``target_shapes`` (name -> shape).
@@ -282,17 +309,7 @@ class NameMap:
         out: dict[str, torch.Tensor] = {}
         origin: dict[str, str] = {}
         for source, tensor in tensors.items():
-            result = self.map(source, tensor)
-            if isinstance(result, Unmapped):
-                report.unmapped.append((source, str(result)))
-                continue
-            if isinstance(result, str):
-                report.dropped.append((source, result))
-                continue
-            missing = [dest for dest, _ in result if dest not in target_shapes]
-            if missing:
-                report.unmapped.append((source, f"no tensor {missing[0]!r} in the target"))
-                continue
+            result = self._destinations(source, tensor, target_shapes, report)
             for dest, mapped in result:
                 expected = tuple(target_shapes[dest])
                 if tuple(mapped.shape) != expected:

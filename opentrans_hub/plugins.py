@@ -129,24 +129,11 @@ class Plugin:
         ``target_names`` is any collection of the framework's tensor names (a state dict, a list). Only the
         selected layers themselves are listed (what a trainer that freezes by name needs).
         """
-        from .mapping import Unmapped
-
-        name_map = self.name_map(arch or selection.arch)
-        names = set(target_names)
-        report = MappingReport()
+        wanted = selection.params
+        report = self.name_map(arch or selection.arch).resolve_names(wanted, set(target_names))
         out: dict[str, bool] = {}
-        for source, trainable in selection.params.items():
-            result = name_map.map_name(source)
-            if isinstance(result, str):
-                (report.unmapped if isinstance(result, Unmapped) else report.dropped).append((source, result))
-                continue
-            missing = [dest for dest in result if dest not in names]
-            if missing:
-                report.unmapped.append((source, f"no tensor {missing[0]!r} in the target"))
-                continue
-            for dest in result:
-                out[dest] = out.get(dest, False) or trainable
-                report.mapped.append((source, dest))
+        for source, dest in report.mapped:
+            out[dest] = out.get(dest, False) or wanted[source]
         return out, report
 
     def apply_selection(self, model: nn.Module, selection: LayerSelection | str | os.PathLike, strict: bool = False,

@@ -312,18 +312,11 @@ def apply_selection(selection: LayerSelection, model: nn.Module, name_map: NameM
     params = dict(model.named_parameters())
     report = SelectionReport()
     flags: dict[str, bool] = {}
-    for source, trainable in selection.params.items():
-        result = name_map.map_name(source)
-        if isinstance(result, str):  # an ``unmap`` rule's reason is an Unmapped (a str subclass)
-            (report.unmapped if type(result).__name__ == "Unmapped" else report.dropped).append((source, result))
-            continue
-        missing = [dest for dest in result if dest not in params]
-        if missing:
-            report.unmapped.append((source, f"no parameter {missing[0]!r} in the model"))
-            continue
-        for dest in result:
-            flags[dest] = flags.get(dest, False) or trainable
-            report.mapped.append((source, dest))
+    wanted = selection.params
+    mapping = name_map.resolve_names(wanted, params)
+    report.mapped, report.dropped, report.unmapped = mapping.mapped, mapping.dropped, mapping.unmapped
+    for source, dest in mapping.mapped:
+        flags[dest] = flags.get(dest, False) or wanted[source]
     if strict and report.unmapped:
         source, reason = report.unmapped[0]
         raise OpenTransError(f"strict: {len(report.unmapped)} layer(s) found no parameter, first {source} ({reason}); "
