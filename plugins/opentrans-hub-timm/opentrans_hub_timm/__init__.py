@@ -6,23 +6,11 @@ shortcut ``shortcut.conv``, and attention pooling ``head`` (absent in the ``_gap
 are reported unmapped).
 """
 
+from opentrans_hub.backbones import TIMM_CLIP_RESNET_RULES
 from opentrans_hub.plugins import Plugin
 
-_MAP = """
-rename ^conv([123])\\.weight$ -> stem.conv{g1}.conv.weight
-rename ^bn([123])\\.(.+)$ -> stem.conv{g1}.bn.{g2}
-rename ^layer([1-4])\\.(\\d+)\\.conv1\\.(.+)$ -> stages.{g1-1}.{g2}.conv1_1x1.conv.{g3}
-rename ^layer([1-4])\\.(\\d+)\\.bn1\\.(.+)$ -> stages.{g1-1}.{g2}.conv1_1x1.bn.{g3}
-rename ^layer([1-4])\\.(\\d+)\\.conv2\\.(.+)$ -> stages.{g1-1}.{g2}.conv2_kxk.conv.{g3}
-rename ^layer([1-4])\\.(\\d+)\\.bn2\\.(.+)$ -> stages.{g1-1}.{g2}.conv2_kxk.bn.{g3}
-rename ^layer([1-4])\\.(\\d+)\\.conv3\\.(.+)$ -> stages.{g1-1}.{g2}.conv3_1x1.conv.{g3}
-rename ^layer([1-4])\\.(\\d+)\\.bn3\\.(.+)$ -> stages.{g1-1}.{g2}.conv3_1x1.bn.{g3}
-rename ^layer([1-4])\\.(\\d+)\\.downsample\\.0\\.(.+)$ -> stages.{g1-1}.{g2}.shortcut.conv.conv.{g3}
-rename ^layer([1-4])\\.(\\d+)\\.downsample\\.1\\.(.+)$ -> stages.{g1-1}.{g2}.shortcut.conv.bn.{g3}
-rename ^attnpool\\.positional_embedding$ -> head.pos_embed
-rename ^attnpool\\.([qkv])_proj\\.(.+)$ -> head.{g1}.{g2}
-rename ^attnpool\\.c_proj\\.(.+)$ -> head.proj.{g1}
-"""
+# the same rules build timm towers with canonical names in the core (backbones): one source of truth
+_MAP = TIMM_CLIP_RESNET_RULES
 
 plugin = Plugin(
     name="timm-clip-resnet",
