@@ -44,8 +44,9 @@ class DemoSize:
     batch: int = 4
     imp_rounds: int = 4
     imp_rate: float = 0.42  # 1 - 0.58**4 = 88.7 %, about the paper's 21 rounds at 10 %
-    steps_per_round: int = 3
-    finetune_steps: int = 3
+    steps_per_round: int = 5
+    finetune_steps: int = 5
+    min_density: float = 0.02  # global ranking on random weights would otherwise empty whole layers
 
 
 FULL = DemoSize()
@@ -103,7 +104,7 @@ def run_demo(out_dir: str | os.PathLike = "opentrans-demo", weights: str | os.Pa
     """Run every stage and return the summary (also written to ``out_dir/summary.json``)."""
     from .backbones import build_visual, weights_sha256
     from .demo_layouts import LAYOUTS, FCCLIPLayout
-    from .imp import IMPRunner
+    from .imp import IMPRunner, PruneScope
     from .plugins import get_plugin
     from .registry import Registry
     from .report import parameter_counts, plot_alpha, plot_sparsity, selection_training_flops, sparse_inference_flops
@@ -142,7 +143,8 @@ def run_demo(out_dir: str | os.PathLike = "opentrans-demo", weights: str | os.Pa
     t0 = time.perf_counter()
     search = FCCLIPLayout(tower, num_classes=len(SHAPES))
     runner = IMPRunner(search, rate=size.imp_rate, rounds=size.imp_rounds, period=size.steps_per_round,
-                       prefix="backbone.clip_model.visual.", arch=ARCH, out_dir=out / "imp")
+                       prefix="backbone.clip_model.visual.", arch=ARCH, out_dir=out / "imp",
+                       scope=PruneScope(min_density=size.min_density))
     if IMPRunner.read_state(out / "imp") is not None:  # a previous demo in the same folder: start afresh
         for stale in (out / "imp").iterdir():
             stale.unlink()
@@ -152,9 +154,10 @@ def run_demo(out_dir: str | os.PathLike = "opentrans-demo", weights: str | os.Pa
                                   on_step=runner.after_step, bar=bar)
     subnetwork = runner.last
     assert subnetwork is not None and runner.finished
+    densest_cut = max(layer.sparsity for layer in subnetwork.layers())
     log(f"[2/5] IMP: {size.imp_rounds} rounds of {size.imp_rate:.0%} -> {subnetwork.sparsity:.1%} of "
-        f"{subnetwork.numel:,} conv weights pruned ({len(subnetwork)} layers; loss {imp_losses[0]:.3f} -> "
-        f"{imp_losses[-1]:.3f})")
+        f"{subnetwork.numel:,} conv weights pruned ({len(subnetwork)} layers, each keeps >= "
+        f"{1 - densest_cut:.1%}; loss {imp_losses[0]:.3f} -> {imp_losses[-1]:.3f})")
     timings["imp_s"] = time.perf_counter() - t0
     del search
 
@@ -225,6 +228,7 @@ def run_demo(out_dir: str | os.PathLike = "opentrans-demo", weights: str | os.Pa
         "subnetwork": {"name": SUBNETWORK_NAME, "sha256": subnetwork.sha256, "sparsity": subnetwork.sparsity,
                        "layers": len(subnetwork), "masked_params": subnetwork.masked,
                        "kept_params": subnetwork.kept, "imp_rounds": size.imp_rounds, "imp_rate": size.imp_rate,
+                       "min_density": size.min_density,
                        "imp_loss_first": imp_losses[0], "imp_loss_last": imp_losses[-1]},
         "selection": {"name": SELECTION_NAME, "sha256": selection.sha256, "layers": len(selection.layers),
                       "trainable_layers": len(selection.trainable), "policy": selection.policy},
