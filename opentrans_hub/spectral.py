@@ -260,9 +260,14 @@ def fit_power_laws(spectra: list[torch.Tensor], xmin: str = "peak", bins: int = 
     for eigs in spectra:
         eigs = eigs.double()
         nz = eigs[eigs > evals_thresh]
-        kept.append(nz if nz.numel() else eigs)
+        if not nz.numel():
+            # the research code then keeps them all; an emptied (fully pruned) layer's zeros have no logarithm
+            nz = eigs[eigs > 0]
+        kept.append(nz)
     if not kept:
         return []
+    if all(e.numel() < 2 for e in kept):
+        return [_no_fit(e) for e in kept]
     sizes = torch.tensor([e.numel() for e in kept])
     layers, width = len(kept), int(sizes.max())
     x = torch.ones(layers, width, dtype=torch.float64)
@@ -300,13 +305,13 @@ def fit_power_laws(spectra: list[torch.Tensor], xmin: str = "peak", bins: int = 
     results = []
     for row, eigs in enumerate(kept):
         size = eigs.numel()
+        if size < 2:
+            results.append(_no_fit(eigs))
+            continue
         spectral = float(eigs[-1])
         total = float(eigs.sum())
         stats = {"num_eigs": size, "spectral_norm": spectral, "norm": total,
                  "stable_rank": total / spectral if spectral > 0 else float("nan"), "xmax": spectral}
-        if size < 2:
-            results.append({**stats, "alpha": float("nan"), "D": float("nan"), "xmin": float("nan")})
-            continue
         if xmin == "mid":
             best = min(size // 2, size - 1)
         else:  # first minimum over the N - 1 positions (quirk 2)
@@ -314,6 +319,16 @@ def fit_power_laws(spectra: list[torch.Tensor], xmin: str = "peak", bins: int = 
         a = float(alpha[row, best]) if bool(candidate[row, best]) else 0.0
         results.append({**stats, "alpha": a, "D": float(distance[row, best]), "xmin": float(x[row, best])})
     return results
+
+
+def _no_fit(eigs: torch.Tensor) -> dict[str, float]:
+    """Stats of a spectrum too short to fit (fewer than two positive eigenvalues): alpha, D, xmin are NaN."""
+    nan = float("nan")
+    spectral = float(eigs[-1]) if eigs.numel() else 0.0
+    total = float(eigs.sum())
+    return {"num_eigs": eigs.numel(), "spectral_norm": spectral, "norm": total,
+            "stable_rank": total / spectral if spectral > 0 else nan, "xmax": spectral if eigs.numel() else nan,
+            "alpha": nan, "D": nan, "xmin": nan}
 
 
 def _ks_distance(x: torch.Tensor, logx: torch.Tensor, alpha: torch.Tensor, n: torch.Tensor, sizes: torch.Tensor,

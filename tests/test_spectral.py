@@ -323,3 +323,20 @@ def test_thread_settings_are_restored():
         assert [m.alpha for m in single] == pytest.approx([m.alpha for m in untouched], abs=1e-6)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("xmin", ["peak", "mid", "scan"])
+def test_an_emptied_layer_has_no_fit_and_the_others_are_unchanged(xmin):
+    """Global pruning can zero a whole layer; its spectrum has no logarithm, so it gets NaN, not a crash."""
+    model = make_tiny_resnet(seed=3)
+    before = {m.name: m.alpha for m in compute_metrics(model, xmin=xmin, cache=False)}
+    with torch.no_grad():
+        model.layer2[0].conv2.weight.zero_()
+    after = compute_metrics(model, xmin=xmin, cache=False)
+    emptied = next(m for m in after if m.name == "layer2.0.conv2.weight")
+    assert math.isnan(emptied.alpha) and emptied.num_eigs == 0 and emptied.spectral_norm == 0.0
+    for m in after:
+        if m.name != emptied.name:
+            assert m.alpha == pytest.approx(before[m.name], abs=1e-12, nan_ok=True)
+    selection = select_layers(after, "median")
+    assert selection.is_trainable(emptied.name) is True  # no alpha: never frozen on a guess
