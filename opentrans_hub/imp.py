@@ -31,7 +31,7 @@ from torch import nn
 
 from ._atomic import atomic_write_bytes, atomic_write_text
 from .errors import OpenTransError
-from .sparsity import apply_masks, enforce, masked_parameters
+from .sparsity import apply_masks, enforce, masked_parameters, unwrap
 from .subnetwork import Subnetwork, default_provenance
 
 LAYER_TYPES = ("conv", "linear")
@@ -128,13 +128,6 @@ class PruneScope:
             raise OpenTransError(f"the prune scope selects no tensor (layer_types={list(self.layer_types)}, "
                                  f"include={self.include!r}, exclude={self.exclude!r}, prefix={prefix!r})")
         return out
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 # ------------------------------------------------------------------------------------------- selection core

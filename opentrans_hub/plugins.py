@@ -31,7 +31,9 @@ from torch import nn
 
 from .errors import OpenTransError
 from .mapping import MappingReport, NameMap
+from .registry import load_selection, load_subnetwork
 from .selection import LayerSelection
+from .sparsity import unwrap
 from .subnetwork import Subnetwork
 
 ENTRY_POINT_GROUP = "opentrans_hub.plugins"
@@ -119,8 +121,8 @@ class Plugin:
         """
         from .sparsity import apply_subnetwork
 
-        subnetwork = _as_subnetwork(subnetwork)
-        return apply_subnetwork(_unwrap(model), subnetwork, self.name_map(arch or subnetwork.arch), strict=strict)
+        subnetwork = load_subnetwork(subnetwork)
+        return apply_subnetwork(unwrap(model), subnetwork, self.name_map(arch or subnetwork.arch), strict=strict)
 
     def map_selection(self, selection: LayerSelection, target_names: Any,
                       arch: str | None = None) -> tuple[dict[str, bool], MappingReport]:
@@ -147,13 +149,13 @@ class Plugin:
         """
         from .selection import apply_selection
 
-        selection = _as_selection(selection)
+        selection = load_selection(selection)
         if self.tower_path is not None:
             options.setdefault("scope", f"{self.tower_path}." if self.tower_path else "")
         else:
             options.setdefault("norms", "keep")
             options.setdefault("others", "keep")
-        return apply_selection(selection, _unwrap(model), name_map=self.name_map(arch or selection.arch),
+        return apply_selection(selection, unwrap(model), name_map=self.name_map(arch or selection.arch),
                                strict=strict, **options)
 
     # ------------------------------------------------------------------ checkpoints
@@ -167,7 +169,7 @@ class Plugin:
         """
         from .sparsity import apply_subnetwork_to_state_dict
 
-        subnetwork = _as_subnetwork(subnetwork)
+        subnetwork = load_subnetwork(subnetwork)
         loaded = load_checkpoint(path_in)
         name_map = self.name_map(arch or subnetwork.arch)
         if loaded.ddp_prefix:
@@ -194,7 +196,7 @@ class Plugin:
         """
         source = None
         if isinstance(target, nn.Module):
-            target = _unwrap(target)
+            target = unwrap(target)
             state = {k: v.detach() for k, v in target.state_dict(keep_vars=True).items()}
             state.update({k: v.detach() for k, v in target.named_parameters(remove_duplicate=False)})
         elif isinstance(target, Mapping):
@@ -250,29 +252,6 @@ class Plugin:
         return {"name": self.name, "frameworks": list(self.frameworks), "archs": list(self.archs),
                 "tower_path": self.tower_path, "config": self.config, "description": self.description,
                 "source": self.source}
-
-
-def _as_subnetwork(ref: Subnetwork | str | os.PathLike) -> Subnetwork:
-    if isinstance(ref, Subnetwork):
-        return ref
-    from .registry import load_subnetwork
-
-    return load_subnetwork(ref)
-
-
-def _as_selection(ref: LayerSelection | str | os.PathLike) -> LayerSelection:
-    if isinstance(ref, LayerSelection):
-        return ref
-    from .registry import load_selection
-
-    return load_selection(ref)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel (their names carry ``module.``)."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
 
 
 # ---------------------------------------------------------------------- canonical tower shapes

@@ -198,6 +198,13 @@ def _ensure_global_hooks() -> None:
 
 
 # ------------------------------------------------------------------ public API
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers (their names carry ``module.``)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def _split_name(name: str) -> tuple[str, str]:
     module_name, _, attr = name.rpartition(".")
     return module_name, attr

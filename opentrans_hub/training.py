@@ -24,25 +24,12 @@ from typing import Any
 from torch import nn
 
 from .errors import OpenTransError
-from .imp import IMPRunner, unwrap
+from .imp import IMPRunner
 from .mapping import MappingReport, NameMap
+from .registry import load_selection, load_subnetwork
 from .selection import LayerSelection
-from .sparsity import apply_subnetwork, bake, is_masked
+from .sparsity import apply_subnetwork, bake, is_masked, unwrap
 from .subnetwork import Subnetwork
-
-
-def load_subnetwork(ref: Subnetwork | str | os.PathLike) -> Subnetwork:
-    """A Subnetwork object, a file path, or a registry name / ``hf://`` reference (verified on load)."""
-    from .registry import load_subnetwork as _load
-
-    return _load(ref)
-
-
-def load_selection(ref: LayerSelection | str | os.PathLike) -> LayerSelection:
-    """A LayerSelection object, a JSON manifest path, or a registry name."""
-    from .registry import load_selection as _load
-
-    return _load(ref)
 
 
 def apply_layer_selection(model: nn.Module, selection: LayerSelection, name_map: NameMap | None = None,

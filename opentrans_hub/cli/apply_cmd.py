@@ -11,8 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from ..selection import LayerSelection
-from ..subnetwork import Subnetwork
+from ..registry import load_selection, load_subnetwork
 from ._common import print_json
 
 
@@ -32,19 +31,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strict", action="store_true", help="fail (write nothing) when a name finds no destination")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
-
-
-def load_subnetwork(ref: str) -> Subnetwork:
-    """A registry name, ``hf://`` reference or plain file."""
-    from ..registry import load_subnetwork as load
-
-    return load(ref)
-
-
-def load_selection(ref: str) -> LayerSelection:
-    from ..registry import load_selection as load
-
-    return load(ref)
 
 
 def _print_report(report_dict: dict[str, Any], header: str) -> None:

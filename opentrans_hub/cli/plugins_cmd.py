@@ -49,7 +49,7 @@ def run_list(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from ..errors import OpenTransError
     from ..plugins import get_plugin
-    from .apply_cmd import load_subnetwork
+    from ..registry import load_subnetwork
 
     plugin = get_plugin(args.plugin)
     subnetwork = load_subnetwork(args.subnetwork) if args.subnetwork else None
