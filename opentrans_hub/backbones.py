@@ -30,19 +30,31 @@ def parse_arch(arch: str) -> tuple[str, str]:
     return family, name
 
 
-def _open_clip_visual(name: str, pretrained: str | None) -> nn.Module:
+def open_clip_visual(name: str, pretrained: str | None = None, device: str = "cpu") -> nn.Module:
+    """open_clip's visual tower ``name``; random init unless ``pretrained`` names a tag.
+
+    ``device="meta"`` gives the names and shapes without allocating weights. A random init asked for on
+    purpose is not warned about (open_clip logs that no pretrained weights were loaded).
+    """
+    import logging
+
     import open_clip
 
     if name not in open_clip.list_models():
         raise OpenTransError(f"open_clip has no model {name!r} (see open_clip.list_models())")
+    previous = logging.root.manager.disable
+    if not pretrained:
+        logging.disable(logging.WARNING)
     try:
-        model = open_clip.create_model(name, pretrained=pretrained or None)
+        model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
     except RuntimeError as exc:  # unknown tag, or weights that cannot be fetched here
         raise OpenTransError(f"cannot load open_clip {name} weights {pretrained!r}: {exc}") from None
+    finally:
+        logging.disable(previous)
     return model.visual
 
 
-BUILDERS["open_clip"] = _open_clip_visual
+BUILDERS["open_clip"] = open_clip_visual
 
 # timm's CLIP ResNets (ByobNet) hold the same tensors as open_clip's ModifiedResNet under other names;
 # these rules carry each canonical name to timm's, so a timm tower is rebuilt with canonical names.
@@ -89,7 +101,7 @@ def _timm_clip_visual(name: str, pretrained: str | None) -> nn.Module:
         model = timm.create_model(f"{base}.{tag}" if tag else base, pretrained=bool(tag))
     except Exception as exc:  # unknown tag, or weights that cannot be fetched here
         raise OpenTransError(f"cannot build timm {base} with weights {tag!r}: {exc}") from None
-    visual = _open_clip_visual(_TIMM_CLIP_RESNETS[base], None)
+    visual = open_clip_visual(_TIMM_CLIP_RESNETS[base])
     expected = visual.state_dict()
     state = timm_to_canonical(model.state_dict(), expected)
     for key, tensor in state.items():

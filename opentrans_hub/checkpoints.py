@@ -83,15 +83,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def write_checkpoint(path: str | os.PathLike, obj: Mapping[str, Any]) -> Path:
-    """Atomically write ``obj``: flat tensor dicts as safetensors for ``.safetensors``, else ``torch.save``."""
+def write_checkpoint(path: str | os.PathLike, obj: Mapping[str, Any],
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Atomically write ``obj``: flat tensor dicts as safetensors for ``.safetensors`` (with ``metadata``),
+    else ``torch.save``."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save
 
         if not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise OpenTransError("safetensors holds only a flat dict of tensors", path=path)
-        data = save({k: v.contiguous() for k, v in obj.items()})
+        data = save({k: v.contiguous() for k, v in obj.items()}, metadata=dict(metadata) if metadata else None)
     else:
         buffer = io.BytesIO()
         torch.save(dict(obj), buffer)

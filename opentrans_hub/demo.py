@@ -15,9 +15,7 @@ Every figure is measured in the run; nothing is hard-coded.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import os
 import sys
@@ -122,8 +120,7 @@ def run_demo(out_dir: str | os.PathLike = "opentrans-demo", weights: str | os.Pa
     # 1. the tower ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    with contextlib.redirect_stderr(io.StringIO()):  # open_clip warns about random init; we say it ourselves
-        tower = build_visual(ARCH, pretrained=weights)
+    tower = build_visual(ARCH, pretrained=weights)
     base_state = copy.deepcopy(tower.state_dict())
     base_sha = weights_sha256(tower)
     weights_note = f"weights from {weights}" if weights else "random initialisation (pass --weights for real CLIP)"

@@ -18,8 +18,6 @@ fails to load is reported next to the others instead of breaking them.
 from __future__ import annotations
 
 import fnmatch
-import io
-import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -261,21 +259,12 @@ _CANONICAL_CACHE: dict[str, dict[str, torch.Tensor]] = {}
 def canonical_shapes(arch: str) -> dict[str, torch.Tensor]:
     """Canonical parameter name -> a meta tensor of its shape, for the tower of ``arch`` (no weights)."""
     if arch not in _CANONICAL_CACHE:
-        from .backbones import parse_arch
+        from .backbones import open_clip_visual, parse_arch
 
         family, name = parse_arch(arch)
         if family != "open_clip":
             raise OpenTransError(f"canonical names are known for open_clip architectures only, not {arch!r}")
-        import open_clip
-
-        if name not in open_clip.list_models():
-            raise OpenTransError(f"open_clip has no model {name!r} (see open_clip.list_models())")
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: none wanted
-        try:
-            visual = open_clip.create_model(name, device="meta").visual
-        finally:
-            logging.disable(previous)
+        visual = open_clip_visual(name, device="meta")
         _CANONICAL_CACHE[arch] = {k: v for k, v in visual.named_parameters()}
     return _CANONICAL_CACHE[arch]
 
@@ -294,16 +283,13 @@ class LoadedCheckpoint:
 
     def write(self, path_out: str | os.PathLike, state: Mapping[str, Any]) -> Path:
         """Write ``state`` back at the same nesting; safetensors output holds the tensor dict only."""
-        from ._atomic import atomic_write_bytes
+        from .checkpoints import write_checkpoint
 
         path_out = Path(path_out)
         if path_out.suffix == ".safetensors":
-            from safetensors.torch import save
-
             # safetensors is flat: only the tensor dict travels (nesting and other entries cannot)
             tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-            data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=self.metadata)
-            return atomic_write_bytes(path_out, data)
+            return write_checkpoint(path_out, tensors, metadata=self.metadata)
         obj: Any = state
         for depth in range(len(self.trail), 0, -1):
             parent = self.obj
@@ -312,9 +298,7 @@ class LoadedCheckpoint:
             rebuilt = dict(parent)
             rebuilt[self.trail[depth - 1]] = obj
             obj = rebuilt
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        return atomic_write_bytes(path_out, buffer.getvalue())
+        return write_checkpoint(path_out, obj)
 
 
 def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
@@ -324,11 +308,6 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     path = Path(path)
     obj = read_checkpoint(path)
     state, trail = find_state_dict(obj, path)
-    # find_state_dict copies; keep the real nested dict so entries keep their order
-    nested: Any = obj
-    for key in [k for k in trail.split(".") if k]:
-        nested = nested[key]
-    state = dict(nested)
     tensor_keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
     ddp = "module." if tensor_keys and all(k.startswith("module.") for k in tensor_keys) else ""
     metadata = None
