@@ -121,7 +121,7 @@ def run_demo(out_dir: str | os.PathLike = "opentrans-demo", weights: str | os.Pa
     t0 = time.perf_counter()
     torch.manual_seed(0)
     tower = build_visual(ARCH, pretrained=weights)
-    base_state = copy.deepcopy(tower.state_dict())
+    base_tower = copy.deepcopy(tower)  # the pre-trained weights every framework starts from
     base_sha = weights_sha256(tower)
     weights_note = f"weights from {weights}" if weights else "random initialisation (pass --weights for real CLIP)"
     log(f"[1/5] built {ARCH} visual tower: {sum(p.numel() for p in tower.parameters()):,} parameters, {weights_note}")
@@ -179,11 +179,8 @@ def run_demo(out_dir: str | os.PathLike = "opentrans-demo", weights: str | os.Pa
     with _stage(progress, len(LAYOUTS) * size.finetune_steps, "fine-tuning") as bar:
         for framework, (plugin_name, layout) in LAYOUTS.items():
             plugin = get_plugin(plugin_name)
-            fresh = build_visual(ARCH) if layout.__name__ != "DeepLabV3Layout" else None
-            if fresh is not None:
-                fresh.load_state_dict(base_state)
             torch.manual_seed(0)
-            model = layout(fresh, num_classes=len(SHAPES))
+            model = layout(copy.deepcopy(base_tower), num_classes=len(SHAPES))  # DeepLab builds its own
             mapping = plugin.apply(model, subnetwork)
             name_map = plugin.name_map(ARCH)
             selection_report = selection.apply(model, name_map=name_map)

@@ -62,7 +62,7 @@ class HanOVSLayout(nn.Module):
 class DeepLabV3Layout(nn.Module):
     """torchvision's deeplabv3_resnet50, randomly initialised; returns the ``out`` logits."""
 
-    def __init__(self, tower: nn.Module | None, num_classes: int):
+    def __init__(self, tower: nn.Module, num_classes: int):  # the CLIP tower is not used: torchvision's own
         super().__init__()
         from torchvision.models.segmentation import deeplabv3_resnet50
 
