@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""File I/O of the library: atomic writes (a reader sees the old file or the new one), and reads that fail
+with the library error naming the file."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             raise OpenTransError(f"cannot write ({exc.strerror or exc})", path=path) from None
         raise
     return path
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A file's bytes; an unreadable file is an OpenTransError naming it (not an OSError traceback)."""
+    from .errors import OpenTransError
+
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise OpenTransError(f"cannot read ({exc.strerror or exc})", path=path) from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._atomic import atomic_write_bytes, atomic_write_text
+from ._atomic import atomic_write_bytes, atomic_write_text, read_bytes
 from .errors import OpenTransError
 from .selection import LayerSelection
 from .subnetwork import Subnetwork
@@ -104,23 +104,18 @@ def kind_of(obj: Artefact) -> str:
 
 def encode(obj: Artefact) -> bytes:
     """The bytes a registry stores for ``obj`` (safetensors for masks, JSON for selections)."""
-    return obj.to_bytes() if kind_of(obj) == "subnetwork" else obj.to_json().encode("utf-8")
+    kind_of(obj)  # refuses anything else
+    return obj.to_bytes()
 
 
 def decode(data: bytes, source: str, kind: str | None = None, expected_sha256: str | None = None) -> Artefact:
     """Decode registry bytes; the kind is sniffed (JSON starts with ``{``) unless given. Hashes verified."""
     if kind is None:
         kind = "selection" if data.lstrip()[:1] == b"{" else "subnetwork"
-    if kind == "subnetwork":
-        obj: Artefact = Subnetwork.from_bytes(data, source=source, verify=True)
-    elif kind == "selection":
-        try:
-            payload = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise OpenTransError("not valid JSON", path=source) from None
-        obj = LayerSelection.from_dict(payload, source=source, verify=True)
-    else:
+    codec = {"subnetwork": Subnetwork, "selection": LayerSelection}.get(kind)
+    if codec is None:
         raise OpenTransError(f"unknown artefact kind {kind!r}", path=source)
+    obj: Artefact = codec.from_bytes(data, source=source, verify=True)
     if expected_sha256 is not None and obj.sha256 != expected_sha256:
         raise OpenTransError(f"content sha256 {obj.sha256} is not the recorded {expected_sha256}", path=source)
     return obj
@@ -128,12 +123,7 @@ def decode(data: bytes, source: str, kind: str | None = None, expected_sha256: s
 
 def read_artefact(path: str | os.PathLike, expected_sha256: str | None = None) -> Artefact:
     """A subnetwork (``.safetensors``) or layer selection (``.json``) from a plain file, verified."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise OpenTransError(f"cannot read ({exc.strerror or exc})", path=path) from None
-    return decode(data, str(path), expected_sha256=expected_sha256)
+    return decode(read_bytes(path), str(path), expected_sha256=expected_sha256)
 
 
 def summary(obj: Artefact) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._atomic import atomic_write_text
+from ._atomic import atomic_write_text, read_bytes
 from .errors import OpenTransError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,8 +90,20 @@ class LayerSelection:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, default=float) + "\n"
 
+    def to_bytes(self) -> bytes:
+        return self.to_json().encode("utf-8")
+
     def save(self, path: str | os.PathLike) -> Path:
         return atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>", verify: bool = True) -> LayerSelection:
+        """Decode a manifest written by :meth:`to_bytes`; any defect raises :class:`OpenTransError`."""
+        try:
+            payload = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise OpenTransError("not valid JSON", path=source) from None
+        return cls.from_dict(payload, source=source, verify=verify)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>", verify: bool = True) -> LayerSelection:
@@ -117,13 +129,7 @@ class LayerSelection:
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True, expected_sha256: str | None = None) -> LayerSelection:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise OpenTransError(f"cannot read ({exc.strerror or exc})", path=path) from None
-        except (UnicodeDecodeError, ValueError):
-            raise OpenTransError("not valid JSON", path=path) from None
-        selection = cls.from_dict(data, source=str(path), verify=verify)
+        selection = cls.from_bytes(read_bytes(path), source=str(path), verify=verify)
         if expected_sha256 is not None and selection.sha256 != expected_sha256:
             raise OpenTransError(f"sha256 {selection.sha256} is not the expected {expected_sha256}", path=path)
         return selection

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._atomic import atomic_write_bytes
+from ._atomic import atomic_write_bytes, read_bytes
 from .errors import OpenTransError
 
 FORMAT = "opentrans-hub/subnetwork"
@@ -290,11 +290,7 @@ class Subnetwork:
     def load(cls, path: str | os.PathLike, verify: bool = True, expected_sha256: str | None = None) -> Subnetwork:
         """Read a subnetwork file; ``expected_sha256`` additionally pins its identity (registries, Hub)."""
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise OpenTransError(f"cannot read ({exc.strerror or exc})", path=path) from None
-        sub = cls.from_bytes(data, source=str(path), verify=verify)
+        sub = cls.from_bytes(read_bytes(path), source=str(path), verify=verify)
         if expected_sha256 is not None and sub.sha256 != expected_sha256:
             raise OpenTransError(f"sha256 {sub.sha256} is not the expected {expected_sha256}", path=path)
         return sub
