@@ -232,10 +232,6 @@ def pull(ref: str, name: str | None = None, registry: Registry | None = None, en
 
 
 # --------------------------------------------------------------------------- backbones
-def _full_arch(arch: str) -> str:
-    return arch if "/" in arch else f"open_clip/{arch}"
-
-
 def _weights_file(pretrained: str | os.PathLike | None, endpoint: str | None = None) -> str | os.PathLike | None:
     """``hf://ORG/REPO[@REV]/FILE`` weights are downloaded (HF cache); tags and paths pass through."""
     if isinstance(pretrained, str) and pretrained.startswith("hf://"):
@@ -262,7 +258,7 @@ def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = Non
     from .registry import load_selection, load_subnetwork
     from .sparsity import apply_subnetwork, bake
 
-    tower = build_visual(_full_arch(arch), _weights_file(pretrained))
+    tower = build_visual(arch, _weights_file(pretrained))  # a bare name means open_clip
     if subnetwork is not None:
         sub = load_subnetwork(subnetwork, registry)
         apply_subnetwork(tower, sub, strict=strict)
