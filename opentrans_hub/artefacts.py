@@ -14,13 +14,16 @@ from typing import Any
 from ._atomic import read_bytes
 from .errors import OpenTransError
 from .selection import LayerSelection
+from .sparsefile import FORMAT as PACKED_FORMAT
+from .sparsefile import PackedFile, sniff
 from .subnetwork import Subnetwork
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
-KIND_FILES = {"subnetwork": "subnetwork.safetensors", "selection": "selection.json"}
-EXTENSIONS = {"subnetwork": ".safetensors", "selection": ".json"}
+KIND_FILES = {"subnetwork": "subnetwork.safetensors", "selection": "selection.json",
+              "packed": "backbone.sparse.safetensors"}
+EXTENSIONS = {"subnetwork": ".safetensors", "selection": ".json", "packed": ".safetensors"}
 
-Artefact = Subnetwork | LayerSelection
+Artefact = Subnetwork | LayerSelection | PackedFile
 
 
 def check_name(name: str) -> str:
@@ -50,20 +53,24 @@ def kind_of(obj: Artefact) -> str:
         return "subnetwork"
     if isinstance(obj, LayerSelection):
         return "selection"
-    raise OpenTransError(f"expected a Subnetwork or LayerSelection, got {type(obj).__name__}")
+    if isinstance(obj, PackedFile):
+        return "packed"
+    raise OpenTransError(f"expected a Subnetwork, LayerSelection or PackedFile, got {type(obj).__name__}")
 
 
 def encode(obj: Artefact) -> bytes:
-    """The bytes a registry stores for ``obj`` (safetensors for masks, JSON for selections)."""
+    """The bytes a registry stores for ``obj`` (safetensors for masks and packed files, JSON for selections)."""
     kind_of(obj)  # refuses anything else
     return obj.to_bytes()
 
 
 def decode(data: bytes, source: str, kind: str | None = None, expected_sha256: str | None = None) -> Artefact:
-    """Decode registry bytes; the kind is sniffed (JSON starts with ``{``) unless given. Hashes verified."""
+    """Decode registry bytes; the kind is sniffed (JSON starts with ``{``; a packed file declares its format)
+    unless given. Hashes verified."""
     if kind is None:
-        kind = "selection" if data.lstrip()[:1] == b"{" else "subnetwork"
-    codec = {"subnetwork": Subnetwork, "selection": LayerSelection}.get(kind)
+        kind = ("selection" if data.lstrip()[:1] == b"{" else
+                "packed" if sniff(data) == PACKED_FORMAT else "subnetwork")
+    codec = {"subnetwork": Subnetwork, "selection": LayerSelection, "packed": PackedFile}.get(kind)
     if codec is None:
         raise OpenTransError(f"unknown artefact kind {kind!r}", path=source)
     obj: Artefact = codec.from_bytes(data, source=source, verify=True)
@@ -73,7 +80,7 @@ def decode(data: bytes, source: str, kind: str | None = None, expected_sha256: s
 
 
 def read_artefact(path: str | os.PathLike, expected_sha256: str | None = None) -> Artefact:
-    """A subnetwork (``.safetensors``) or layer selection (``.json``) from a plain file, verified."""
+    """A subnetwork or packed checkpoint (``.safetensors``) or layer selection (``.json``) from a file, verified."""
     return decode(read_bytes(path), str(path), expected_sha256=expected_sha256)
 
 
@@ -82,6 +89,10 @@ def summary(obj: Artefact) -> dict[str, Any]:
     if isinstance(obj, Subnetwork):
         return {"arch": obj.arch, "sparsity": obj.sparsity, "layers": len(obj),
                 "method": obj.provenance.get("method")}
+    if isinstance(obj, PackedFile):
+        return {"arch": obj.arch, "sparsity": obj.sparsity, "layers": len(obj.reader.mask_names),
+                "method": "packed", "subnetwork_sha256": obj.subnetwork.sha256 if obj.reader.mask_names else None,
+                "dense_bytes": sum(s.dense_bytes for s in obj.reader.specs.values())}
     return {"arch": obj.arch, "layers": len(obj.layers), "trainable": len(obj.trainable),
             "method": (obj.policy or {}).get("name")}
 

@@ -29,6 +29,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise OpenTransError("no such file", path=path)
     if path.suffix == ".safetensors":
+        from .sparsefile import open_packed
+
+        reader = open_packed(path, required=False)
+        if reader is not None:  # a packed sparse checkpoint: decoded dense, verified
+            obj = reader.checkpoint()
+            if not isinstance(obj, Mapping):
+                raise OpenTransError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors", path=path)
+            return dict(obj)
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -141,6 +149,13 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     metadata = None
     if path.suffix == ".safetensors":
         from safetensors import safe_open
+
+        from .sparsefile import open_packed
+
+        reader = open_packed(path, required=False)
+        if reader is not None:  # what the dense file had, not the packed file's own header
+            metadata = reader._json("source_metadata", (dict,)) or None
+            return LoadedCheckpoint(path, obj, tuple(k for k in trail.split(".") if k), state, ddp, metadata)
 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()

@@ -53,6 +53,7 @@ from .errors import OpenTransError
 from .recipes import builtin_index_dir, load_index, run_recipe  # noqa: F401  (re-exported)
 from .remote import fetch
 from .selection import LayerSelection
+from .sparsefile import PackedFile
 from .subnetwork import Subnetwork
 
 ENV_HOME = "OPENTRANS_HUB_HOME"
@@ -241,6 +242,8 @@ class Registry:
             if isinstance(obj, Subnetwork):
                 out["provenance"] = obj.provenance
                 out["stats"] = {k: v for k, v in obj.stats().items() if k != "layers"}
+            elif isinstance(obj, PackedFile):
+                out["provenance"] = obj.provenance
             else:
                 out["policy"] = obj.policy
                 out["provenance"] = obj.provenance
@@ -253,9 +256,10 @@ class Registry:
     # ----------------------------------------------------------------- writing
     def add(self, obj_or_path: Artefact | str | os.PathLike, name: str, source: str | None = None,
             overwrite: bool = False, extra: Mapping[str, Any] | None = None) -> Entry:
-        """Store a subnetwork/selection (object or file, verified first) under ``name``; atomic and locked."""
+        """Store a subnetwork, selection or packed checkpoint (object or file, verified first) under ``name``;
+        atomic and locked."""
         check_name(name)
-        if isinstance(obj_or_path, (Subnetwork, LayerSelection)):
+        if isinstance(obj_or_path, (Subnetwork, LayerSelection, PackedFile)):
             obj, default_source = obj_or_path, "python"
         else:
             obj, default_source = read_artefact(obj_or_path), f"file:{Path(obj_or_path).resolve()}"
@@ -336,6 +340,8 @@ class Registry:
 
     def get_subnetwork(self, ref: str | os.PathLike, weights: str | os.PathLike | None = None) -> Subnetwork:
         obj, source = self.resolve(ref, weights=weights)
+        if isinstance(obj, PackedFile):
+            return obj.subnetwork  # the mask a packed checkpoint was pruned with
         if not isinstance(obj, Subnetwork):
             raise OpenTransError(f"{source} is a layer selection, not a subnetwork")
         return obj
@@ -343,7 +349,7 @@ class Registry:
     def get_selection(self, ref: str | os.PathLike, weights: str | os.PathLike | None = None) -> LayerSelection:
         obj, source = self.resolve(ref, weights=weights)
         if not isinstance(obj, LayerSelection):
-            raise OpenTransError(f"{source} is a subnetwork, not a layer selection")
+            raise OpenTransError(f"{source} is a {kind_of(obj)}, not a layer selection")
         return obj
 
     def verify(self, ref: str | os.PathLike) -> dict[str, Any]:

@@ -36,6 +36,8 @@ _ZSTD_LEVEL = 19
 _MAX_NDIM = 16
 _MAX_DIM = 1 << 48
 _MAX_WEIGHTS = 1 << 34  # per tensor: 17G weights, 2 GiB of bits; far beyond any CLIP layer
+#: other file formats that embed a subnetwork: header ``format`` -> reader(data, source, verify) (packed files)
+CONTAINERS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,11 @@ class Subnetwork:
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>", verify: bool = True) -> Subnetwork:
-        """Decode a file written by :meth:`to_bytes`; any defect raises :class:`OpenTransError`."""
+        """Decode a file written by :meth:`to_bytes` (or one embedding it, see ``CONTAINERS``); any defect
+        raises :class:`OpenTransError`."""
+        container = CONTAINERS.get(_declared_format(data))
+        if container is not None:
+            return container(data, source, verify)
         metadata, tensors = _read_safetensors_u8(data, source)
         if metadata.get("format") != FORMAT:
             raise OpenTransError(f"not an opentrans-hub subnetwork (format={metadata.get('format')!r})", path=source)
@@ -338,6 +344,18 @@ def _inflate(decompressor, raw: bytes, nbytes: int, source: str, name: str) -> b
         if total > nbytes:
             raise OpenTransError(f"zstd stream inflates beyond the {nbytes} bytes its shape needs",
                                  path=source, tensor=name)
+
+
+def _declared_format(data: bytes) -> str | None:
+    """The ``format`` a safetensors header declares, or None; never raises (the strict reader reports)."""
+    try:
+        (length,) = struct.unpack("<Q", bytes(data[:8]))
+        if length > _MAX_HEADER_BYTES or len(data) < 8 + length:
+            return None
+        value = json.loads(bytes(data[8:8 + length])).get("__metadata__", {}).get("format")
+        return value if isinstance(value, str) else None
+    except (ValueError, struct.error, AttributeError, UnicodeDecodeError, RecursionError):
+        return None
 
 
 def _json_field(metadata: Mapping[str, str], key: str, kind: type, source: str):
