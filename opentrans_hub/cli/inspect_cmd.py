@@ -1,17 +1,19 @@
-"""``opentrans-hub inspect PATH``: what a subnetwork file holds."""
+"""``opentrans-hub inspect PATH``: what a subnetwork file or a packed sparse checkpoint holds."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
+from ..packing import packed_stats
+from ..sparsefile import is_packed, open_packed
 from ..subnetwork import Subnetwork
 from ._common import print_json, table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("inspect", help="show a subnetwork file: sparsity, size, per-layer table")
-    parser.add_argument("path", help="subnetwork .safetensors file")
+    parser = subparsers.add_parser("inspect", help="show a subnetwork or packed file: sparsity, size, per-layer table")
+    parser.add_argument("path", help="subnetwork or packed .safetensors file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -27,6 +29,8 @@ def describe(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if is_packed(args.path):
+        return _run_packed(args)
     info = describe(args.path)
     if args.json:
         print_json(info)
@@ -39,4 +43,22 @@ def run(args: argparse.Namespace) -> int:
     rows = [[layer["name"], "x".join(map(str, layer["shape"])), f"{layer['kept']:,}", f"{layer['sparsity']:.2%}"]
             for layer in info["layers"]]
     print(table(rows, ["layer", "shape", "kept", "sparsity"]))
+    return 0
+
+
+def _run_packed(args: argparse.Namespace) -> int:
+    reader = open_packed(args.path)
+    info = packed_stats(reader)
+    info["subnetwork_sha256"] = reader.subnetwork().sha256 if reader.mask_names else None
+    reader.verify()  # the dense content hash too: inspect says a file is good only once it is checked
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"{info['path']}: packed {info['arch']} checkpoint, content sha256 {info['content_sha256'][:16]} (verified)")
+    print(f"{info['file_bytes']:,} bytes packed vs {info['dense_bytes']:,} dense ({info['ratio']:.1%}); masked tensors "
+          f"{info['masked_packed_bytes']:,} vs {info['masked_dense_bytes']:,} bytes, {info['masked_sparsity']:.2%} "
+          f"sparse; mask bits {info['encoding']}, values {info['cast'] or 'in their own dtype'}")
+    rows = [[layer["name"], "x".join(map(str, layer["shape"])), f"{layer['kept']:,}", f"{layer['sparsity']:.2%}",
+             f"{layer['dense_bytes']:,}", f"{layer['packed_bytes']:,}"] for layer in info["layers"]]
+    print(table(rows, ["tensor", "shape", "kept", "sparsity", "dense bytes", "packed bytes"]))
     return 0
