@@ -12,15 +12,17 @@ the user registry, the built-in recipe index, ``hf://ORG/REPO[@REV]`` and plain 
 dependencies = ["torch", "open_clip", "safetensors", "huggingface_hub", "filelock", "platformdirs"]
 
 
-def clip_backbone(arch="RN50", pretrained=None, subnetwork=None, selection=None, exact=False, strict=True):
+def clip_backbone(arch="RN50", pretrained=None, subnetwork=None, selection=None, exact=None, strict=True):
     """CLIP image encoder (open_clip parameter names), optionally pruned and with a layer selection.
 
     Args:
         arch: ``RN50``, ``RN101``, ``open_clip/ViT-B-16``, ``timm/resnet50_clip``, ...
-        pretrained: weights tag (``openai``), local weights file, or ``hf://ORG/REPO[@REV]/FILE``; None = random.
+        pretrained: weights tag (``openai``), local weights file (a packed sparse ``.safetensors`` too),
+            ``hf://ORG/REPO[@REV]/FILE``, or a packed backbone's ``hf://ORG/REPO[@REV]``; None = random.
         subnetwork: registry name, ``hf://ORG/REPO[@REV]`` or ``.safetensors`` path of a subnetwork.
         selection: registry name, ``hf://`` reference or ``.json`` path of a layer selection (freezes layers).
-        exact: keep the masks so pruned weights stay exactly zero while training (False bakes the zeros).
+        exact: keep the masks so pruned weights stay exactly zero while training (False bakes the zeros);
+            default: exact for a packed backbone, baked for a subnetwork on dense weights.
         strict: every mask must find its tensor in the tower.
     """
     from opentrans_hub.hub import load_backbone

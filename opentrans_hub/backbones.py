@@ -140,13 +140,23 @@ def visual_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def load_visual_weights(visual: nn.Module, path: str | os.PathLike) -> str:
-    """Load a weights file into ``visual`` (all tensors must match); returns the weights' sha256."""
+    """Load a weights file into ``visual`` (all tensors must match); returns the weights' sha256.
+
+    The file may hold the tower alone, a whole CLIP (``visual.``), a timm CLIP-ResNet, or a framework
+    checkpoint holding the tower under one prefix; packed sparse files are read dense (with their zeros).
+    """
     from .checkpoints import read_state_dict
 
     state = visual_state_dict(read_state_dict(path))
     if "stem.conv1.conv.weight" in state and "conv1.weight" not in state:  # a timm CLIP-ResNet file
         state = timm_to_canonical(state, visual.state_dict())
     expected = visual.state_dict()
+    if not set(expected) <= set(state):  # a framework checkpoint: the tower under one prefix
+        from .checkpoints import find_prefixes
+
+        prefixes = find_prefixes(state, expected)
+        if len(prefixes) == 1:
+            state = {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
     missing = sorted(set(expected) - set(state))
     if missing:
         raise OpenTransError(f"{len(missing)} tensor(s) of the tower missing, first {missing[0]!r}", path=path)

@@ -77,6 +77,18 @@ def find_state_dict(obj: Mapping[str, Any], path: str | os.PathLike | None = Non
                          path=path)
 
 
+def find_prefixes(keys: Any, names: Any) -> list[str]:
+    """Every prefix ``p`` (at a dot boundary, shortest first) under which all ``names`` are in ``keys``:
+    where a tower sits inside a framework's state dict (``""``, ``visual.``, ``backbone.clip_model.visual.``)."""
+    keys, names = set(keys), list(names)
+    if not names:
+        return []
+    first = names[0]
+    candidates = {key[: len(key) - len(first)] for key in keys
+                  if key.endswith(first) and (len(key) == len(first) or key[-len(first) - 1] == ".")}
+    return sorted((p for p in candidates if all(p + name in keys for name in names)), key=len)
+
+
 def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """Drop ``prefix`` from the names that carry it (``module.`` from DDP checkpoints, say)."""
     if not prefix:

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from .artefacts import KIND_FILES, Artefact, encode, kind_of, summary
+from .artefacts import KIND_FILES, NAME_PATTERN, Artefact, encode, kind_of, summary
 from .errors import OpenTransError
 from .registry import Registry, default_registry
 from .remote import (  # noqa: F401  (parse_hf_ref, MANIFEST: hub's public names before the split)
@@ -41,6 +41,7 @@ from .remote import (  # noqa: F401  (parse_hf_ref, MANIFEST: hub's public names
     weights_file,
 )
 from .selection import LayerSelection
+from .sparsefile import PackedFile
 from .subnetwork import Subnetwork
 
 #: open_clip weights tags -> the model id model cards name as ``base_model``
@@ -168,23 +169,57 @@ def pull(ref: str, name: str | None = None, registry: Registry | None = None, en
 
 
 # --------------------------------------------------------------------------- backbones
+def _pretrained_file(pretrained: str | os.PathLike | None, registry: Registry | None) -> str | os.PathLike | None:
+    """Where ``pretrained`` weights come from: ``hf://ORG/REPO[@REV]/FILE`` is downloaded; ``hf://ORG/REPO[@REV]``
+    and registry names of packed checkpoints are fetched and verified (their local file is returned); tags
+    and paths pass through."""
+    if not isinstance(pretrained, str):
+        return pretrained
+    if pretrained.startswith("hf://") and re.fullmatch(r"hf://[^@/]+/[^@/]+(@[^/]+)?", pretrained):
+        obj, record = fetch(pretrained)
+        if not isinstance(obj, PackedFile):
+            raise OpenTransError(f"{pretrained} publishes a {kind_of(obj)}, not weights; pass it as "
+                                 f"{'subnetwork' if kind_of(obj) == 'subnetwork' else 'selection'}=")
+        return record["path"]
+    if NAME_PATTERN.fullmatch(pretrained) and not Path(pretrained).exists():
+        entry = (registry or default_registry()).entry(pretrained)
+        if entry is not None and entry.kind == "packed":
+            entry.load()  # verified (file and content hashes) before it is used
+            return entry.path
+    return weights_file(pretrained)
+
+
 def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = None,
                   subnetwork: str | os.PathLike | Subnetwork | None = None,
-                  selection: str | os.PathLike | LayerSelection | None = None, exact: bool = False,
+                  selection: str | os.PathLike | LayerSelection | None = None, exact: bool | None = None,
                   strict: bool = True, registry: Registry | None = None) -> nn.Module:
     """A CLIP visual tower (canonical open_clip names) with an optional subnetwork and layer selection.
 
     ``arch``: ``RN50`` / ``open_clip/ViT-B-16`` / ``timm/resnet50_clip``. ``pretrained``: a tag (``openai``),
-    a local weights file or ``hf://ORG/REPO[@REV]/FILE``. ``subnetwork`` / ``selection``: a registry name,
-    ``hf://`` reference, path or object. ``exact=False`` bakes the zeros into plain weights (inference);
-    ``exact=True`` keeps the masks so pruned weights stay exactly zero while training. A selection sets
+    a local weights file (a packed sparse file too), ``hf://ORG/REPO[@REV]/FILE``, or a packed backbone as
+    ``hf://ORG/REPO[@REV]`` or registry name. ``subnetwork`` / ``selection``: a registry name, ``hf://``
+    reference, path or object. ``exact=True`` keeps the masks so pruned weights stay exactly zero while
+    training; ``exact=False`` leaves plain weights holding the zeros (inference); the default is exact for a
+    packed backbone (its masks re-applied) and baked for a ``subnetwork`` on dense weights. A selection sets
     ``requires_grad`` through :meth:`LayerSelection.apply` (biases follow their weight, norms freeze).
     """
     from .backbones import build_visual
+    from .packing import tower_masks
     from .registry import load_selection, load_subnetwork
-    from .sparsity import apply_subnetwork, bake
+    from .sparsefile import is_packed, open_packed
+    from .sparsity import apply_masks, apply_subnetwork, bake
 
-    tower = build_visual(arch, weights_file(pretrained))  # a bare name means open_clip
+    weights = _pretrained_file(pretrained, registry)
+    tower = build_visual(arch, weights)  # a bare name means open_clip
+    packed = weights is not None and Path(weights).is_file() and is_packed(weights)
+    exact = packed if exact is None else exact
+    if packed:
+        masks = tower_masks(weights, dict(tower.named_parameters()))
+        if exact:
+            apply_masks(tower, masks)  # exact from the first step: the zeros are in the weights already
+        reader = open_packed(weights)
+        tower.opentrans_packed = {"content_sha256": reader.content_sha256, "masked_tensors": len(masks),
+                                  "subnetwork": reader.subnetwork(verify=False).sha256 if masks else None}
     if subnetwork is not None:
         sub = load_subnetwork(subnetwork, registry)
         apply_subnetwork(tower, sub, strict=strict)

@@ -27,7 +27,7 @@ import torch
 
 from . import sparsefile as sf
 from ._atomic import atomic_write_bytes
-from .checkpoints import find_state_dict, read_checkpoint
+from .checkpoints import find_prefixes, find_state_dict, read_checkpoint
 from .ckpt_tree import decode_tree, encode_tree
 from .errors import OpenTransError
 from .subnetwork import ENCODINGS, Subnetwork, _read_safetensors_u8, default_provenance
@@ -93,10 +93,7 @@ def _locate(sub: Subnetwork, state: Mapping[str, torch.Tensor], prefix: str | No
     names = list(sub.masks)
     if prefix is None:
         first = names[0]
-        candidates = sorted({key[: len(key) - len(first)] for key in state
-                             if key.endswith(first) and (len(key) == len(first) or key[-len(first) - 1] == ".")},
-                            key=len)
-        fits = [p for p in candidates if all(p + n in state for n in names)]
+        fits = find_prefixes(state, names)
         if not fits:
             raise OpenTransError(f"the subnetwork's tensors are not in the checkpoint under any one prefix "
                                  f"(first: {first!r}); pass prefix= (--prefix) naming where the tower sits",
@@ -288,6 +285,24 @@ def packed_stats(reader: sf.PackedReader) -> dict[str, Any]:
             "masked_sparsity": (1 - sum(x["kept"] for x in layers) / max(sum(x["numel"] for x in layers), 1)),
             "encoding": reader.sub_meta.get("encoding"), "arch": reader.meta.get("arch", "unknown"),
             "cast": reader.meta.get("cast") or None, "state": reader.state_trail, "layers": layers}
+
+
+def tower_masks(path: str | os.PathLike, names: Any) -> dict[str, torch.Tensor]:
+    """The packed file's keep-masks keyed by a model's parameter ``names`` (the file's tensor keys minus the
+    one prefix under which every masked key is such a name: the state trail, ``visual.``, a tower path)."""
+    reader = sf.open_packed(path)
+    masks = reader.masks()
+    if not masks:
+        return {}
+    names = set(names)
+    first = next(iter(masks))
+    parts = first.split(".")
+    for i in range(len(parts)):
+        prefix = ".".join(parts[:i]) + ("." if i else "")
+        if all(key.startswith(prefix) and key[len(prefix):] in names for key in masks):
+            return {key[len(prefix):]: mask for key, mask in masks.items()}
+    raise OpenTransError(f"the packed file's masks do not fit the model's parameter names (first: {first!r})",
+                         path=path, tensor=first)
 
 
 # ----------------------------------------------------------------------------------------- unpack / load

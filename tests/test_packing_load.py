@@ -1,0 +1,118 @@
+"""Packed backbones load wherever a backbone or checkpoint does: load_backbone, torch.hub, registry, plugins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_resnet
+
+from opentrans_hub import OpenTransError
+from opentrans_hub.backbones import BUILDERS
+from opentrans_hub.hub import load_backbone
+from opentrans_hub.imp import magnitude_prune
+from opentrans_hub.packing import pack_checkpoint
+from opentrans_hub.plugins import get_plugin
+from opentrans_hub.registry import Registry
+from opentrans_hub.sparsity import masked_parameters
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tiny_arch(monkeypatch):
+    """An architecture family 'tinytest' building the small ModifiedResNet (random init; weights come from files)."""
+    monkeypatch.setitem(BUILDERS, "tinytest", lambda name, pretrained: make_tiny_resnet(seed=99))
+    return "tinytest/resnet"
+
+
+def finetuned_pruned(seed: int = 0):
+    """A pruned tower 'fine-tuned' a few steps with its masks exact: the state a user wants to share."""
+    tower = make_tiny_resnet(seed)
+    sub = magnitude_prune(tower, sparsity=0.7, arch="tinytest/resnet", apply=True)
+    opt = torch.optim.SGD(tower.parameters(), lr=0.05, momentum=0.9)
+    tower.train()
+    for _ in range(2):
+        opt.zero_grad()
+        tower(torch.randn(2, 3, 64, 64)).square().mean().backward()
+        opt.step()
+    return tower, sub
+
+
+def train_and_check_exact(tower: torch.nn.Module, masks: dict[str, torch.Tensor], steps: int = 2) -> None:
+    params = dict(tower.named_parameters())
+    before = {n: params[n].detach().clone() for n in masks}
+    opt = torch.optim.AdamW(tower.parameters(), lr=0.01, weight_decay=0.1)
+    tower.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        tower(torch.randn(2, 3, 64, 64)).square().mean().backward()
+        opt.step()
+    moved = False
+    for name, keep in masks.items():
+        weight = params[name].detach()
+        assert torch.equal(weight[~keep], torch.zeros(int((~keep).sum()))), name  # exact from the first step
+        moved |= not torch.equal(weight[keep], before[name][keep])
+    assert moved  # the kept weights did train
+
+
+def test_load_backbone_from_packed_framework_checkpoint(tmp_path, tiny_arch):
+    tower, sub = finetuned_pruned()
+    state = tower.state_dict()
+    checkpoint = {"model": {f"backbone.clip_model.visual.{k}": v for k, v in state.items()}, "iteration": 9}
+    torch.save(checkpoint, tmp_path / "model_final.pth")
+    packed = tmp_path / "model_final.sparse.safetensors"
+    pack_checkpoint(tmp_path / "model_final.pth", packed, subnetwork=sub)
+
+    loaded = load_backbone(tiny_arch, pretrained=str(packed))
+    got = loaded.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    assert set(masked_parameters(loaded)) == set(sub.masks)
+    assert loaded.opentrans_packed["subnetwork"] == sub.sha256
+    train_and_check_exact(loaded, sub.masks)
+
+    plain = load_backbone(tiny_arch, pretrained=str(packed), exact=False)
+    assert masked_parameters(plain) == {} and torch.equal(plain.state_dict()["layer1.0.conv2.weight"],
+                                                          state["layer1.0.conv2.weight"])
+    with pytest.raises(AssertionError):  # without the masks the same training regrows pruned weights
+        train_and_check_exact(plain, sub.masks)
+
+
+def test_registry_name_and_torch_hub(tmp_path, tiny_arch, monkeypatch):
+    tower, sub = finetuned_pruned(seed=1)
+    torch.save(tower.state_dict(), tmp_path / "tower.pth")
+    packed = tmp_path / "tower.sparse.safetensors"
+    pack_checkpoint(tmp_path / "tower.pth", packed, zeros=True, arch=tiny_arch)
+    monkeypatch.setenv("OPENTRANS_HUB_HOME", str(tmp_path / "home"))
+    Registry().add(packed, "my-finetuned-tiny")
+    by_name = load_backbone(tiny_arch, pretrained="my-finetuned-tiny")
+    assert set(masked_parameters(by_name)) == {n for n, keep in sub.masks.items() if not keep.all()}
+    hub = torch.hub.load(str(REPO), "clip_backbone", source="local", arch=tiny_arch, pretrained=str(packed))
+    assert set(masked_parameters(hub)) == set(masked_parameters(by_name))
+    assert all(torch.equal(a, b) for a, b in zip(hub.state_dict().values(), tower.state_dict().values()))
+    with pytest.raises(OpenTransError, match="packed file's masks do not fit"):
+        _wrong_model_masks(packed)
+
+
+def _wrong_model_masks(packed: Path) -> None:
+    from opentrans_hub.packing import tower_masks
+
+    tower_masks(packed, ["conv1.weight", "fc.weight"])
+
+
+def test_plugin_apply_checkpoint_reads_packed_input(tmp_path):
+    tower, sub = finetuned_pruned(seed=2)
+    state = {f"backbone.clip_model.visual.{k}": v for k, v in tower.state_dict().items()}
+    torch.save({"model": state}, tmp_path / "fcclip.pth")
+    pack_checkpoint(tmp_path / "fcclip.pth", tmp_path / "fcclip.sparse.safetensors", subnetwork=sub)
+    narrower = magnitude_prune(make_tiny_resnet(2), sparsity=0.9, arch="open_clip/RN50", apply=False)
+    report = get_plugin("fcclip").apply_checkpoint(tmp_path / "fcclip.sparse.safetensors", narrower,
+                                                   tmp_path / "out.pth")
+    assert report.mapped
+    out = torch.load(tmp_path / "out.pth", weights_only=True)["model"]
+    name = "layer1.0.conv2.weight"
+    weight = out[f"backbone.clip_model.visual.{name}"]
+    assert not weight[~narrower[name]].any() and not weight[~sub[name]].any()
+    assert torch.equal(weight[narrower[name] & sub[name]], state[f"backbone.clip_model.visual.{name}"][
+        narrower[name] & sub[name]])
