@@ -1,8 +1,9 @@
-"""Distribution: publish subnetworks/selections to a Hugging Face Hub repo, pull them back, build backbones.
+"""Distribution: publish subnetworks, selections and packed backbones to a Hugging Face Hub repo, pull them
+back, build backbones.
 
 A published repo holds three files:
 
-* ``subnetwork.safetensors`` (or ``selection.json``): the artefact itself;
+* ``subnetwork.safetensors`` (or ``selection.json``, ``backbone.sparse.safetensors``): the artefact itself;
 * ``opentrans_hub.json``: a small manifest (kind, file, content sha256, file sha256, arch, summary);
 * ``README.md``: a model card (YAML front matter with ``library_name: opentrans-hub``, tags, ``base_model``
   when known and ``license``; a sparsity table, the method, provenance and how to load it).
@@ -20,13 +21,13 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .artefacts import KIND_FILES, NAME_PATTERN, Artefact, encode, kind_of, summary
+from .cards import model_card  # noqa: F401  (hub.model_card before the split)
 from .errors import OpenTransError
 from .registry import Registry, default_registry
 from .remote import (  # noqa: F401  (parse_hf_ref, MANIFEST: hub's public names before the split)
@@ -44,68 +45,10 @@ from .selection import LayerSelection
 from .sparsefile import PackedFile
 from .subnetwork import Subnetwork
 
-#: open_clip weights tags -> the model id model cards name as ``base_model``
-_BASE_MODELS = {("open_clip/RN50", "openai"): "timm/resnet50_clip.openai",
-                ("open_clip/RN101", "openai"): "timm/resnet101_clip.openai"}
-
-
-# --------------------------------------------------------------------------- model card
-def _yaml_list(items: list[str]) -> str:
-    return "".join(f"\n- {item}" for item in items)
-
-
-def _base_model(obj: Artefact) -> str | None:
-    base = obj.provenance.get("base_model") or obj.provenance.get("base_weights")
-    if isinstance(base, str):
-        return base
-    if isinstance(base, Mapping):
-        return _BASE_MODELS.get((obj.arch, base.get("pretrained")))
-    return None
-
-
-def model_card(obj: Artefact, manifest: Mapping[str, Any], license: str | None = None) -> str:
-    """README.md text: YAML front matter the Hub indexes, then what the artefact is and how to load it."""
-    kind = manifest["kind"]
-    tags = ["opentrans-hub", "pruning" if kind == "subnetwork" else "layer-selection", "clip",
-            "open-vocabulary-segmentation"]
-    base = _base_model(obj)
-    license = license or obj.provenance.get("license") or "apache-2.0"
-    front = ["library_name: opentrans-hub", f"license: {license}", f"tags:{_yaml_list(tags)}"]
-    if base:
-        front.append(f"base_model: {base}")
-    name = manifest.get("name") or manifest["file"]
-    lines = ["---", *front, "---", "", f"# {name}", ""]
-    method = obj.provenance.get("method") if kind == "subnetwork" else obj.policy.get("name")
-    if kind == "subnetwork":
-        stats = obj.stats()
-        lines += [f"A pruned subnetwork (boolean keep-masks) of the CLIP image encoder `{obj.arch}`, stored in "
-                  "opentrans-hub's bit-packed safetensors format, keyed by open_clip's canonical tensor names.", "",
-                  "| masked tensors | weights | kept | sparsity |", "|---:|---:|---:|---:|",
-                  f"| {stats['num_layers']} | {stats['total_params']:,} | {stats['kept_params']:,} | "
-                  f"{stats['sparsity']:.2%} |", "", "<details><summary>Per-layer sparsity</summary>", "",
-                  "| tensor | shape | kept | sparsity |", "|---|---|---:|---:|"]
-        lines += [f"| `{layer['name']}` | {'x'.join(map(str, layer['shape']))} | {layer['kept']:,} | "
-                  f"{layer['sparsity']:.2%} |" for layer in stats["layers"]]
-        lines += ["", "</details>", ""]
-    else:
-        lines += [f"A layer selection for the CLIP image encoder `{obj.arch}`: {len(obj.trainable)} of "
-                  f"{len(obj.layers)} layers are fine-tuned, the rest stay frozen.", ""]
-    lines += ["## Method", "", f"`{method}`", "", "```json",
-              json.dumps(obj.provenance if kind == "subnetwork" else {"policy": obj.policy, **obj.provenance},
-                         indent=1, sort_keys=True, default=str), "```", "",
-              "## Provenance", "", f"- content sha256: `{manifest['sha256']}`",
-              f"- file `{manifest['file']}` sha256: `{manifest['file_sha256']}`",
-              f"- created with {manifest.get('library', 'opentrans-hub')}", "",
-              "## How to load", "", "```bash", "pip install opentrans-hub",
-              "opentrans-hub pull hf://ORG/REPO --name my-subnetwork   # ORG/REPO: this repo", "```", "",
-              "```python", "import opentrans_hub as oth",
-              f"obj = oth.load_{'subnetwork' if kind == 'subnetwork' else 'selection'}(\"hf://ORG/REPO\")",
-              "```", ""]
-    return "\n".join(lines)
-
 
 def export_folder(obj: Artefact, folder: str | os.PathLike, name: str | None = None,
-                  license: str | None = None) -> dict[str, Any]:
+                  license: str | None = None, base_model: str | None = None,
+                  repo_id: str | None = None) -> dict[str, Any]:
     """Write the artefact, its manifest and a model card into ``folder``; returns the manifest."""
     from . import __version__
 
@@ -118,29 +61,34 @@ def export_folder(obj: Artefact, folder: str | os.PathLike, name: str | None = N
                 "library": f"opentrans-hub {__version__}", **summary(obj)}
     (folder / KIND_FILES[kind]).write_bytes(data)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n", encoding="utf-8")
-    (folder / "README.md").write_text(model_card(obj, manifest, license=license), encoding="utf-8")
+    (folder / "README.md").write_text(model_card(obj, manifest, license=license, base=base_model,
+                                                          repo_id=repo_id), encoding="utf-8")
     return manifest
 
 
 # --------------------------------------------------------------------------- push / pull
 def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None = None, private: bool = False,
          registry: Registry | None = None, endpoint: str | None = None, commit_message: str | None = None,
-         license: str | None = None) -> dict[str, Any]:
-    """Publish a registry name, file or object to ``repo_id`` (created if missing) on ``revision``."""
+         license: str | None = None, base_model: str | None = None) -> dict[str, Any]:
+    """Publish a registry name, file or object to ``repo_id`` (created if missing) on ``revision``.
+
+    Subnetworks, layer selections and packed sparse checkpoints (``opentrans-hub pack``) alike; the model
+    card names ``base_model`` (given, else from the mask's provenance) and how the repo relates to it.
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     check_repo_id(repo_id)
     if revision is not None and not _REVISION.fullmatch(revision):
         raise OpenTransError(f"bad revision {revision!r}")
-    if isinstance(ref, (Subnetwork, LayerSelection)):
+    if isinstance(ref, (Subnetwork, LayerSelection, PackedFile)):
         obj, name = ref, None
     else:
         obj, _ = (registry or default_registry()).resolve(ref)
         name = os.fspath(ref) if re.fullmatch(r"[a-z0-9][a-z0-9._-]*", os.fspath(ref)) else None
     api = HfApi(endpoint=_endpoint(endpoint))
     with tempfile.TemporaryDirectory(prefix="opentrans-hub-push-") as tmp:
-        manifest = export_folder(obj, tmp, name=name, license=license)
+        manifest = export_folder(obj, tmp, name=name, license=license, base_model=base_model, repo_id=repo_id)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision is not None:

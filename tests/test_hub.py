@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_resnet
 from hubserver import LoopbackHub, OlahServer
 from test_registry import tiny_selection, tiny_subnetwork
 
@@ -233,3 +234,71 @@ def test_backbone_weights_and_subnetwork_from_the_hub(hub, tmp_path, monkeypatch
     assert Registry().verify("hf://org/tiny-sub@main")["sha256"] == sub.sha256
     with pytest.raises(OpenTransError, match="bad Hub weights reference"):
         load_backbone("tinytest/resnet", pretrained="hf://org/tiny-weights/../../etc/passwd")
+
+
+# ------------------------------------------------------------------------------------------ packed backbones
+def test_packed_backbone_pack_push_pull_load_train(hub, tmp_path, monkeypatch):
+    """A fine-tuned pruned checkpoint: pack -> push (model card) -> pull -> load_backbone -> training, masks exact."""
+    from huggingface_hub import hf_hub_download
+    from test_packing_load import finetuned_pruned, train_and_check_exact
+
+    from opentrans_hub.backbones import BUILDERS
+    from opentrans_hub.hub import load_backbone
+    from opentrans_hub.packing import pack_checkpoint
+    from opentrans_hub.sparsefile import PackedFile
+    from opentrans_hub.sparsity import masked_parameters
+
+    monkeypatch.setitem(BUILDERS, "tinytest", lambda name, pretrained: make_tiny_resnet(seed=99))
+    tower, sub = finetuned_pruned(seed=7)
+    state = tower.state_dict()
+    torch.save({"model": {f"backbone.clip_model.visual.{k}": v for k, v in state.items()}, "iteration": 90},
+               tmp_path / "model_final.pth")
+    packed = tmp_path / "model_final.sparse.safetensors"
+    info = pack_checkpoint(tmp_path / "model_final.pth", packed, subnetwork=sub)
+    pushed = push(str(packed), "org/finetuned-tiny", endpoint=hub.upload.url, base_model="timm/resnet50_clip.openai")
+    assert pushed["kind"] == "packed" and pushed["sha256"] == info["content_sha256"]
+
+    readme = Path(hf_hub_download("org/finetuned-tiny", "README.md", revision=pushed["commit"],
+                                  endpoint=hub.olah.url, cache_dir=tmp_path / "cache")).read_text()
+    _, front, body = readme.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "opentrans-hub" and meta["base_model"] == "timm/resnet50_clip.openai"
+    assert meta["base_model_relation"] == "finetune"
+    assert {"pruned", "sparse", "arxiv:2404.07448"} <= set(meta["tags"])
+    assert f"{info['dense_bytes']:,} B" in body and f"{info['packed_bytes']:,} B" in body
+    assert f"{sub.sparsity:.2%}" in body and "backbone.clip_model.visual.layer1.0.conv2.weight" in body
+    assert 'pretrained="hf://org/finetuned-tiny"' in body and sub.sha256 in body
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.olah.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OPENTRANS_HUB_HOME", str(tmp_path / "home"))
+    obj, record = pull("hf://org/finetuned-tiny", name="finetuned-tiny")
+    assert isinstance(obj, PackedFile) and record["commit"] == pushed["commit"] and obj.subnetwork.sha256 == sub.sha256
+    model = load_backbone("tinytest/resnet", pretrained="hf://org/finetuned-tiny")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert set(masked_parameters(model)) == set(sub.masks)
+    train_and_check_exact(model, sub.masks)
+    again = load_backbone("tinytest/resnet", pretrained="finetuned-tiny")  # the pulled registry name
+    assert set(masked_parameters(again)) == set(sub.masks)
+    push(sub, "org/mask-only", endpoint=hub.upload.url)
+    with pytest.raises(OpenTransError, match="publishes a subnetwork, not weights"):
+        load_backbone("tinytest/resnet", pretrained="hf://org/mask-only")
+
+
+def test_subnetwork_card_is_an_adapter_and_packed_card_warns_without_base(hub, tmp_path):
+    from huggingface_hub import hf_hub_download
+    from test_packing_load import finetuned_pruned
+
+    from opentrans_hub.packing import pack_checkpoint
+
+    sub = rn50_like_subnetwork(30)
+    pushed = push(sub, "org/adapter-card", endpoint=hub.upload.url)
+    readme = Path(hf_hub_download("org/adapter-card", "README.md", revision=pushed["commit"], endpoint=hub.olah.url,
+                                  cache_dir=tmp_path / "cache")).read_text()
+    meta = yaml.safe_load(readme.split("---\n", 2)[1])
+    assert meta["base_model"] == "timm/resnet50_clip.openai" and meta["base_model_relation"] == "adapter"
+    tower, tiny = finetuned_pruned(seed=8)
+    torch.save(tower.state_dict(), tmp_path / "t.pth")
+    pack_checkpoint(tmp_path / "t.pth", tmp_path / "t.sparse.safetensors", subnetwork=tiny)
+    with pytest.warns(UserWarning, match="base model unknown"):
+        push(str(tmp_path / "t.sparse.safetensors"), "org/no-base", endpoint=hub.upload.url)

@@ -14,12 +14,13 @@ from ._common import print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("push", help="publish a subnetwork/selection (with model card) to a Hub repo")
+    p = subparsers.add_parser("push", help="publish a subnetwork, selection or packed backbone (with model card)")
     p.add_argument("ref", metavar="NAME|PATH")
     p.add_argument("--repo-id", required=True, metavar="ORG/REPO")
     p.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--license", help="license for the model card (default: from provenance, else apache-2.0)")
+    p.add_argument("--base-model", metavar="HUB_ID", help="base model the card names (default: from provenance)")
     p.add_argument("--registry", metavar="DIR", help="registry folder for NAME")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_push)
@@ -35,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_push(args: argparse.Namespace) -> int:
     registry = Registry(args.registry) if args.registry else None
     result = push(args.ref, args.repo_id, revision=args.revision, private=args.private, registry=registry,
-                  license=args.license)
+                  license=args.license, base_model=args.base_model)
     if args.json:
         print_json(result)
     else:
@@ -51,5 +52,6 @@ def run_pull(args: argparse.Namespace) -> int:
         print_json(record)
     else:
         named = f" as {record['name']}" if "name" in record else ""
-        print(f"pulled {record['kind']} {record['sha256'][:12]} from {record['repo_id']}@{record['commit']}{named}")
+        print(f"pulled {record['kind']} {record['sha256'][:12]} from {record['repo_id']}@{record['commit']}{named}: "
+              f"{record['path']}")
     return 0
