@@ -1,0 +1,151 @@
+"""Packed sparse checkpoints of a pruned RN50 tower: bytes on disk and seconds, vs dense files and torch CSR.
+
+Fixture: the open_clip RN50 visual tower, random init, pruned to 89 % by global magnitude over every Conv2d
+weight except the first conv (21 rounds at 10 %), zeros in place. Two inputs:
+  tower      the tower's state dict as a dense safetensors file;
+  framework  the same tower inside a framework checkpoint (.pth: ``model`` with the tower under
+             ``backbone.clip_model.visual.``, a small decoder, ``iteration``).
+Measured (medians over repeats, peers interleaved in one process):
+  bytes      dense file vs packed (fp32 values, and ``dtype=bf16``); the conv part alone (masked tensors:
+             dense bytes vs bits + kept values); torch CSR (``to_sparse_csr`` of each conv weight as a matrix:
+             int64 row pointers and column indices + values) for the same tensors;
+  seconds    pack and unpack of the tower file; load-to-model: ``load_backbone(pretrained=packed)`` (read,
+             verify, decode, load, masks re-applied) vs ``build_visual(dense file)``, and the read alone
+             (``load_sparse`` vs safetensors ``load_file``).
+Last line of stdout: one JSON object (dense_bytes, packed_bytes, ratio, conv_ratio, pack_s, unpack_s,
+load_ratio, ... and the targets conv_ratio <= 0.16, load_ratio <= 1.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _csr_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    import warnings
+
+    total = 0
+    for tensor in tensors.values():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            csr = tensor.reshape(tensor.shape[0], -1).to_sparse_csr()
+        total += sum(t.numel() * t.element_size() for t in (csr.crow_indices(), csr.col_indices(), csr.values()))
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="3 repeats")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else args.repeats
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from safetensors.torch import load_file, save_file
+
+    from opentrans_hub.backbones import build_visual
+    from opentrans_hub.hub import load_backbone
+    from opentrans_hub.imp import PruneScope, magnitude_masks
+    from opentrans_hub.packing import load_sparse, pack_checkpoint, packed_stats, unpack
+    from opentrans_hub.sparsefile import open_packed
+    from opentrans_hub.subnetwork import Subnetwork, default_provenance
+
+    with tempfile.TemporaryDirectory(prefix="oth-bench-pack-") as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        tower = build_visual("open_clip/RN50")
+        selected = PruneScope().select(tower)
+        tensors = {name: param.detach() for name, (_, param) in selected.items()}
+        masks = None
+        for _ in range(21):
+            masks = magnitude_masks(tensors, masks, rate=0.1)
+        sub = Subnetwork(masks, arch="open_clip/RN50", provenance=default_provenance("benchmark-fixture"))
+        with torch.no_grad():
+            for name, keep in sub.masks.items():
+                tensors[name].masked_fill_(~keep, 0)
+        state = {k: v.detach().clone() for k, v in tower.state_dict().items()}
+        del tower
+        dense_file = tmp / "rn50.safetensors"
+        save_file(state, str(dense_file))
+        gen = torch.Generator().manual_seed(1)
+        decoder = {f"sem_seg_head.layer{i}.weight": torch.randn(256, 256, 3, 3, generator=gen) for i in range(4)}
+        framework = {"model": {**{f"backbone.clip_model.visual.{k}": v for k, v in state.items()}, **decoder},
+                     "iteration": 90000, "trainer": {"lr": 1e-4, "milestones": [60000, 80000]}}
+        framework_file = tmp / "model_final.pth"
+        torch.save(framework, framework_file)
+        print(f"subnetwork: {len(sub)} conv tensors, {sub.sparsity:.2%} sparse", file=sys.stderr)
+
+        packed = tmp / "rn50.sparse.safetensors"
+        packed_bf16 = tmp / "rn50.bf16.sparse.safetensors"
+        packed_framework = tmp / "model_final.sparse.safetensors"
+        pack_checkpoint(dense_file, packed_bf16, subnetwork=sub, dtype="bf16")
+        pack_checkpoint(framework_file, packed_framework, subnetwork=sub)
+
+        pack_s, unpack_s, load_dense, load_packed, read_dense, read_packed = [], [], [], [], [], []
+        for i in range(repeats):
+            pack_s.append(_timed(lambda: pack_checkpoint(dense_file, packed, subnetwork=sub)))
+            unpack_s.append(_timed(lambda: unpack(packed, tmp / "again.safetensors")))
+            order = ("dense", "packed") if i % 2 == 0 else ("packed", "dense")
+            for which in order:
+                if which == "dense":
+                    load_dense.append(_timed(lambda: build_visual("open_clip/RN50", dense_file)))
+                    read_dense.append(_timed(lambda: load_file(str(dense_file))))
+                else:
+                    load_packed.append(_timed(lambda: load_backbone("open_clip/RN50", pretrained=packed)))
+                    read_packed.append(_timed(lambda: load_sparse(packed)))
+            print(f"repeat {i + 1}/{repeats}: pack {pack_s[-1]:.3f}s unpack {unpack_s[-1]:.3f}s load dense "
+                  f"{load_dense[-1]:.3f}s packed {load_packed[-1]:.3f}s; read dense {read_dense[-1]:.3f}s "
+                  f"packed {read_packed[-1]:.3f}s", file=sys.stderr)
+
+        identical = all(torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+                        for a, b in ((state[k], v) for k, v in load_file(str(tmp / "again.safetensors")).items()))
+        stats = packed_stats(open_packed(packed))
+        stats_bf16 = packed_stats(open_packed(packed_bf16))
+        stats_fw = packed_stats(open_packed(packed_framework))
+        csr = _csr_bytes({name: state[name] for name in sub.masks})
+        dense_bytes = dense_file.stat().st_size
+        framework_bytes = framework_file.stat().st_size
+
+    med = statistics.median
+    result = {
+        "benchmark": "sparse_pack", "arch": "open_clip/RN50", "repeats": repeats,
+        "torch_threads": torch.get_num_threads(),
+        "sparsity": round(sub.sparsity, 4), "conv_tensors": len(sub), "bit_identical": identical,
+        "dense_bytes": dense_bytes, "packed_bytes": stats["file_bytes"],
+        "ratio": round(stats["file_bytes"] / dense_bytes, 4),
+        "conv_dense_bytes": stats["masked_dense_bytes"], "conv_packed_bytes": stats["masked_packed_bytes"],
+        "conv_ratio": round(stats["masked_packed_bytes"] / stats["masked_dense_bytes"], 4),
+        "bf16_packed_bytes": stats_bf16["file_bytes"], "bf16_ratio": round(stats_bf16["file_bytes"] / dense_bytes, 4),
+        "bf16_conv_ratio": round(stats_bf16["masked_packed_bytes"] / stats_bf16["masked_dense_bytes"], 4),
+        "csr_conv_bytes": csr, "csr_conv_ratio": round(csr / stats["masked_dense_bytes"], 4),
+        "framework_dense_bytes": framework_bytes, "framework_packed_bytes": stats_fw["file_bytes"],
+        "framework_ratio": round(stats_fw["file_bytes"] / framework_bytes, 4),
+        "pack_s": round(med(pack_s), 3), "unpack_s": round(med(unpack_s), 3),
+        "load_dense_s": round(med(load_dense), 3), "load_packed_s": round(med(load_packed), 3),
+        "load_ratio": round(med(load_packed) / med(load_dense), 3),
+        "read_dense_s": round(med(read_dense), 3), "read_packed_s": round(med(read_packed), 3),
+        "read_ratio": round(med(read_packed) / med(read_dense), 3),
+        "target_conv_ratio": 0.16, "target_load_ratio": 1.3,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
