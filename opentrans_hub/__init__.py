@@ -10,6 +10,7 @@ from .hub import load_backbone, pull, push  # noqa: E402
 from .imp import IMPRunner, PruneScope, magnitude_masks, magnitude_prune, prune_round  # noqa: E402
 from .importers import from_torch_prune, from_zeros, import_pruned_checkpoint  # noqa: E402
 from .mapping import MappingReport, NameMap, Rule  # noqa: E402
+from .packing import load_sparse, pack_checkpoint, unpack  # noqa: E402
 from .plugins import Plugin, get_plugin, list_plugins  # noqa: E402
 from .registry import Registry, load_selection, load_subnetwork  # noqa: E402
 from .report import count_flops, parameter_counts, plot_alpha, plot_sparsity, sparse_inference_flops  # noqa: E402
@@ -57,11 +58,13 @@ __all__ = [
     "list_plugins",
     "load_backbone",
     "load_selection",
+    "load_sparse",
     "load_subnetwork",
     "magnitude_masks",
     "magnitude_prune",
     "masked_parameters",
     "model_sparsity",
+    "pack_checkpoint",
     "parameter_counts",
     "plot_alpha",
     "plot_sparsity",
@@ -71,4 +74,5 @@ __all__ = [
     "remove",
     "select_layers",
     "sparse_inference_flops",
+    "unpack",
 ]
