@@ -142,6 +142,9 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
         raise OpenTransError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
     source = "<checkpoint>" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
     out = check_output(out, None if isinstance(checkpoint, Mapping) else checkpoint)
+    if out.suffix != ".safetensors":
+        raise OpenTransError("a packed file is safetensors: name it *.safetensors (e.g. model.sparse.safetensors)",
+                             path=out)
     obj = dict(checkpoint) if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
     source_meta = None if isinstance(checkpoint, Mapping) else _safetensors_metadata(Path(checkpoint))
     tensors: dict[str, torch.Tensor] = {}
@@ -288,21 +291,19 @@ def packed_stats(reader: sf.PackedReader) -> dict[str, Any]:
 
 
 def tower_masks(path: str | os.PathLike, names: Any) -> dict[str, torch.Tensor]:
-    """The packed file's keep-masks keyed by a model's parameter ``names`` (the file's tensor keys minus the
-    one prefix under which every masked key is such a name: the state trail, ``visual.``, a tower path)."""
+    """The packed file's keep-masks keyed by a model's parameter ``names``: the file holds the model under
+    one prefix (the state trail, ``visual.``, a tower path: where every name is found), and the masks under
+    it are the model's; masks of other modules in the file (a pruned decoder) are not."""
     reader = sf.open_packed(path)
-    masks = reader.masks()
-    if not masks:
-        return {}
     names = set(names)
-    first = next(iter(masks))
-    parts = first.split(".")
-    for i in range(len(parts)):
-        prefix = ".".join(parts[:i]) + ("." if i else "")
-        if all(key.startswith(prefix) and key[len(prefix):] in names for key in masks):
-            return {key[len(prefix):]: mask for key, mask in masks.items()}
-    raise OpenTransError(f"the packed file's masks do not fit the model's parameter names (first: {first!r})",
-                         path=path, tensor=first)
+    prefixes = find_prefixes(reader.specs, names)
+    if len(prefixes) != 1:
+        what = "no" if not prefixes else f"{len(prefixes)} ({prefixes[:3]})"
+        raise OpenTransError(f"the packed file's masks do not fit the model: {what} prefix holds every one of its "
+                             f"{len(names)} parameters", path=path)
+    prefix = prefixes[0]
+    return {key[len(prefix):]: reader.mask(key).reshape(reader.specs[key].shape) for key in reader.mask_names
+            if key.startswith(prefix) and key[len(prefix):] in names}
 
 
 # ----------------------------------------------------------------------------------------- unpack / load

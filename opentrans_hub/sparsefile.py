@@ -365,7 +365,10 @@ class PackedReader:
     def checkpoint(self, verify: bool = True) -> Any:
         """The whole checkpoint object, dense, verified before it is returned."""
         dense = dict(self.tensors(verify=verify))
-        return decode_tree(self.tree, lambda key: _lookup(dense, key, self.source), self.source)
+        try:
+            return decode_tree(self.tree, lambda key: _lookup(dense, key, self.source), self.source)
+        except RecursionError:
+            raise self._error("the header's tree nests too deeply") from None
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Tensor key -> keep-mask for every masked tensor."""

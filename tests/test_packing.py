@@ -170,6 +170,8 @@ def test_pack_refusals(packed, tmp_path):
         pack_checkpoint(src, src, subnetwork=sub)
     with pytest.raises(OpenTransError, match="over the input"):
         unpack(folder / "model.sparse.safetensors", folder / "model.sparse.safetensors")
+    with pytest.raises(OpenTransError, match=r"name it \*\.safetensors"):
+        pack_checkpoint(src, tmp_path / "x.pth", subnetwork=sub)
     with pytest.raises(OpenTransError, match="exactly one"):
         pack_checkpoint(src, tmp_path / "x.safetensors")
     dense = {"w": torch.randn(8, 8)}

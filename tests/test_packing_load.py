@@ -116,3 +116,12 @@ def test_plugin_apply_checkpoint_reads_packed_input(tmp_path):
     assert not weight[~narrower[name]].any() and not weight[~sub[name]].any()
     assert torch.equal(weight[narrower[name] & sub[name]], state[f"backbone.clip_model.visual.{name}"][
         narrower[name] & sub[name]])
+
+
+def test_tower_masks_ignore_a_pruned_decoder(tmp_path, tiny_arch):
+    tower, sub = finetuned_pruned(seed=3)
+    decoder = torch.randn(32, 32, 3, 3) * (torch.rand(32, 32, 3, 3) > 0.8)
+    state = {**{f"backbone.visual.{k}": v for k, v in tower.state_dict().items()}, "head.conv.weight": decoder}
+    pack_checkpoint({"model": state}, tmp_path / "both.sparse.safetensors", zeros=True)
+    loaded = load_backbone(tiny_arch, pretrained=str(tmp_path / "both.sparse.safetensors"))
+    assert set(masked_parameters(loaded)) == {n for n, keep in sub.masks.items() if not keep.all()}
