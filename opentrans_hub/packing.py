@@ -193,7 +193,8 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
                                  sf.dtype_name(stored, key) if stored is not None else None)
             sizes[key + sf.KEPT_SUFFIX] = spec.kept * (stored or tensor.dtype).itemsize
             sizes[key + sf.MASK_SUFFIX] = len(blobs[name])
-            hashes[key] = sf.tensor_hash(key, _dense(tensor, keep, stored))
+            zero_already = stored is None and (zeros or not force_zero)  # pruned positions are +0.0 bitwise
+            hashes[key] = sf.tensor_hash(key, tensor.detach().cpu() if zero_already else _dense(tensor, keep, stored))
         specs.append(spec)
     content_sha256 = sf.content_sha256(hashes, tree)
 
