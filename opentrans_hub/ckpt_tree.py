@@ -21,6 +21,9 @@ def encode_tree(obj: Any, tensors: dict[str, torch.Tensor], path: tuple = ()) ->
     """JSON node for ``obj``; tensors are replaced by ``{"t": key}`` and collected into ``tensors``."""
     where = ".".join(map(str, path)) or "<top level>"
     if isinstance(obj, torch.Tensor):
+        if obj.layout != torch.strided or obj.is_quantized or obj.device.type == "meta":
+            raise OpenTransError(f"entry {where!r} is a {obj.layout} {'quantized ' if obj.is_quantized else ''}"
+                                 f"tensor on {obj.device.type}; packed files hold dense strided tensors with data")
         key = ".".join(map(str, path)) or "tensor"
         base, n = key, 1
         while key in tensors:

@@ -177,6 +177,10 @@ def test_pack_refusals(packed, tmp_path):
     dense = {"w": torch.randn(8, 8)}
     with pytest.raises(OpenTransError, match="nothing looks pruned"):
         pack_checkpoint(dense, tmp_path / "x.safetensors", zeros=True)
+    with pytest.raises(OpenTransError, match="entry 'extra.0' is a torch.sparse_coo tensor"):
+        pack_checkpoint({**checkpoint, "extra": [torch.eye(3).to_sparse()]}, tmp_path / "x.safetensors", subnetwork=sub)
+    with pytest.raises(OpenTransError, match="'meta.fn' holds a builtin_function_or_method, which a packed"):
+        pack_checkpoint({**checkpoint, "meta": {"fn": print}}, tmp_path / "x.safetensors", subnetwork=sub)
     other = magnitude_prune(make_tiny_resnet(0, width=8), sparsity=0.5, arch="test/tiny", apply=False)
     with pytest.raises(OpenTransError, match="not in the checkpoint under any one prefix|shape"):
         pack_checkpoint(src, tmp_path / "x.safetensors", subnetwork=other)
