@@ -237,7 +237,7 @@ class PackedReader:
                     raise self._error("stored data missing from the file", tensor=name)
                 if entry[0] != dtype:
                     raise self._error(f"dtype {entry[0]} disagrees with the header's {dtype}", tensor=name)
-                if not name.endswith(MASK_SUFFIX) and list(entry[1]) != list(shape):
+                if not (spec.masked and name.endswith(MASK_SUFFIX)) and list(entry[1]) != list(shape):
                     raise self._error(f"stored shape {entry[1]} disagrees with the header's {list(shape)} "
                                       "(value count and mask bits disagree?)", tensor=name)
             if spec.masked and self.mask_names.get(spec.key) is None:
@@ -247,8 +247,11 @@ class PackedReader:
             raise self._error("stored tensor not described by the header", tensor=extra[0])
         if set(self.mask_names) != {k for k, s in self.specs.items() if s.masked}:
             raise self._error("the header's mask list and masked tensors disagree")
+        names = list(self.mask_names.values())
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise self._error("mask names must be distinct non-empty strings")
         if self.mask_names and (self.sub_meta.get("format") != SUBNETWORK_FORMAT
-                                or not isinstance(self.sub_meta.get("shapes"), str)):
+                                or not all(isinstance(v, str) for v in self.sub_meta.values())):
             raise self._error("embedded subnetwork header is missing or not a subnetwork's")
 
     def _json(self, key: str, kinds: tuple[type, ...]) -> Any:

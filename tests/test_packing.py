@@ -223,10 +223,12 @@ def _bad_files(data: bytes) -> dict[str, tuple[bytes, str]]:
             dtype="I16", shape=[(h[kept]["data_offsets"][1] - h[kept]["data_offsets"][0]) // 2])),
                   "disagrees"),
         "count": (_rewrite_header(data, _one_value_fewer), "disagrees"),
+        "mask name": (_rewrite_header(data, lambda h: h["__metadata__"].update(
+            masks=json.dumps(dict.fromkeys(json.loads(h["__metadata__"]["masks"]), 7)))), "mask names"),
     }
 
 
-@pytest.mark.parametrize("defect", ["truncated", "header cut", "mask bit", "value", "dtype", "count"])
+@pytest.mark.parametrize("defect", ["truncated", "header cut", "mask bit", "value", "dtype", "count", "mask name"])
 def test_bad_packed_files_one_clear_error(packed, tmp_path, defect):
     folder = packed[0]
     data, words = _bad_files((folder / "model.sparse.safetensors").read_bytes())[defect]
