@@ -12,6 +12,8 @@ Measured (medians over repeats, peers interleaved in one process):
   seconds    pack and unpack of the tower file; load-to-model: ``load_backbone(pretrained=packed)`` (read,
              verify, decode, load, masks re-applied) vs ``build_visual(dense file)``, and the read alone
              (``load_sparse`` vs safetensors ``load_file``).
+  memory     peak anonymous memory held beyond the start of a pack and of an unpack (streaming: about one
+             dense tensor and its parts, not the whole checkpoint; the input and output files are mapped).
 Last line of stdout: one JSON object (dense_bytes, packed_bytes, ratio, conv_ratio, pack_s, unpack_s,
 load_ratio, ... and the targets conv_ratio <= 0.16, load_ratio <= 1.3).
 """
@@ -33,6 +35,48 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+_MEMORY_PROBE = r"""
+import ctypes, gc, sys, threading, time
+import torch
+torch.set_num_threads(1)
+from opentrans_hub import Subnetwork
+from opentrans_hub.packing import pack_checkpoint, unpack
+
+def anon():
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) / 1024 for line in handle if line.startswith("RssAnon:"))
+
+ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: freed tensors go back to the system
+what, src, out = sys.argv[1:4]
+sub = Subnetwork.load(sys.argv[4]) if what == "pack" else None
+gc.collect()
+base, peak, done = anon(), [0.0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.002)
+
+thread = threading.Thread(target=sample, daemon=True)
+thread.start()
+pack_checkpoint(src, out, subnetwork=sub) if what == "pack" else unpack(src, out)
+done.set()
+thread.join()
+print(round(max(peak[0] - base, 0.0), 1))
+"""
+
+
+def _peak_anon_mb(*args: str) -> float | None:
+    """Peak anonymous memory (MB) a fresh process holds beyond its start while it packs or unpacks (Linux;
+    None elsewhere). The input and output files are memory-mapped, so this is what streaming keeps in RAM."""
+    import subprocess
+
+    if not Path("/proc/self/status").exists():
+        return None
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, *args], capture_output=True, text=True, timeout=600)
+    return float(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
 
 
 def _csr_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -113,6 +157,11 @@ def main() -> int:
                   f"{load_dense[-1]:.3f}s packed {load_packed[-1]:.3f}s; read dense {read_dense[-1]:.3f}s "
                   f"packed {read_packed[-1]:.3f}s", file=sys.stderr)
 
+        sub.save(tmp / "mask.safetensors")
+        pack_mem = _peak_anon_mb("pack", str(dense_file), str(tmp / "probe.sparse.safetensors"),
+                                 str(tmp / "mask.safetensors"))
+        unpack_mem = _peak_anon_mb("unpack", str(packed), str(tmp / "probe.safetensors"))
+        largest = max(v.numel() * v.element_size() for v in state.values()) / 2**20
         identical = all(torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
                         for a, b in ((state[k], v) for k, v in load_file(str(tmp / "again.safetensors")).items()))
         stats = packed_stats(open_packed(packed))
@@ -141,6 +190,8 @@ def main() -> int:
         "load_ratio": round(med(load_packed) / med(load_dense), 3),
         "read_dense_s": round(med(read_dense), 3), "read_packed_s": round(med(read_packed), 3),
         "read_ratio": round(med(read_packed) / med(read_dense), 3),
+        "pack_peak_extra_mb": pack_mem, "unpack_peak_extra_mb": unpack_mem,
+        "largest_tensor_mb": round(largest, 1), "dense_mb": round(dense_bytes / 2**20, 1),
         "target_conv_ratio": 0.16, "target_load_ratio": 1.3,
     }
     print(json.dumps(result))

@@ -82,7 +82,7 @@ def _masks_from_zeros(state: Mapping[str, torch.Tensor], include: str | None) ->
                 or (pattern is not None and not pattern.search(key))):
             continue
         keep = (sf.bits(tensor) != 0).reshape(tensor.shape)
-        if _savings(tensor, int(keep.sum())):
+        if _savings(tensor, sf.count(keep)):
             masks[key] = keep
     return masks
 
@@ -189,7 +189,7 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
             name = mask_names[key]
             keep = sub[name].reshape(-1)
             stored = cast if cast is not None and cast != tensor.dtype else None
-            spec = sf.TensorSpec(key, dtype_name, tuple(tensor.shape), int(keep.sum()),
+            spec = sf.TensorSpec(key, dtype_name, tuple(tensor.shape), sf.count(keep),
                                  sf.dtype_name(stored, key) if stored is not None else None)
             sizes[key + sf.KEPT_SUFFIX] = spec.kept * (stored or tensor.dtype).itemsize
             sizes[key + sf.MASK_SUFFIX] = len(blobs[name])
@@ -242,7 +242,7 @@ def _dense(tensor: torch.Tensor, keep: torch.Tensor, stored: torch.dtype | None)
     values = source[keep]
     if stored is not None:
         values = sf.bits(values.view(tensor.dtype).to(stored).to(tensor.dtype))
-    out[keep] = values
+    out.masked_scatter_(keep, values)
     return out.view(tensor.dtype).reshape(tensor.shape)
 
 
