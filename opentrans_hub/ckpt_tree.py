@@ -1,7 +1,8 @@
 """A checkpoint's nesting and non-tensor entries as JSON, its tensors collected by key (packed files).
 
-``encode_tree`` turns dicts (``OrderedDict`` and torch's ``_metadata`` included), lists, tuples, scalars
-(floats exactly, through ``repr``), bytes, dtypes and sizes into JSON nodes, each tensor into ``{"t": key}``
+``encode_tree`` turns dicts (``OrderedDict`` and torch's ``_metadata`` included), lists, tuples, sets, scalars
+(floats and complex exactly, through ``repr``), bytes, dtypes, devices and sizes (what ``torch.load`` with
+``weights_only=True`` gives) into JSON nodes, each tensor into ``{"t": key}``
 with the key being its dotted path; anything else is refused, naming the entry. ``decode_tree`` rebuilds it.
 """
 
@@ -47,6 +48,13 @@ def encode_tree(obj: Any, tensors: dict[str, torch.Tensor], path: tuple = ()) ->
         return {"dt": str(obj).removeprefix("torch.")}
     if isinstance(obj, torch.Size):
         return {"sz": list(obj)}
+    if isinstance(obj, torch.device):
+        return {"dev": str(obj)}
+    if isinstance(obj, complex):
+        return {"c": [repr(obj.real), repr(obj.imag)]}
+    if type(obj) in (set, frozenset):
+        items = sorted((encode_tree(v, {}, (*path, "<item>")) for v in obj), key=lambda n: repr(n))
+        return {"set" if isinstance(obj, set) else "fset": items}
     if isinstance(obj, Mapping) and type(obj) in (dict, OrderedDict):
         node: dict[str, Any] = {"d": [[encode_tree(k, {}, (*path, "<key>")), encode_tree(v, tensors, (*path, k))]
                                       for k, v in obj.items()]}
@@ -86,6 +94,13 @@ def decode_tree(node: Any, tensor: Callable[[str], torch.Tensor], source: str) -
             return getattr(torch, value)
         if tag == "sz":
             return torch.Size([int(v) for v in value])
+        if tag == "dev" and isinstance(value, str):
+            return torch.device(value)
+        if tag == "c" and isinstance(value, list) and len(value) == 2:
+            return complex(float(value[0]), float(value[1]))
+        if tag in ("set", "fset") and isinstance(value, list):
+            items = [decode_tree(v, tensor, source) for v in value]
+            return set(items) if tag == "set" else frozenset(items)
         if tag in ("l", "u") and isinstance(value, list):
             items = [decode_tree(v, tensor, source) for v in value]
             return items if tag == "l" else tuple(items)
@@ -95,6 +110,6 @@ def decode_tree(node: Any, tensor: Callable[[str], torch.Tensor], source: str) -
             if "m" in node:
                 out._metadata = decode_tree(node["m"], tensor, source)  # type: ignore[attr-defined]
             return out
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: torch.device("nonsense")
         pass
     raise OpenTransError(f"bad tree node {str(node)[:60]}", path=source)

@@ -52,7 +52,9 @@ def pruned_checkpoint(seed: int = 0, sparsity: float = 0.8) -> tuple[dict, Subne
                   "iteration": 1234, "optimizer": {"state": {0: {"step": torch.tensor(3.0)}},
                                                    "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999),
                                                                      "eps": float("inf"), "params": [0]}]},
-                  "meta": {"note": "fine-tuned", "none": None, "dtype": torch.float32, "flag": True}}
+                  "meta": {"note": "fine-tuned", "none": None, "dtype": torch.float32, "flag": True,
+                           "device": torch.device("cpu"), "ids": {3, 1}, "z": 1 + 2j, "shape": torch.Size([2, 3]),
+                           "raw": b"\x00\xff"}}
     checkpoint["model"]._metadata = OrderedDict({"": {"version": 1}})
     return checkpoint, sub
 
