@@ -155,6 +155,9 @@ def load_visual_weights(visual: nn.Module, path: str | os.PathLike) -> str:
         from .checkpoints import find_prefixes
 
         prefixes = find_prefixes(state, expected)
+        if len(prefixes) > 1:
+            raise OpenTransError(f"the file holds the tower {len(prefixes)} times (under {', '.join(prefixes[:3])}); "
+                                 "extract the one you mean", path=path)
         if len(prefixes) == 1:
             state = {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
     missing = sorted(set(expected) - set(state))

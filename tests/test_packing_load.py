@@ -125,3 +125,12 @@ def test_tower_masks_ignore_a_pruned_decoder(tmp_path, tiny_arch):
     pack_checkpoint({"model": state}, tmp_path / "both.sparse.safetensors", zeros=True)
     loaded = load_backbone(tiny_arch, pretrained=str(tmp_path / "both.sparse.safetensors"))
     assert set(masked_parameters(loaded)) == {n for n, keep in sub.masks.items() if not keep.all()}
+
+
+def test_two_towers_in_one_file_are_refused(tmp_path, tiny_arch):
+    tower, sub = finetuned_pruned(seed=4)
+    state = tower.state_dict()
+    both = {**{f"model.visual.{k}": v for k, v in state.items()}, **{f"ema.visual.{k}": v for k, v in state.items()}}
+    pack_checkpoint(both, tmp_path / "ema.sparse.safetensors", zeros=True)
+    with pytest.raises(OpenTransError, match="holds the tower 2 times"):
+        load_backbone(tiny_arch, pretrained=str(tmp_path / "ema.sparse.safetensors"))
