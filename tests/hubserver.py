@@ -4,7 +4,11 @@
   repos under ``<root>/mirrors/models/ORG/NAME`` to the stock ``huggingface_hub`` client.
 * :class:`UploadServer` implements the routes ``HfApi.create_repo``, ``create_branch``, ``upload_folder``
   (``validate-yaml``, ``preupload``, ``commit`` with an ndjson payload of base64 regular files) use, and
-  commits into those same git repos with git plumbing, so what is pushed is what olah serves.
+  commits into those same git repos with git plumbing, so what is pushed is what olah serves. With
+  ``lfs_threshold`` set (off by default), files from that many bytes up go the Hub's LFS way (the client
+  must not use Xet: ``HF_HUB_DISABLE_XET``): ``preupload`` says ``lfs``, the client asks the LFS batch
+  endpoint, PUTs the bytes (checked against their sha256 and size) and commits an ``lfsFile`` line; the
+  object's bytes are then committed as the git blob itself, since olah serves the blobs of its mirrors.
 
 Both bind 127.0.0.1 only. Nothing here reaches any other address.
 """
@@ -120,6 +124,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._send(404, {"error": f"upload endpoint has no GET {self.path}"})
 
+    def do_PUT(self):
+        owner = self.server.owner
+        path = self.path.split("?")[0]
+        owner.requests.append(("PUT", path, self.headers.get("Authorization")))
+        m = re.fullmatch(r"/lfs-upload/([0-9a-f]{64})", path)
+        if not m:
+            return self._send(404, {"error": f"no route PUT {path}"})
+        return self._send(*owner.lfs_put(m.group(1), self._body()))
+
     def do_POST(self):
         owner = self.server.owner
         owner.requests.append(("POST", self.path.split("?")[0], self.headers.get("Authorization")))
@@ -130,6 +143,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(*owner.create_repo(json.loads(body)))
             if path == "/api/validate-yaml":
                 return self._send(*owner.validate_yaml(json.loads(body)))
+            m = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
+            if m:
+                return self._send(*owner.lfs_batch(m.group(1), json.loads(body)))
             m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit|branch)/(.+)", path)
             if m:
                 repo_id, route, rev = m.group(1), m.group(2), m.group(3).replace("%2F", "/")
@@ -151,8 +167,10 @@ class _UploadHTTPServer(ThreadingHTTPServer):
 class UploadServer:
     """A minimal Hub write API committing into the bare repos under ``mirrors/models/ORG/NAME``."""
 
-    def __init__(self, mirrors: Path):
+    def __init__(self, mirrors: Path, lfs_threshold: int | None = None):
         self.mirrors = Path(mirrors)
+        self.lfs_threshold = lfs_threshold
+        self.lfs_objects: dict[str, bytes] = {}
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.requests: list[tuple[str, str, str | None]] = []
@@ -211,8 +229,36 @@ class UploadServer:
     def preupload(self, repo_id: str, payload: dict) -> tuple[int, dict]:
         if not self.repo_dir(repo_id).exists():
             return 404, {"error": "Repository not found"}
-        return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+        return 200, {"files": [{"path": f["path"], "shouldIgnore": False,
+                                "uploadMode": "lfs" if self.lfs_threshold is not None
+                                and int(f.get("size", 0)) >= self.lfs_threshold else "regular"}
                                for f in payload["files"]]}
+
+    def lfs_batch(self, repo_id: str, payload: dict) -> tuple[int, dict]:
+        """The LFS batch API: where to PUT each object not stored yet (basic transfer)."""
+        if not self.repo_dir(repo_id).exists():
+            return 404, {"error": "Repository not found"}
+        if payload.get("operation") != "upload":
+            return 422, {"error": "only uploads"}
+        objects = []
+        for obj in payload["objects"]:
+            oid, size = str(obj["oid"]), int(obj["size"])
+            if not re.fullmatch(r"[0-9a-f]{64}", oid):
+                raise ValueError(f"bad oid {oid!r}")
+            entry = {"oid": oid, "size": size, "authenticated": True}
+            if oid not in self.lfs_objects:
+                entry["actions"] = {"upload": {"href": f"{self.url}/lfs-upload/{oid}", "header": {}}}
+            objects.append(entry)
+        return 200, {"transfer": "basic", "objects": objects}
+
+    def lfs_put(self, oid: str, data: bytes) -> tuple[int, dict]:
+        import hashlib
+
+        if hashlib.sha256(data).hexdigest() != oid:
+            return 400, {"error": "content does not match its oid"}
+        with self._lock:
+            self.lfs_objects[oid] = data
+        return 200, {}
 
     def create_branch(self, repo_id: str, branch: str, payload: dict) -> tuple[int, dict]:
         repo = self.repo_dir(repo_id)
@@ -241,6 +287,11 @@ class UploadServer:
                 if value.get("encoding") != "base64":
                     raise ValueError("only base64 files")
                 files[self._safe(value["path"])] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                data = self.lfs_objects.get(value.get("oid"))
+                if data is None or len(data) != int(value.get("size", -1)):
+                    return 422, {"error": f"LFS object {value.get('oid')} was not uploaded (or has another size)"}
+                files[self._safe(value["path"])] = data
             elif key in ("deletedFile", "deletedFolder"):
                 deleted.append(self._safe(value["path"]))
             else:

@@ -255,8 +255,15 @@ def test_packed_backbone_pack_push_pull_load_train(hub, tmp_path, monkeypatch):
                tmp_path / "model_final.pth")
     packed = tmp_path / "model_final.sparse.safetensors"
     info = pack_checkpoint(tmp_path / "model_final.pth", packed, subnetwork=sub)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(hub.upload, "lfs_threshold", 1 << 20)  # sent the Hub's LFS way (batch API, PUT, lfsFile)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # the loopback speaks LFS, not Xet
+    assert info["packed_bytes"] >= hub.upload.lfs_threshold
     pushed = push(str(packed), "org/finetuned-tiny", endpoint=hub.upload.url, base_model="timm/resnet50_clip.openai")
     assert pushed["kind"] == "packed" and pushed["sha256"] == info["content_sha256"]
+    assert any(method == "PUT" and path.startswith("/lfs-upload/") for method, path, _ in hub.upload.requests)
+    assert any(path == "/org/finetuned-tiny.git/info/lfs/objects/batch" for _, path, _ in hub.upload.requests)
 
     readme = Path(hf_hub_download("org/finetuned-tiny", "README.md", revision=pushed["commit"],
                                   endpoint=hub.olah.url, cache_dir=tmp_path / "cache")).read_text()
