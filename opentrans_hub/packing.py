@@ -53,13 +53,16 @@ def check_output(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> P
 
 
 def _spool_to(out: Path, write) -> int:
-    """Run ``write(handle)`` into a temporary spool file, then hand its mapped bytes to the atomic writer."""
-    with tempfile.TemporaryFile(prefix="opentrans-hub-pack-") as spool:
+    """Run ``write(handle)`` into a nameless spool file next to ``out`` (same disk; gone on any failure), then
+    hand its mapped bytes to the library's atomic writer: readers see the old file or the whole new one."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spool = tempfile.TemporaryFile(prefix=f".{out.name}.", suffix=".spool", dir=out.parent)
+    except OSError as exc:
+        raise OpenTransError(f"cannot write ({exc.strerror or exc})", path=out) from None
+    with spool:
         size = write(spool)
         spool.flush()
-        if size == 0:
-            atomic_write_bytes(out, b"")
-            return 0
         with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             atomic_write_bytes(out, mapped)
         return size
