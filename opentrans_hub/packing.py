@@ -332,7 +332,7 @@ def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
                                  "file (safetensors holds only a flat dict of tensors)", path=out)
         size = _spool_to(out, lambda handle: _write_dense_safetensors(handle, reader))
     else:
-        size = _spool_to(out, lambda handle: _torch_save(handle, reader))
+        size = _spool_to(out, lambda handle: _torch_save(handle, reader, out.parent))
     return {"out": str(out), "bytes": size, "content_sha256": reader.content_sha256,
             "tensors": len(reader.specs), "masked_tensors": len(reader.mask_names)}
 
@@ -354,9 +354,9 @@ def _write_dense_safetensors(handle, reader: sf.PackedReader) -> int:
     return written
 
 
-def _torch_save(handle, reader: sf.PackedReader) -> int:
+def _torch_save(handle, reader: sf.PackedReader, folder: Path) -> int:
     """torch.save the dense checkpoint, its tensors held in scratch files (page cache) instead of memory."""
-    with tempfile.TemporaryDirectory(prefix="opentrans-hub-unpack-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=".opentrans-hub-unpack-", dir=folder) as scratch:
         dense: dict[str, torch.Tensor] = {}
         for i, (key, tensor) in enumerate(reader.tensors()):
             nbytes = tensor.numel() * tensor.element_size()
