@@ -73,5 +73,8 @@ def test_refusals_are_one_line_exit_2(files):
                  "--dtype", "bf16", cwd=folder)
     assert forced.returncode == 0 and "--force-zero" in forced.stdout and "bf16" in forced.stdout
 
-    unpacked = cli("unpack", "d.safetensors", "--out", "d.safetensors", cwd=folder)
+    exists = cli("pack", "dirty.pth", "--subnetwork", "mask.safetensors", "--out", "d.safetensors", "--force-zero",
+                 cwd=folder)
+    assert exists.returncode == 2 and "pass --overwrite" in exists.stderr
+    unpacked = cli("unpack", "d.safetensors", "--out", "d.safetensors", "--overwrite", cwd=folder)
     assert unpacked.returncode == 2 and "over the input" in unpacked.stderr and "Traceback" not in unpacked.stderr
