@@ -196,6 +196,7 @@ class _Seen:
         self.after = False
 
 
+@torch.compiler.disable  # under torch.compile(opt.step): one eager call, not a trace per parameter
 def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if _PENDING:
         _drain_pending()
@@ -245,6 +246,7 @@ _ELEMENTWISE = tuple(getattr(torch.optim, name) for name in (
     "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam") if hasattr(torch.optim, name))
 
 
+@torch.compiler.disable
 def _optimizer_post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     # Gradients and state are clean, so a float32 multiply cannot meet NaN (and costs half of masked_fill_);
     # float16 steps may have written NaN (0 / 0), which only the fill repairs.
