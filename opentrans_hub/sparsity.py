@@ -217,6 +217,9 @@ def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
                 mask = _mask_for(param)
                 if mask is None:
                     continue
+                if mask.shape != param.shape:  # same object, new data: FSDP1's flat views (use_orig_params)
+                    raise OpenTransError(f"a masked parameter now has shape {tuple(param.shape)}, its mask "
+                                         f"{tuple(mask.shape)}. {FSDP1_HINT}")
                 keep = local(mask)
                 grad = param.grad
                 low = param.dtype in _AFTER_STEP_DTYPES
