@@ -209,7 +209,9 @@ def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
         seen = _SEEN[optimizer] = _Seen(id(optimizer.state))
     # Any optimizer but torch's elementwise ones (preconditioners such as Shampoo, LBFGS), or a closure that
     # recomputes gradients inside ``step`` after this hook ran, can move a pruned weight: re-zero after it
-    after = type(optimizer) not in _ELEMENTWISE or bool(args) or kwargs.get("closure") is not None
+    # (``args`` starts with the optimizer itself: ``step(self, closure=None)``)
+    closure = args[1] if len(args) > 1 else kwargs.get("closure")
+    after = type(optimizer) not in _ELEMENTWISE or closure is not None
     cleared = seen.cleared
     with torch.no_grad():
         for group in optimizer.param_groups:
