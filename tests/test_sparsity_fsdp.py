@@ -69,3 +69,31 @@ def test_fsdp1_is_refused_at_apply_and_at_the_first_step(fsdp1):
         assert rank["apply_after"].startswith("OpenTransError") and "fully_shard" in rank["apply_after"]
         assert "nothing was applied" in rank["apply_after"]
         assert rank["step_after_wrap"].startswith("OpenTransError") and "fully_shard" in rank["step_after_wrap"]
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory) -> list[dict]:
+    return launch("vit", tmp_path_factory.mktemp("fsdp_vit"))
+
+
+def test_sharded_magnitude_prune_is_bit_identical_to_unsharded(vit):
+    # weights quantized to steps of 1/16: thousands of magnitude ties, broken across ranks as in one process
+    for rank in vit:
+        assert rank["prune_equal"] == [True, True] and rank["layerwise_equal"]
+        assert rank["prune_sha"] == vit[0]["prune_sha"]
+        assert abs(rank["prune_sparsity"][0] - 0.6) < 1e-3 and abs(rank["prune_sparsity"][1] - 0.72) < 0.03
+        assert rank["masks_local"]
+
+
+def test_sharded_vit_mixed_precision_training_and_export(vit):
+    for rank in vit:
+        assert rank["train_verify"]["violations"] == 0 and rank["train_verify"]["pruned"] > 0
+        assert rank["export_equal"]
+
+
+def test_imp_runner_on_a_sharded_model_matches_unsharded_rounds_and_rewinds(vit):
+    for rank in vit:
+        assert rank["imp_equal"] == [True, True]
+        assert rank["imp_rewound"] and rank["imp_verify"]["violations"] == 0
+        assert rank["imp_last_sha"] == vit[0]["imp_state_sha"][-1]
+        assert rank["bake_unmasked"]
