@@ -1,6 +1,6 @@
 """One rank of the FSDP tests (run by tests/test_sparsity_fsdp.py; gloo on 127.0.0.1, CPU).
 
-Usage: python fsdp_worker.py MODE OUT_DIR RANK WORLD PORT, MODE in {rn50, vit, fsdp1}. Writes
+Usage: python fsdp_worker.py MODE OUT_DIR RANK WORLD PORT, MODE in {rn50, vit (+ the FSDP1 checks), fsdp1}. Writes
 OUT_DIR/MODE_rank{RANK}.json with what the rank saw. ``launch`` starts all ranks and collects them.
 Every check here is computed independently of the library where it can be (local shards against chunks of
 the full masks), besides ``verify_exact``.
@@ -361,6 +361,7 @@ def run_vit(result: dict, rank: int, mesh, out: Path) -> None:
     result["imp_last_sha"] = runner.last.sha256
     bake(imp_model)
     result["bake_unmasked"] = masked_parameters(imp_model) == {}
+    run_fsdp1(result, rank, mesh, out)  # in the same processes: one start-up less
 
 
 def main() -> None:
