@@ -359,6 +359,14 @@ def run_vit(result: dict, rank: int, mesh, out: Path) -> None:
     state = IMPRunner.read_state(out / "imp") if rank == 0 else None
     result["imp_state_sha"] = [r["sha256"] for r in state["rounds"]] if state else None
     result["imp_last_sha"] = runner.last.sha256
+    # resume on a freshly sharded model: the last committed round comes back on the shards
+    resumed_model = quantized_vit(seed=1)
+    shard(resumed_model, mesh, resumed_model.transformer.resblocks)
+    resumed = IMPRunner(resumed_model, rate=0.25, rounds=2, period=2, scope=scope, arch="tiny/ViT", rewind=0,
+                        out_dir=out / "imp")
+    resumed.before_train()
+    result["resume_rounds"] = resumed.rounds_done
+    result["resume_equal"] = export_subnetwork(resumed_model).sha256 == runner.last.sha256
     bake(imp_model)
     result["bake_unmasked"] = masked_parameters(imp_model) == {}
     run_fsdp1(result, rank, mesh, out)  # in the same processes: one start-up less
