@@ -440,12 +440,26 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def model_sparsity(model: nn.Module, names: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Zeros over the masked parameters (or ``names``): what is really 0.0 in the weights right now."""
+    """Zeros over the masked parameters (or ``names``): what is really 0.0 in the weights right now.
+
+    On a model sharded by ``fully_shard`` each rank counts its own rows and the counts are summed over the
+    shards' process group (collective: call it on every rank).
+    """
     params = dict(model.named_parameters(remove_duplicate=False))
     names = names if names is not None else masked_parameters(model)
     total = zeros = 0
+    sharded: list[torch.Tensor] = []
     for name in names:
-        tensor = params[name]
+        tensor = params[name].detach()
         total += tensor.numel()
-        zeros += int((tensor == 0).sum())
+        if is_dtensor(tensor):
+            sharded.append(tensor)
+        else:
+            zeros += int((tensor == 0).sum())
+    if sharded:
+        import torch.distributed as dist
+
+        counts = torch.tensor([sum(int((local(t) == 0).sum()) for t in sharded)])
+        dist.all_reduce(counts, group=sharded[0].device_mesh.get_group())
+        zeros += int(counts[0])
     return {"params": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0}

@@ -296,6 +296,7 @@ def run_vit(result: dict, rank: int, mesh, out: Path) -> None:
         magnitude_masks,
         magnitude_prune,
         masked_parameters,
+        model_sparsity,
         verify_exact,
     )
 
@@ -312,6 +313,7 @@ def run_vit(result: dict, rank: int, mesh, out: Path) -> None:
     result["prune_sha"] = [sub1.sha256, sub2.sha256]
     result["prune_equal"] = [sub1.sha256 == ref1.sha256, sub2.sha256 == ref2.sha256]
     result["prune_sparsity"] = [sub1.sparsity, sub2.sparsity]
+    result["model_sparsity"] = model_sparsity(model)["sparsity"]  # counted on the shards, summed
     # layerwise ranking on the pure core
     selected = scope.select(model)
     weights = {c: p for c, (_, p) in selected.items()}

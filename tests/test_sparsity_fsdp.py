@@ -78,6 +78,7 @@ def test_sharded_magnitude_prune_is_bit_identical_to_unsharded(vit):
         assert rank["prune_sha"] == vit[0]["prune_sha"]
         assert abs(rank["prune_sparsity"][0] - 0.6) < 1e-3 and abs(rank["prune_sparsity"][1] - 0.72) < 0.03
         assert rank["masks_local"]
+        assert abs(rank["model_sparsity"] - rank["prune_sparsity"][1]) < 0.01  # not this rank's half
 
 
 def test_sharded_vit_mixed_precision_training_and_export(vit):
