@@ -370,7 +370,14 @@ def apply_subnetwork_to_state_dict(state_dict: Mapping[str, torch.Tensor], subne
     report.check(strict=strict, source=source)
     out = dict(state_dict)
     for name, mask in masks.items():
-        out[name] = state_dict[name].masked_fill(~mask.to(state_dict[name].device), 0)
+        tensor = state_dict[name]
+        if is_dtensor(tensor):  # a sharded state dict (FSDP2, DCP): zero this rank's rows
+            from ._shard import from_local_like
+
+            keep = local(shard_like(mask, tensor, name))
+            out[name] = from_local_like(local(tensor).masked_fill(~keep, 0), tensor)
+        else:
+            out[name] = tensor.masked_fill(~mask.to(tensor.device), 0)
     return out, report
 
 

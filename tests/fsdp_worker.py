@@ -164,6 +164,7 @@ def run_rn50(result: dict, rank: int, mesh, out: Path) -> None:
         Subnetwork,
         apply_masks,
         apply_subnetwork,
+        apply_subnetwork_to_state_dict,
         bake,
         export_subnetwork,
         masked_parameters,
@@ -223,6 +224,11 @@ def run_rn50(result: dict, rank: int, mesh, out: Path) -> None:
     dcp.load(state, checkpoint_id=str(out / "dcp_dense"))
     other.load_state_dict(state)
     result["dcp_dense_verify"] = verify_exact(other)
+    # a sharded state dict zeroed without a live mask (DCP conversion scripts)
+    zeroed, _ = apply_subnetwork_to_state_dict(dense.state_dict(), sub, strict=True)
+    name = sorted(masks)[0]
+    result["state_dict_zeroed"] = bool((zeroed[name].to_local()[~local_rows(masks[name], zeroed[name])] == 0).all()) \
+        and isinstance(zeroed[name], DTensor)
     result["t_dcp"] = time.perf_counter() - T0
     # bake on the sharded model: plain modules holding the zeros
     bake(model)

@@ -44,6 +44,7 @@ def test_dcp_round_trip_and_dense_checkpoint_keep_zeros(rn50):
     for rank in rn50:
         assert rank["dcp_equal"]
         assert rank["dcp_verify"]["violations"] == 0 and rank["dcp_dense_verify"]["violations"] == 0
+        assert rank["state_dict_zeroed"]
 
 
 def test_bake_on_the_sharded_model(rn50):
