@@ -87,6 +87,17 @@ def full_mask(mask: torch.Tensor) -> torch.Tensor:
         return as_bytes.full_tensor().to(torch.bool)
 
 
+def count_true(mask: torch.Tensor) -> int:
+    """True entries of a bool mask; a sharded mask is counted on every rank's rows and summed (collective)."""
+    if not is_dtensor(mask):
+        return int(mask.sum())
+    import torch.distributed as dist
+
+    count = torch.tensor([int(mask.to_local().sum())])
+    dist.all_reduce(count, group=mask.device_mesh.get_group())
+    return int(count[0])
+
+
 def check_row_sharded(tensor: torch.Tensor, name: str) -> None:
     """Sharded magnitude pruning knows how to order ties across ranks for ``fully_shard``'s default layout."""
     from torch.distributed.tensor import Shard

@@ -303,6 +303,7 @@ def run_vit(result: dict, rank: int, mesh, out: Path) -> None:
         magnitude_prune,
         masked_parameters,
         model_sparsity,
+        parameter_counts,
         verify_exact,
     )
 
@@ -320,6 +321,8 @@ def run_vit(result: dict, rank: int, mesh, out: Path) -> None:
     result["prune_equal"] = [sub1.sha256 == ref1.sha256, sub2.sha256 == ref2.sha256]
     result["prune_sparsity"] = [sub1.sparsity, sub2.sparsity]
     result["model_sparsity"] = model_sparsity(model)["sparsity"]  # counted on the shards, summed
+    result["counts_pruned"] = parameter_counts(model)["pruned"]
+    result["sub_pruned"] = sub2.masked
     # layerwise ranking on the pure core
     selected = scope.select(model)
     weights = {c: p for c, (_, p) in selected.items()}

@@ -80,6 +80,7 @@ def test_sharded_magnitude_prune_is_bit_identical_to_unsharded(vit):
         assert abs(rank["prune_sparsity"][0] - 0.6) < 1e-3 and abs(rank["prune_sparsity"][1] - 0.72) < 0.03
         assert rank["masks_local"]
         assert abs(rank["model_sparsity"] - rank["prune_sparsity"][1]) < 0.01  # not this rank's half
+        assert rank["counts_pruned"] == rank["sub_pruned"]
 
 
 def test_sharded_vit_mixed_precision_training_and_export(vit):
