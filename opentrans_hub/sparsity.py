@@ -133,6 +133,9 @@ def _bind(store: _MaskStore, attr: str, param: torch.Tensor) -> None:
     mask = store[attr]
     if is_dtensor(param):
         store[attr] = shard_like(mask, param, attr)  # sharded by fully_shard since: keep this rank's rows only
+        if not is_dtensor(mask):  # the mask met the shards for the first time (it may have zeroed an unsharded copy)
+            with torch.no_grad():
+                local(param).masked_fill_(~local(store[attr]), 0)
     elif is_dtensor(mask):
         return  # FSDP2's all-gathered parameter between forward and backward: the optimizer holds the shard
     elif tuple(param.shape) != tuple(mask.shape):
