@@ -304,6 +304,7 @@ def run_vit(result: dict, rank: int, mesh, out: Path) -> None:
         masked_parameters,
         model_sparsity,
         parameter_counts,
+        remove,
         verify_exact,
     )
 
@@ -378,6 +379,10 @@ def run_vit(result: dict, rank: int, mesh, out: Path) -> None:
     resumed.before_train()
     result["resume_rounds"] = resumed.rounds_done
     result["resume_equal"] = export_subnetwork(resumed_model).sha256 == runner.last.sha256
+    before = local_snapshot(resumed_model)
+    remove(resumed_model)  # masks gone, weights untouched
+    result["remove_ok"] = masked_parameters(resumed_model) == {} and all(
+        torch.equal(p.detach().to_local(), before[n]) for n, p in resumed_model.named_parameters())
     bake(imp_model)
     result["bake_unmasked"] = masked_parameters(imp_model) == {}
     run_fsdp1(result, rank, mesh, out)  # in the same processes: one start-up less

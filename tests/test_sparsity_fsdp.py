@@ -94,5 +94,5 @@ def test_imp_runner_on_a_sharded_model_matches_unsharded_rounds_and_rewinds(vit)
         assert rank["imp_equal"] == [True, True]
         assert rank["imp_rewound"] and rank["imp_verify"]["violations"] == 0
         assert rank["imp_last_sha"] == vit[0]["imp_state_sha"][-1]
-        assert rank["resume_rounds"] == 2 and rank["resume_equal"]
+        assert rank["resume_rounds"] == 2 and rank["resume_equal"] and rank["remove_ok"]
         assert rank["bake_unmasked"]
