@@ -154,6 +154,10 @@ def _refresh(store: _MaskStore) -> None:
     parameters = module._parameters
     for attr in list(store):
         param = parameters.get(attr)
+        if param is None and isinstance(module.__dict__.get(attr), torch.Tensor):
+            # no longer a parameter but a plain tensor view: FSDP1 moved the weights into a flat parameter
+            raise OpenTransError(f"masked parameter {attr!r} of a {type(module).__name__} became a view of a "
+                                 f"flattened parameter. {FSDP1_HINT}")
         if param is not None and param is not store.params.get(attr):
             _bind(store, attr, param)
 

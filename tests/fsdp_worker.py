@@ -273,7 +273,15 @@ def run_fsdp1(result: dict, rank: int, mesh, out: Path) -> None:
         result["step_after_wrap"] = ""
     except Exception as exc:  # noqa: BLE001
         result["step_after_wrap"] = f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
+    model = make_tiny_resnet(width=8)  # the default FSDP1 (flat parameters only)
+    apply_masks(model, masks)
+    wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    try:
+        train(wrapped, optimizer, rank, steps=1, image=64)
+        result["step_after_flat_wrap"] = ""
+    except Exception as exc:  # noqa: BLE001
+        result["step_after_flat_wrap"] = f"{type(exc).__name__}: {exc}"
 
 
 def quantized_vit(seed: int) -> nn.Module:

@@ -65,6 +65,8 @@ def test_fsdp1_is_refused_at_apply_and_at_the_first_step(vit):  # run in the ViT
         assert rank["apply_after"].startswith("OpenTransError") and "fully_shard" in rank["apply_after"]
         assert "nothing was applied" in rank["apply_after"]
         assert rank["step_after_wrap"].startswith("OpenTransError") and "fully_shard" in rank["step_after_wrap"]
+        assert rank["step_after_flat_wrap"].startswith("OpenTransError")
+        assert "fully_shard" in rank["step_after_flat_wrap"]
 
 
 @pytest.fixture(scope="module")
