@@ -1,0 +1,268 @@
+"""Find the canonical tower inside a target by its block structure, pair its tensors, and choose or refuse.
+
+The canonical tower's blocks (``layer1.0`` ... ``layer4.2``; ``transformer.resblocks.0-11``) form a sequence of
+sizes; every way of laying the target's runs of blocks end to end that reproduces that sequence is a candidate
+tower (two runs for SAN's split ViT). Mixtures of two copies are ruled out by locality: a candidate sharing a run
+with a candidate that sits deeper in the module tree is dominated. Each candidate is then paired block by block,
+and its other tensors (stem, embeddings, heads) are paired at the level of its runs, climbing towards the root
+only while that crosses no other run of blocks (a decoder, a text tower, a KD copy).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import OpenTransError
+from .inference import (
+    _T,
+    AmbiguousTowerError,
+    InferenceReport,
+    TensorInference,
+    _Pair,
+    _source_values,
+    _target_tensors,
+    canonical_state,
+    find_blocks,
+    log,
+    match_scope,
+)
+from .mapping import NameMap
+
+_MAX_SOLUTIONS = 5000
+
+
+@dataclass
+class _Candidate:
+    runs: tuple[str, ...]
+    level: str
+    pairs: list[_Pair] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+    pre_mapped: float = 0.0
+    order_evidence: str = ""
+
+    @property
+    def prefix(self) -> str:
+        names = [name for p in self.pairs for name in (p.t.parts or (p.t.name,))]
+        return _common_prefix(names) if names else self.level
+
+    def value_hits(self) -> tuple[int, int]:
+        hits = sum(1 for p in self.pairs if p.evidence and p.evidence[0].startswith("values: ")
+                   and "uncorrelated" not in p.evidence[0])
+        misses = sum(1 for p in self.pairs if p.evidence and "uncorrelated" in p.evidence[0])
+        return hits, misses
+
+    def describe(self, sizes: dict[str, int]) -> dict[str, Any]:
+        hits, misses = self.value_hits()
+        return {"tower": self.prefix, "runs": list(self.runs), "structure": "-".join(str(sizes[r]) for r in self.runs),
+                "mapped": len(self.pairs), "stem_mapped": round(self.pre_mapped, 2), "value_matches": hits,
+                "value_mismatches": misses, "order": self.order_evidence}
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The longest common dotted prefix, ending with ``.`` (or ``""``)."""
+    split = [n.split(".")[:-1] for n in names]
+    common: list[str] = []
+    for tokens in zip(*split):
+        if len(set(tokens)) != 1:
+            break
+        common.append(tokens[0])
+    return ".".join(common) + "." if common else ""
+
+
+def _level(runs: tuple[str, ...]) -> str:
+    if len(runs) == 1:
+        parent = runs[0].rpartition(".")[0]
+        return parent + "." if parent else ""
+    return _common_prefix([r + ".x" for r in runs])
+
+
+def _solutions(sequence: list[int], runs: dict[str, list[int]]) -> list[tuple[str, ...]]:
+    """Orders of whole target runs whose block sizes, end to end, equal the canonical ``sequence``."""
+    usable = {r: sizes for r, sizes in runs.items() if set(sizes) <= set(sequence)}
+    out: list[tuple[str, ...]] = []
+
+    def walk(position: int, chosen: tuple[str, ...]) -> None:
+        if len(out) >= _MAX_SOLUTIONS:
+            return
+        if position == len(sequence):
+            out.append(chosen)
+            return
+        for run, sizes in usable.items():
+            if run not in chosen and sequence[position:position + len(sizes)] == sizes:
+                walk(position + len(sizes), chosen + (run,))
+
+    walk(0, ())
+    return out
+
+
+def _evaluate(order: tuple[str, ...], c_blocks: list[str], c_items: dict[str, list[_T]], c_rest: list[_T],
+              t_runs: dict[str, list[str]], t_items: dict[str, list[_T]], t_rest: list[_T], top: str,
+              pre: set[str]) -> _Candidate:
+    candidate = _Candidate(order, _level(order))
+    t_blocks = [b for run in order for b in t_runs[run]]
+    for c_block, t_block in zip(c_blocks, t_blocks):
+        pairs, reasons = match_scope(c_items[c_block], t_items[t_block], c_block + ".", t_block + ".")
+        for pair in pairs:
+            pair.evidence.append(f"block {c_block} = {t_block} (structure)")
+        candidate.pairs += pairs
+        candidate.reasons.update(reasons)
+    # the tower's other tensors: at the runs' level, climbing only across levels holding no other run of blocks
+    level = candidate.level if candidate.level.startswith(top) else top
+    foreign = [r for r in t_runs if r not in order]
+    while True:
+        pool = [t for t in t_rest if t.name.startswith(level)]
+        pairs, reasons = match_scope(c_rest, pool, "", level)
+        if pairs or level == top:
+            break
+        head = level[:-1].rpartition(".")[0]
+        parent = head + "." if head else ""
+        if not parent.startswith(top) or any(r.startswith(parent) for r in foreign):
+            break
+        level = parent
+    candidate.level = level
+    candidate.pairs += pairs
+    candidate.reasons.update(reasons)
+    mapped = {p.c.name for p in pairs}
+    candidate.pre_mapped = len(pre & mapped) / len(pre) if pre else 1.0
+    return candidate
+
+
+def _choose(candidates: list[_Candidate], with_values: bool, sizes: dict[str, int], arch: str) -> _Candidate:
+    if len(candidates) == 1:
+        return candidates[0]
+    full = [c for c in candidates if c.pre_mapped >= 0.5]
+    pool = full or candidates
+    if len(pool) == 1:
+        return pool[0]
+    if with_values:
+        ranked = sorted(pool, key=lambda c: -c.value_hits()[0])
+        hits = [c.value_hits()[0] for c in ranked]
+        if hits[0] >= max(3, len(ranked[0].pairs) // 2) and hits[1] <= len(ranked[1].pairs) // 10:
+            return ranked[0]
+    if not full:
+        ranked = sorted(pool, key=lambda c: -len(c.pairs))
+        if len(ranked[0].pairs) >= 2 * len(ranked[1].pairs):
+            return ranked[0]
+    described = [c.describe(sizes) for c in pool]
+    listing = "; ".join(f"{d['tower']!r} (blocks {d['structure']}, {d['mapped']} tensors, stem "
+                        f"{d['stem_mapped']:.0%}" + (f", values {d['value_matches']} match" if with_values else "")
+                        + ")" for d in described)
+    raise AmbiguousTowerError(f"{len(pool)} candidate towers fit {arch} and no evidence decides between them: "
+                              f"{listing}; choose one with --tower PREFIX (e.g. --tower {described[0]['tower']})",
+                              described)
+
+
+def infer_name_map(target: Any, arch: str, weights: Any = None, tower: str | None = None
+                   ) -> tuple[NameMap, InferenceReport]:
+    """Infer the NameMap carrying ``arch``'s canonical tower names onto ``target``, and how it was decided.
+
+    ``target``: a checkpoint path, a state dict or an ``nn.Module``; ``weights``: the base tower's values under
+    canonical names (file, open_clip tag, state dict or module), which add value evidence; ``tower``: a prefix
+    that restricts the search (what to pass when two towers fit). Raises OpenTransError when no tower fits,
+    when several fit and nothing decides (:class:`AmbiguousTowerError` with ``candidates``), and when the
+    compact rules do not reproduce the inferred pairs.
+    """
+    from .inference_rules import compact_rules
+
+    tensors, source = _target_tensors(target)
+    canonical = canonical_state(arch)
+    values = _source_values(arch, weights)
+    if tower is not None:
+        if tower and not tower.endswith("."):
+            tower += "."
+        tensors = {k: v for k, v in tensors.items() if k.startswith(tower)}
+        if not tensors:
+            raise OpenTransError(f"no tensor of the target starts with --tower {tower!r}", path=source)
+    top = tower or ""
+    c_all = [_T(n, tuple(v.shape), values.get(n) if values else None, i) for i, (n, v) in enumerate(canonical.items())]
+    t_all = [_T(n, tuple(v.shape), v if v.device.type != "meta" else None, i)
+             for i, (n, v) in enumerate(tensors.items())]
+    c_owner, c_runs = find_blocks([c.name for c in c_all])
+    t_owner, t_runs = find_blocks([t.name for t in t_all])
+    if not c_runs:
+        raise OpenTransError(f"{arch}: the canonical tower has no repeated blocks to search for")
+    c_items: dict[str, list[_T]] = {}
+    for c in c_all:
+        c.block = c_owner.get(c.name)
+        if c.block:
+            c_items.setdefault(c.block, []).append(c)
+    t_items: dict[str, list[_T]] = {}
+    for t in t_all:
+        t.block = t_owner.get(t.name)
+        if t.block:
+            t_items.setdefault(t.block, []).append(t)
+    first = {r: min(c.order for b in blocks for c in c_items[b]) for r, blocks in c_runs.items()}
+    c_blocks = [b for r in sorted(c_runs, key=first.get) for b in c_runs[r]]
+
+    def numel(items: list[_T]) -> int:
+        return sum(t.numel for t in items if t.shape)
+
+    sequence = [numel(c_items[b]) for b in c_blocks]
+    t_sizes = {r: [numel(t_items[b]) for b in blocks] for r, blocks in t_runs.items()}
+    solutions = _solutions(sequence, t_sizes)
+    structure = "-".join(str(len(blocks)) for r, blocks in sorted(c_runs.items(), key=lambda x: first[x[0]]))
+    if not solutions:
+        runs = ", ".join(f"{r} ({len(b)})" for r, b in sorted(t_runs.items())[:8]) or "none"
+        raise OpenTransError(f"no part of the target has the block structure of {arch} (blocks {structure}, "
+                             f"{sum(sequence):,} parameters in blocks); runs of blocks found: {runs}", path=source)
+    by_set: dict[frozenset[str], list[tuple[str, ...]]] = {}
+    for solution in solutions:
+        by_set.setdefault(frozenset(solution), []).append(solution)
+    levels = {key: _level(orders[0]) for key, orders in by_set.items()}
+    kept = [key for key in by_set if not any(other != key and other & key and len(levels[other]) > len(levels[key])
+                                              and levels[other].startswith(levels[key]) for other in by_set)]
+    c_rest = [c for c in c_all if c.block is None]
+    t_rest = [t for t in t_all if t.block is None]
+    first_block = min(c.order for c in c_all if c.block)
+    pre = {c.name for c in c_rest if c.order < first_block and c.shape}
+    if not pre:
+        pre = {c.name for c in c_rest if c.shape and not c.name.startswith(("ln_post", "proj", "attnpool", "head"))}
+    t_first = {r: min(t.order for b in blocks for t in t_items[b]) for r, blocks in t_runs.items()}
+    candidates = []
+    for key in kept:
+        orders = by_set[key][:6]
+        evaluated = [_evaluate(o, c_blocks, c_items, c_rest, t_runs, t_items, t_rest, top, pre) for o in orders]
+        if len(evaluated) == 1:
+            best = evaluated[0]
+        else:
+            by_values = sorted(evaluated, key=lambda e: -sum(p.score for p in e.pairs))
+            hits = [e.value_hits()[0] for e in by_values]
+            if values is not None and hits[0] > hits[1]:
+                best, best.order_evidence = by_values[0], "run order by values"
+            else:  # the order the runs appear in the file (a shuffled file cannot tell: reported as such)
+                best = min(evaluated, key=lambda e: [t_first[r] for r in e.runs])
+                best.order_evidence = "run order as stored in the file"
+        candidates.append(best)
+    sizes = {r: len(b) for r, b in t_runs.items()}
+    chosen = _choose(candidates, values is not None, sizes, arch)
+    report = InferenceReport(arch=arch, tower=chosen.prefix, with_values=values is not None,
+                             structure=f"blocks {'+'.join(str(sizes[r]) for r in chosen.runs)} in "
+                                       f"{', '.join(chosen.runs)}")
+    report.candidates = [c.describe(sizes) for c in candidates]
+    by_source = {p.c.name: p for p in chosen.pairs}
+    for c in c_all:
+        pair = by_source.get(c.name)
+        if pair is None:
+            report.unmapped[c.name] = chosen.reasons.get(c.name, "no counterpart found")
+            continue
+        evidence = list(pair.evidence)
+        if chosen.order_evidence and pair.c.block:
+            evidence.append(chosen.order_evidence)
+        report.tensors[c.name] = TensorInference(c.name, list(pair.t.parts or (pair.t.name,)), pair.transform,
+                                                 evidence, pair.confidence)
+    if not report.tensors:
+        raise OpenTransError(f"a tower was found at {chosen.prefix!r} but none of its tensors could be paired",
+                             path=source)
+    target_shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    name_map = compact_rules(report, canonical, target_shapes)
+    report.rules = str(name_map)
+    log.info("inferred name map for %s (tower %r, %d tensors mapped, %d unmapped):\n%s", arch, report.tower,
+             len(report.tensors), len(report.unmapped), report.rules)
+    return name_map, report
+
+
+def describe_source(target: Any) -> str:
+    return os.fspath(target) if isinstance(target, (str, os.PathLike)) else type(target).__name__
+
