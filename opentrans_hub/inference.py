@@ -107,7 +107,7 @@ class TensorInference:
 
     source: str
     targets: list[str]
-    transform: str  # identity | transpose | reshape:SPEC | transpose+reshape:SPEC | split
+    transform: str  # identity | transpose | reshape:SPEC | unsqueeze:D | transpose+reshape:SPEC | split
     evidence: list[str]
     confidence: str  # high | medium | low
 
@@ -273,11 +273,16 @@ def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _reshape_spec(src: tuple[int, ...], dst: tuple[int, ...]) -> str:
+    """``unsqueeze:D`` when ``dst`` is ``src`` with one new size-1 dimension, else ``reshape:SPEC``."""
+    if len(dst) == len(src) + 1:
+        for d in range(len(dst)):
+            if dst[d] == 1 and dst[:d] + dst[d + 1:] == src:
+                return f"unsqueeze:{d}"
     items = ["*" if i < len(src) and src[i] == d else str(d) for i, d in enumerate(dst)]
     literal = [i for i, item in enumerate(items) if item not in {"*", "1"}]
     if len(literal) == 1:
         items[literal[0]] = "-1"
-    return ",".join(items)
+    return "reshape:" + ",".join(items)
 
 
 def _transforms(c: _T, t: _T) -> list[tuple[str, float]]:
@@ -293,13 +298,13 @@ def _transforms(c: _T, t: _T) -> list[tuple[str, float]]:
     if c.numel != t.numel:
         return out
     if _squeeze(c.shape) == _squeeze(t.shape):
-        out.append((f"reshape:{_reshape_spec(c.shape, t.shape)}", -0.1))
+        out.append((_reshape_spec(c.shape, t.shape), -0.1))
     if len(c.shape) == 2 and c.shape[0] != c.shape[1]:
         flipped = (c.shape[1], c.shape[0])
         if t.shape == flipped:
             out.append(("transpose", -0.2))
         elif _squeeze(t.shape) == flipped and len(t.shape) > 2:
-            out.append((f"transpose+reshape:{_reshape_spec(flipped, t.shape)}", -0.25))
+            out.append(("transpose+" + _reshape_spec(flipped, t.shape), -0.25))
     return out
 
 
@@ -358,8 +363,13 @@ def match_scope(canonical: list[_T], targets: list[_T], rel_c: str, rel_t: str) 
     shapes_c = {c.name: c.shape for c in canonical}
     shapes_t = {t.name: t.shape for t in targets}
     cands: dict[str, list[_Pair]] = {}
-    c_names = {c.name[len(rel_c):] for c in canonical}
-    t_names = {t.name[len(rel_t):]: t for t in targets}
+    # a name both sides use for the same kind of layer means the same tensor: it pairs with its namesake or
+    # with nothing (torchvision's 7x7 conv1 is not CLIP's conv1); another kind under one name is a renumbering
+    c_kinds = {c.name[len(rel_c):]: _kind(shapes_c, c.name) for c in canonical}
+    t_kinds = {t.name[len(rel_t):]: _kind(shapes_t, t.name) for t in targets}
+    c_names = {n for n, k in c_kinds.items() if t_kinds.get(n, k) == k}
+    t_names = {t.name[len(rel_t):]: t for t in targets if c_kinds.get(t.name[len(rel_t):]) ==
+               t_kinds[t.name[len(rel_t):]]}
     namesakes: dict[str, str] = {}
     for c in canonical:
         c_rel = c.name[len(rel_c):]
@@ -370,7 +380,6 @@ def match_scope(canonical: list[_T], targets: list[_T], rel_c: str, rel_t: str) 
                                 "not a counterpart"
         for t in pool:
             t_rel = t.name[len(rel_t):]
-            # a name both sides use means the same tensor: it pairs with its namesake or with nothing
             if (t_rel in c_names or c_rel in t_names) and t_rel != c_rel:
                 continue
             if not _roles_fit(c, t):
@@ -430,34 +439,49 @@ def match_scope(canonical: list[_T], targets: list[_T], rel_c: str, rel_t: str) 
             rivals = sorted((s for s, p in by_t.get(pair.t.name, []) if p.c.name != c_name), reverse=True)
             if score - second < _MARGIN or (rivals and score - rivals[0] < _MARGIN):
                 continue
-            if score < -0.5 or pair.transform == "uncertain-transpose" or not live(pair):
+            if pair.transform == "uncertain-transpose" or not live(pair):
                 continue
             taken.append(pair)
             used_c.add(c_name)
             used_t.update(pair.t.parts or (pair.t.name,))
             module_pairs.setdefault(module(c_name), module(pair.t.name))
-            pair.confidence = "high" if pair.evidence else "medium"
+            contradicted = any("uncorrelated" in e for e in pair.evidence)
+            pair.confidence = "low" if contradicted else "high" if pair.evidence else "medium"
             if not pair.evidence:
                 pair.evidence.append("only shape-compatible candidate")
             progress = True
         if progress:
             continue
-        # ties: the name order decides when every pair taken so far keeps it
+        # ties: equally good partners are paired in the order of their names, when every pair taken so far
+        # keeps that order (a shuffled or reordered file gives no such evidence)
         if taken and all(_inversions(taken, p.c, p.t) == 0 for p in taken):
+            tied_sets: dict[str, frozenset[str]] = {}
             for c_name, (score, _second, _pair) in best_c.items():
                 tied = [p for p in cands[c_name] if live(p) and adjusted(p) >= score - _MARGIN
-                        and p.transform != "uncertain-transpose"]
-                clean = [p for p in tied if _inversions(taken, p.c, p.t) == 0]
-                if len(clean) == 1 and len(tied) > 1:
-                    pair = clean[0]
+                        and p.transform != "uncertain-transpose" and not p.t.parts]
+                if len(tied) > 1:
+                    tied_sets[c_name] = frozenset(p.t.name for p in tied)
+            for c_name, group in tied_sets.items():
+                members = sorted((n for n, g in tied_sets.items() if g == group),
+                                 key=lambda n: next(p.c.order for p in cands[n]))
+                if len(members) != len(group):
+                    continue
+                chosen = []
+                t_sorted = sorted(group, key=lambda n: next(p.t.order for p in cands[members[0]] if p.t.name == n))
+                for c_member, t_name in zip(members, t_sorted):
+                    pair = next(p for p in cands[c_member] if p.t.name == t_name and live(p))
+                    chosen.append(pair)
+                if any(_inversions(taken, p.c, p.t) for p in chosen):
+                    continue
+                for pair in chosen:
                     taken.append(pair)
-                    used_c.add(c_name)
-                    used_t.update(pair.t.parts or (pair.t.name,))
-                    module_pairs.setdefault(module(c_name), module(pair.t.name))
+                    used_c.add(pair.c.name)
+                    used_t.add(pair.t.name)
+                    module_pairs.setdefault(module(pair.c.name), module(pair.t.name))
                     pair.evidence.append("order of names")
                     pair.confidence = "low"
-                    progress = True
-                    break
+                progress = True
+                break
         if not progress:
             break
     reasons: dict[str, str] = {}

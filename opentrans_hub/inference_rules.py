@@ -153,10 +153,13 @@ def _rules_for(kind: str, spec: str, members: list[dict[str, Any]], names: Seque
         return [Rule("transpose", regex_text, (templates[0],), guard)]
     if kind == "reshape":
         return [Rule("reshape", regex_text, (templates[0],), guard, 0, spec)]
+    if kind == "unsqueeze":
+        return [Rule("unsqueeze", regex_text, (templates[0],), guard, int(spec))]
     # transpose then reshape: the second rule finds the first one's output by its own (target) name
-    out_regex = "^" + _pattern(skeletons[0].replace("#", "0"), False).replace("0", r"\d+") + "$"
     out_regex = "^" + re.escape(skeletons[0]).replace("\\#", "#").replace("#", r"\d+") + "$"
-    return [Rule("transpose", regex_text, (templates[0],), guard), Rule("reshape", out_regex, (), None, 0, spec)]
+    tail_rule = Rule("reshape", out_regex, (), None, 0, spec) if kind.endswith("reshape") else \
+        Rule("unsqueeze", out_regex, (), None, int(spec))
+    return [Rule("transpose", regex_text, (templates[0],), guard), tail_rule]
 
 
 def _member(source: str, targets: list[str], transform: str, block: str | None) -> tuple[tuple, dict[str, Any]]:
@@ -348,5 +351,9 @@ def _literal_rules(kind: str, spec: str, member: dict[str, Any]) -> list[Rule]:
         return [Rule("transpose", regex_text, targets[:1])]
     if kind == "reshape":
         return [Rule("reshape", regex_text, targets[:1], None, 0, spec)]
-    return [Rule("transpose", regex_text, targets[:1]), Rule("reshape", "^" + re.escape(targets[0]) + "$", (), None,
-                                                             0, spec)]
+    if kind == "unsqueeze":
+        return [Rule("unsqueeze", regex_text, targets[:1], None, int(spec))]
+    out = "^" + re.escape(targets[0]) + "$"
+    tail_rule = Rule("reshape", out, (), None, 0, spec) if kind.endswith("reshape") else \
+        Rule("unsqueeze", out, (), None, int(spec))
+    return [Rule("transpose", regex_text, targets[:1]), tail_rule]

@@ -23,6 +23,9 @@ CONFIGS = {
     "ViT-B-16-oth-tiny": {"embed_dim": 48, "vision_cfg": {"image_size": 32, "layers": 12, "width": 64,
                                                           "patch_size": 16, "head_width": 32, "mlp_ratio": 2.0},
                           "text_cfg": _TEXT},
+    "ViT-B-16-oth-square": {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 12, "width": 64,
+                                                            "patch_size": 16, "head_width": 32, "mlp_ratio": 2.0},
+                            "text_cfg": _TEXT},
 }
 
 
