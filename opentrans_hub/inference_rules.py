@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import OpenTransError
-from .inference import find_blocks
+from .inference_match import find_blocks
 from .mapping import NameMap, Rule
 
 _DIGITS = re.compile(r"\d+")

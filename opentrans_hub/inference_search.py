@@ -16,18 +16,15 @@ from typing import Any
 
 from .errors import OpenTransError
 from .inference import (
-    _T,
     AmbiguousTowerError,
     InferenceReport,
     TensorInference,
-    _Pair,
     _source_values,
     _target_tensors,
     canonical_state,
-    find_blocks,
     log,
-    match_scope,
 )
+from .inference_match import _T, _Pair, find_blocks, match_scope
 from .mapping import NameMap
 
 _MAX_SOLUTIONS = 5000
