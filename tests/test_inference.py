@@ -367,3 +367,54 @@ def test_nothing_of_the_structure_is_an_error(vit):
         infer_name_map(vit, RN_TINY)
     with pytest.raises(OpenTransError, match="no tensor of the target starts with"):
         infer_name_map(vit, VIT_TINY, tower="backbone.")
+
+
+# ----------------------------------------------------------------------------- the auto plugin
+def _random_subnetwork(visual: nn.Module, arch: str):
+    from opentrans_hub import Subnetwork
+
+    gen = torch.Generator().manual_seed(2)
+    masks = {n: torch.rand(p.shape, generator=gen) < 0.5 for n, p in visual.named_parameters()
+             if n.endswith("weight") and p.dim() >= 2}
+    return Subnetwork(masks, arch=arch)
+
+
+def test_auto_plugin_schedule_and_detectron2_config_infer_at_run_time(rn, caplog):
+    import logging
+
+    from yacs.config import CfgNode
+
+    from opentrans_hub import OpenTransSchedule
+    from opentrans_hub.integrations.detectron2 import add_opentrans_config, name_map_from_cfg, tower_prefix_from_cfg
+
+    sub = _random_subnetwork(rn, RN_TINY)
+    model = d2_layout(rn)
+    plugin = get_plugin("auto")
+    with caplog.at_level(logging.INFO, logger="opentrans_hub"):
+        report = plugin.apply(model, sub, strict=False)
+    assert "plugin 'auto'" in caplog.text and "prefix backbone." in caplog.text  # the rules used are logged
+    weights = dict(model.named_parameters())
+    expected = resolved(get_plugin("deeplabv3-d2").name_map("open_clip/RN50"), RN_TINY, model.state_dict())
+    assert dict(report.mapped) == {s: d[0] for s, d in expected.items() if s in sub.masks}
+    for source, dest in report.mapped:
+        assert torch.equal(weights[dest] == 0, ~sub.masks[source]), dest
+    with pytest.raises(OpenTransError, match="no fixed rules"):
+        plugin.name_map(RN_TINY)
+
+    logged: list[str] = []
+    schedule = OpenTransSchedule(d2_layout(rn), subnetwork=sub, name_map="auto", log=logged.append)
+    schedule.before_train()
+    assert len(schedule.report.mapped) == len(report.mapped) and "res{g1+1}" in logged[0]
+
+    cfg = CfgNode()
+    cfg.MODEL = CfgNode()
+    add_opentrans_config(cfg)
+    cfg.MODEL.OPENTRANS.PLUGIN = "auto"
+    cfg.MODEL.OPENTRANS.ARCH = RN_TINY
+    assert name_map_from_cfg(cfg, model) == plugin.map_for(RN_TINY, model)
+    assert tower_prefix_from_cfg(cfg, model) == "backbone."
+    with pytest.raises(OpenTransError, match="pass the model"):
+        name_map_from_cfg(cfg)
+    # an ambiguous model is refused at run time too, naming --tower
+    with pytest.raises(AmbiguousTowerError):
+        get_plugin("auto").apply(han_layout(rn, res_atten=True), sub)
