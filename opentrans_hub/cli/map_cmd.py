@@ -61,5 +61,6 @@ def run(args: argparse.Namespace) -> int:
           f"{len(report.unmapped)}; rules:")
     print(rules_text(name_map, report))
     if written:
-        print(f"\nwrote plugin {args.name!r} to {written}: pip install {written}")
+        where = str(written) if written.is_absolute() or str(written).startswith(".") else f"./{written}"
+        print(f"\nwrote plugin {args.name!r} to {written}: pip install {where}")
     return 0
