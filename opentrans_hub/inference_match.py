@@ -57,16 +57,18 @@ def _is_int(token: str) -> bool:
 def find_blocks(names: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(tensor -> its block, run -> its blocks in index order).
 
-    A block is a numbered child (``layer1.0``, ``resblocks.7``) holding sub-modules, with no such numbered
+    A block is a numbered child (``layer1.0``, ``resblocks.7``) holding several layers, with no such numbered
     descendant of its own; a run is the parent of blocks (``layer1``, ``transformer.resblocks``).
     """
-    deep: dict[str, bool] = {}
+    modules: dict[str, set[str]] = {}  # numbered node -> the distinct modules (tensor parents) under it
     for name in names:
         tokens = name.split(".")
+        parent = ".".join(tokens[:-1])
         for i, token in enumerate(tokens[:-1]):
             if _is_int(token) and i > 0:
-                node = ".".join(tokens[:i + 1])
-                deep[node] = deep.get(node, False) or len(tokens) - i - 1 >= 2
+                modules.setdefault(".".join(tokens[:i + 1]), set()).add(parent)
+    # a block holds several layers (a wrapper around one layer, mmcv's ffn.layers.0.0, is not one)
+    deep = {node: len(found) >= 2 for node, found in modules.items()}
     candidates = {node for node, is_deep in deep.items() if is_deep}
     blocks = {node for node in candidates if not any(o != node and o.startswith(node + ".") for o in candidates)}
     owner: dict[str, str] = {}

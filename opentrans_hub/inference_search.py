@@ -121,6 +121,19 @@ def _evaluate(order: tuple[str, ...], c_blocks: list[str], c_items: dict[str, li
     candidate.level = level
     candidate.pairs += pairs
     candidate.reasons.update(reasons)
+    # equal or strongly correlated values are decisive wherever the tensor sits (MaskCLIP keeps proj in its head)
+    left = [c for c in c_rest if c.value is not None and c.name in reasons]
+    if left:
+        used = {n for p in candidate.pairs for n in (p.t.parts or (p.t.name,))}
+        pool = [t for t in t_rest if t.name.startswith(top) and t.name not in used and t.value is not None]
+        extra, _ = match_scope(left, pool, "", "")
+        for pair in extra:
+            if pair.evidence and (pair.evidence[0] == "values: equal" or pair.evidence[0].startswith("values: r=0.9")
+                                  or pair.evidence[0] == "values: r=1.000"):
+                pair.evidence.append("found by values outside the tower's level")
+                candidate.pairs.append(pair)
+                candidate.reasons.pop(pair.c.name, None)
+                pairs.append(pair)
     mapped = {p.c.name for p in pairs}
     candidate.pre_mapped = len(pre & mapped) / len(pre) if pre else 1.0
     return candidate

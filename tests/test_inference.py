@@ -361,6 +361,38 @@ def test_maskclip_mmseg_resnet_renames(rn):
     assert with_values == got
 
 
+_MMSEG_VIT = [(r"^transformer\.resblocks\.(\d+)\.ln_(\d)\.", r"backbone.layers.\1.ln\2."),
+              (r"^transformer\.resblocks\.(\d+)\.attn\.", r"backbone.layers.\1.attn.attn."),
+              (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"backbone.layers.\1.ffn.layers.0.0."),
+              (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"backbone.layers.\1.ffn.layers.1."),
+              (r"^conv1\.", "backbone.patch_embed.projection."), (r"^class_embedding$", "backbone.cls_token"),
+              (r"^positional_embedding$", "backbone.pos_embed"), (r"^ln_pre\.", "backbone.pre_norm."),
+              (r"^ln_post\.", "backbone.norm."), (r"^proj$", "decode_head.proj.weight")]
+
+
+def test_maskclip_mmseg_vit_with_its_projection_as_a_1x1_conv_in_the_head(vit):
+    """mmseg's ViT (mmcv FFN, wrapped attention), MaskCLIP's proj transposed into a 1x1 conv of the decode head."""
+    def rename(name: str) -> str:
+        for pattern, replacement in _MMSEG_VIT:
+            name, hits = re.subn(pattern, replacement, name)
+            if hits:
+                break
+        return name
+
+    layout = {"class_embedding": lambda v: v.reshape(1, 1, -1), "positional_embedding": lambda v: v[None],
+              "proj": lambda v: v.t()[:, :, None, None]}
+    state = {rename(k): layout.get(k, lambda v: v)(v) for k, v in vit.state_dict().items()}
+    state["decode_head.conv_seg.weight"] = torch.randn(4, 48, 1, 1)
+    truth = {k: [rename(k)] for k in canonical_state(VIT_TINY)}
+    _, report, got = infer(state, VIT_TINY)
+    assert got == {k: v for k, v in truth.items() if k != "proj"}
+    assert "proj" in report.unmapped  # outside the tower's module, and nothing but values could tell
+    name_map, report, got = infer(state, VIT_TINY, weights=vit)
+    assert got == truth and report.tensors["proj"].transform.startswith("transpose+")
+    moved, _ = name_map.resolve({"proj": vit.proj.detach()}, {"decode_head.proj.weight": (48, 64, 1, 1)})
+    assert torch.equal(moved["decode_head.proj.weight"], state["decode_head.proj.weight"])
+
+
 # ----------------------------------------------------------------------------- refusals
 def test_nothing_of_the_structure_is_an_error(vit):
     with pytest.raises(OpenTransError, match="no part of the target has the block structure"):
