@@ -105,20 +105,39 @@ def _evaluate(order: tuple[str, ...], c_blocks: list[str], c_items: dict[str, li
             pair.evidence.append(f"block {c_block} = {t_block} (structure)")
         candidate.pairs += pairs
         candidate.reasons.update(reasons)
-    # the tower's other tensors: at the runs' level, climbing only across levels holding no other run of blocks
+    # the tower's other tensors: from the runs' level towards the root, level by level, never into a level that
+    # holds another run of blocks (a decoder, a text tower, a KD copy); above the first level that gave pairs,
+    # only pairs with name or value evidence count
     level = candidate.level if candidate.level.startswith(top) else top
     foreign = [r for r in t_runs if r not in order]
+    pairs: list[_Pair] = []
+    reasons: dict[str, str] = {}
+    used: set[str] = set()
+    first_hit: str | None = None
     while True:
-        pool = [t for t in t_rest if t.name.startswith(level)]
-        pairs, reasons = match_scope(c_rest, pool, "", level)
-        if pairs or level == top:
+        remaining = [c for c in c_rest if c.name not in {p.c.name for p in pairs}]
+        pool = [t for t in t_rest if t.name.startswith(level) and t.name not in used]
+        found, why = match_scope(remaining, pool, "", level)
+        if first_hit is not None:
+            found = [p for p in found if any(e.startswith(("names", "values: equal", "values: r="))
+                                             for e in p.evidence)]
+        for pair in found:
+            pairs.append(pair)
+            used.update(pair.t.parts or (pair.t.name,))
+        if first_hit is None:
+            reasons = dict(why)
+            if found:
+                first_hit = level
+        for name in [n for n in reasons if n in {p.c.name for p in found}]:
+            del reasons[name]
+        if len(pairs) == len(c_rest) or level == top:
             break
         head = level[:-1].rpartition(".")[0]
         parent = head + "." if head else ""
         if not parent.startswith(top) or any(r.startswith(parent) for r in foreign):
             break
         level = parent
-    candidate.level = level
+    candidate.level = first_hit or level
     candidate.pairs += pairs
     candidate.reasons.update(reasons)
     # equal or strongly correlated values are decisive wherever the tensor sits (MaskCLIP keeps proj in its head)

@@ -1,8 +1,9 @@
 """Small open_clip towers with the real block structure (RN50: 3-4-6-3; ViT-B/16: 12 blocks), for inference tests.
 
 The architectures are registered with open_clip as ordinary model configs (``RN50-oth-tiny``,
-``ViT-B-16-oth-tiny``), so ``open_clip/RN50-oth-tiny`` builds through the same code as ``open_clip/RN50``: the
-towers are open_clip's own ModifiedResNet and VisionTransformer classes, at reduced width.
+``ViT-B-16-oth-tiny``, ``convnext-oth-tiny``: timm's ConvNeXt-atto trunk), so ``open_clip/RN50-oth-tiny`` builds
+through the same code as ``open_clip/RN50``: the towers are open_clip's own ModifiedResNet, VisionTransformer and
+TimmModel classes, at reduced width.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 RN_TINY = "open_clip/RN50-oth-tiny"
 VIT_TINY = "open_clip/ViT-B-16-oth-tiny"
+CONVNEXT_TINY = "open_clip/convnext-oth-tiny"
 _TEXT = {"context_length": 77, "vocab_size": 64, "width": 64, "heads": 2, "layers": 1}
 CONFIGS = {
     "RN50-oth-tiny": {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [3, 4, 6, 3], "width": 16,
@@ -23,6 +25,9 @@ CONFIGS = {
     "ViT-B-16-oth-tiny": {"embed_dim": 48, "vision_cfg": {"image_size": 32, "layers": 12, "width": 64,
                                                           "patch_size": 16, "head_width": 32, "mlp_ratio": 2.0},
                           "text_cfg": _TEXT},
+    "convnext-oth-tiny": {"embed_dim": 32, "vision_cfg": {"timm_model_name": "convnext_atto", "timm_pool": "",
+                                                          "timm_model_pretrained": False, "timm_proj": "linear",
+                                                          "image_size": 64}, "text_cfg": _TEXT},
     "ViT-B-16-oth-square": {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 12, "width": 64,
                                                             "patch_size": 16, "head_width": 32, "mlp_ratio": 2.0},
                             "text_cfg": _TEXT},

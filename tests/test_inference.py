@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from inference_layouts import RN_TINY, VIT_TINY, Box, nonzero_init, place, register, tower
+from inference_layouts import CONVNEXT_TINY, RN_TINY, VIT_TINY, Box, nonzero_init, place, register, tower
 from test_plugins_frameworks import FeatureExtractor, RecWithAttnbiasHead, SplitAttention
 from torch import nn
 
@@ -24,7 +24,8 @@ from opentrans_hub.inference import AmbiguousTowerError, canonical_state
 from opentrans_hub.plugins import get_plugin
 
 register()
-PLUGIN_ARCH = {RN_TINY: "open_clip/RN50", VIT_TINY: "open_clip/ViT-B-16"}
+PLUGIN_ARCH = {RN_TINY: "open_clip/RN50", VIT_TINY: "open_clip/ViT-B-16",
+               CONVNEXT_TINY: "open_clip/convnext_large_d_320"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -66,6 +67,11 @@ def rn() -> nn.Module:
 @pytest.fixture(scope="module")
 def vit() -> nn.Module:
     return tower(VIT_TINY, seed=9)
+
+
+@pytest.fixture(scope="module")
+def convnext() -> nn.Module:
+    return tower(CONVNEXT_TINY, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +151,15 @@ def deeplab_opentrans_layout(visual: nn.Module) -> nn.Module:
 
 BUILTIN = {  # plugin -> (layout builder, tower fixture, --tower)
     "fcclip": (fcclip_layout, "rn", None),
+    "fcclip-convnext": (fcclip_layout, "convnext", None),
     "hanovs": (lambda v: han_layout(v, res_atten=False), "rn", "backbone."),
     "deeplabv3-opentrans": (deeplab_opentrans_layout, "rn", None),
     "deeplabv3-d2": (d2_layout, "rn", None),
     "catseg": (catseg_layout, "vit", None),
     "san": (san_layout, "vit", None),
 }
-HANDWRITTEN_RULES = {"fcclip": 1, "hanovs": 2, "deeplabv3-opentrans": 2, "deeplabv3-d2": 7, "catseg": 2, "san": 4}
+HANDWRITTEN_RULES = {"fcclip": 1, "fcclip-convnext": 1, "hanovs": 2, "deeplabv3-opentrans": 2, "deeplabv3-d2": 7,
+                     "catseg": 2, "san": 4}
 
 
 @pytest.mark.parametrize("values", ["none", "frozen", "finetuned"])
@@ -159,11 +167,12 @@ HANDWRITTEN_RULES = {"fcclip": 1, "hanovs": 2, "deeplabv3-opentrans": 2, "deepla
 def test_builtin_layouts_infer_the_plugins_mapping(request, plugin_name, values):
     build, fixture, prefix = BUILTIN[plugin_name]
     visual = request.getfixturevalue(fixture)
-    arch = RN_TINY if fixture == "rn" else VIT_TINY
+    arch = {"rn": RN_TINY, "vit": VIT_TINY, "convnext": CONVNEXT_TINY}[fixture]
     model = build(visual if values != "finetuned" else finetuned(visual))
     weights = None if values == "none" else visual
     name_map, report, got = infer(model, arch, weights=weights, tower=prefix)
-    expected = resolved(get_plugin(plugin_name).name_map(PLUGIN_ARCH[arch]), arch, model.state_dict())
+    plugin = get_plugin(plugin_name.split("-convnext")[0])
+    expected = resolved(plugin.name_map(PLUGIN_ARCH[arch]), arch, model.state_dict())
     assert got == expected
     assert len(name_map.rules) <= HANDWRITTEN_RULES[plugin_name]
     if weights is not None:  # every weight matrix was confirmed by its values
