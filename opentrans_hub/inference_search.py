@@ -158,6 +158,42 @@ def _evaluate(order: tuple[str, ...], c_blocks: list[str], c_items: dict[str, li
     return candidate
 
 
+def _stem_first(candidate: _Candidate) -> bool:
+    """Whether the first run shares its branch of the module tree with the image-input conv (SAN's extractor)."""
+    stems = [p for p in candidate.pairs if p.c.block is None and len(p.c.shape) == 4 and p.c.shape[1] == 3]
+    if not stems:
+        return False
+    level = _level(candidate.runs)
+
+    def branch(name: str) -> str:
+        return name[len(level):].split(".")[0]
+
+    return branch(stems[0].t.name) == branch(candidate.runs[0])
+
+
+def _order_of_runs(evaluated: list[_Candidate], with_values: bool, t_runs: dict[str, list[str]],
+                   t_items: dict[str, list[_T]], t_first: dict[str, int], source: str | None) -> _Candidate:
+    """One order for runs that fit in several (a tower split into equal blocks): values, the stem, the file."""
+    by_values = sorted(evaluated, key=lambda e: -e.value_hits()[0])
+    if with_values and by_values[0].value_hits()[0] > by_values[1].value_hits()[0]:
+        by_values[0].order_evidence = "run order by values"
+        return by_values[0]
+    stem_first = [e for e in evaluated if _stem_first(e)]
+    if len(stem_first) == 1:
+        stem_first[0].order_evidence = "run order: the run beside the image stem comes first"
+        return stem_first[0]
+    runs = {r for e in evaluated for r in e.runs}
+    stored = all([min(t.order for t in t_items[b]) for b in t_runs[r]] ==
+                 sorted(min(t.order for t in t_items[b]) for b in t_runs[r]) for r in runs)
+    if not stored:
+        raise OpenTransError(f"the runs {', '.join(sorted(runs))} fit the tower in {len(evaluated)} orders and "
+                             "nothing tells which comes first (the file's order is shuffled); pass --weights so "
+                             "values decide", path=source)
+    best = min(evaluated, key=lambda e: [t_first[r] for r in e.runs])
+    best.order_evidence = "run order as stored in the file"
+    return best
+
+
 def _choose(candidates: list[_Candidate], with_values: bool, sizes: dict[str, int], arch: str) -> _Candidate:
     if len(candidates) == 1:
         return candidates[0]
@@ -256,13 +292,7 @@ def infer_name_map(target: Any, arch: str, weights: Any = None, tower: str | Non
         if len(evaluated) == 1:
             best = evaluated[0]
         else:
-            by_values = sorted(evaluated, key=lambda e: -sum(p.score for p in e.pairs))
-            hits = [e.value_hits()[0] for e in by_values]
-            if values is not None and hits[0] > hits[1]:
-                best, best.order_evidence = by_values[0], "run order by values"
-            else:  # the order the runs appear in the file (a shuffled file cannot tell: reported as such)
-                best = min(evaluated, key=lambda e: [t_first[r] for r in e.runs])
-                best.order_evidence = "run order as stored in the file"
+            best = _order_of_runs(evaluated, values is not None, t_runs, t_items, t_first, source)
         candidates.append(best)
     sizes = {r: len(b) for r, b in t_runs.items()}
     chosen = _choose(candidates, values is not None, sizes, arch)

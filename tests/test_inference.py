@@ -459,3 +459,13 @@ def test_auto_plugin_schedule_and_detectron2_config_infer_at_run_time(rn, caplog
     # an ambiguous model is refused at run time too, naming --tower
     with pytest.raises(AmbiguousTowerError):
         get_plugin("auto").apply(han_layout(rn, res_atten=True), sub)
+
+
+def test_a_split_tower_keeps_its_order_in_a_shuffled_file(vit):
+    state = san_layout(vit).state_dict()
+    keys = sorted(state, reverse=True)  # clip_visual_extractor after clip_rec_head, blocks 9..0
+    shuffled = {k: state[k] for k in keys}
+    expected = resolved(get_plugin("san").name_map("open_clip/ViT-B-16"), VIT_TINY, state)
+    _, report, got = infer(shuffled, VIT_TINY)
+    assert got == expected
+    assert "image stem" in report.tensors["transformer.resblocks.10.attn.in_proj_weight"].evidence[-1]
