@@ -113,11 +113,14 @@ def _guard(regex: re.Pattern, members: list[dict[str, Any]], names: Sequence[str
         if not outside:
             continue
         values = {c[k] for c in outside}
-        if any(v < lo for v in values):
+        if lo == hi:
+            terms.append(f"g{k + 1} == {lo}")
+        elif any(v < lo for v in values):
             terms.append(f"g{k + 1} >= {lo}")
-        if any(v > hi for v in values):
+        if lo != hi and any(v > hi for v in values):
             terms.append(f"g{k + 1} < {hi + 1}")
-        terms += [f"g{k + 1} != {v}" for v in sorted(values) if lo < v < hi]
+        if lo != hi:
+            terms += [f"g{k + 1} != {v}" for v in sorted(values) if lo < v < hi]
         remaining = [c for c in remaining if c not in outside]
         if not remaining:
             break
