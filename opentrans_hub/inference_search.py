@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import OpenTransError
-from .inference import (
+from .inference_match import _T, _Pair, find_blocks, match_scope
+from .inference_report import (
     AmbiguousTowerError,
     InferenceReport,
     TensorInference,
@@ -24,7 +25,6 @@ from .inference import (
     canonical_state,
     log,
 )
-from .inference_match import _T, _Pair, find_blocks, match_scope
 from .mapping import NameMap
 
 _MAX_SOLUTIONS = 5000

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import OpenTransError
-    from ..inference import AmbiguousTowerError, _target_tensors, infer_name_map
+    from ..inference import AmbiguousTowerError, infer_name_map
+    from ..inference_report import _target_tensors
     from ..scaffold import rules_text, write_plugin
 
     if args.write_plugin and not args.name:
