@@ -51,13 +51,15 @@ class InferenceReport:
     rules: str = ""
     with_values: bool = False
     structure: str = ""
+    ddp_prefix: str = ""  # every name of the target began with it (DDP's ``module.``); targets here omit it
 
     @property
     def mapping(self) -> dict[str, list[str]]:
         return {s: list(t.targets) for s, t in self.tensors.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arch": self.arch, "tower": self.tower, "structure": self.structure, "rules": self.rules,
+        return {"arch": self.arch, "tower": self.tower, "ddp_prefix": self.ddp_prefix, "structure": self.structure,
+                "rules": self.rules,
                 "with_values": self.with_values, "mapping": self.mapping,
                 "unmapped": [{"source": s, "reason": r} for s, r in self.unmapped.items()],
                 "tensors": [t.to_dict() for t in self.tensors.values()], "candidates": self.candidates}
@@ -80,7 +82,8 @@ class AmbiguousTowerError(OpenTransError):
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-def _target_tensors(target: Any) -> tuple[dict[str, torch.Tensor], str | None]:
+def _target_tensors(target: Any) -> tuple[dict[str, torch.Tensor], str | None, str]:
+    """(tensors, the file they came from, the DDP prefix every name had and that was taken off)."""
     from .sparsity import unwrap
 
     source = None
@@ -102,8 +105,8 @@ def _target_tensors(target: Any) -> tuple[dict[str, torch.Tensor], str | None]:
     if not tensors:
         raise OpenTransError("the target holds no tensors", path=source)
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    return tensors, source
+        return {k[len("module."):]: v for k, v in tensors.items()}, source, "module."
+    return tensors, source, ""
 
 
 _CANONICAL: dict[str, dict[str, torch.Tensor]] = {}

@@ -225,13 +225,15 @@ def infer_name_map(target: Any, arch: str, weights: Any = None, tower: str | Non
 
     ``target``: a checkpoint path, a state dict or an ``nn.Module``; ``weights``: the base tower's values under
     canonical names (file, open_clip tag, state dict or module), which add value evidence; ``tower``: a prefix
-    that restricts the search (what to pass when two towers fit). Raises OpenTransError when no tower fits,
+    that restricts the search (what to pass when two towers fit). A DDP ``module.`` prefix on every name is taken
+    off (``report.ddp_prefix``; ``name_map.then(NameMap.prefix("module."))`` maps onto such names, as ``apply``
+    does). Raises OpenTransError when no tower fits,
     when several fit and nothing decides (:class:`AmbiguousTowerError` with ``candidates``), and when the
     compact rules do not reproduce the inferred pairs.
     """
     from .inference_rules import compact_rules
 
-    tensors, source = _target_tensors(target)
+    tensors, source, ddp = _target_tensors(target)
     canonical = canonical_state(arch)
     values = _source_values(arch, weights)
     if tower is not None:
@@ -296,7 +298,7 @@ def infer_name_map(target: Any, arch: str, weights: Any = None, tower: str | Non
         candidates.append(best)
     sizes = {r: len(b) for r, b in t_runs.items()}
     chosen = _choose(candidates, values is not None, sizes, arch)
-    report = InferenceReport(arch=arch, tower=chosen.prefix, with_values=values is not None,
+    report = InferenceReport(arch=arch, tower=chosen.prefix, with_values=values is not None, ddp_prefix=ddp,
                              structure=f"blocks {'+'.join(str(sizes[r]) for r in chosen.runs)} in "
                                        f"{', '.join(chosen.runs)}")
     report.candidates = [c.describe(sizes) for c in candidates]

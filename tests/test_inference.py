@@ -361,13 +361,24 @@ def _maskclip_name(name: str) -> str:
     return f"backbone.{name}"
 
 
-def test_maskclip_mmseg_resnet_renames(rn):
+def test_maskclip_mmseg_resnet_renames_and_its_head_holds_projections_as_1x1_convs(rn):
     state = {_maskclip_name(k): v for k, v in rn.state_dict().items() if not k.startswith("attnpool.")}
     state["decode_head.conv_seg.weight"] = torch.randn(4, 512, 1, 1)
+    for part in ("v_proj", "c_proj"):  # MaskCLIP turns attention pooling's v and c projections into 1x1 convs
+        state[f"decode_head.{part}.weight"] = getattr(rn.attnpool, part).weight.detach()[:, :, None, None]
+        state[f"decode_head.{part}.bias"] = getattr(rn.attnpool, part).bias.detach()
+    truth = {k: [_maskclip_name(k)] for k in canonical_state(RN_TINY) if not k.startswith("attnpool.")}
+    heads = {f"attnpool.{p}.{leaf}": [f"decode_head.{p}.{leaf}"] for p in ("v_proj", "c_proj")
+             for leaf in ("weight", "bias")}
     _, report, got = infer(state, RN_TINY)
-    assert got == {k: [_maskclip_name(k)] for k in canonical_state(RN_TINY) if not k.startswith("attnpool.")}
-    _, _, with_values = infer(state, RN_TINY, weights=rn)
-    assert with_values == got
+    assert {k: v for k, v in got.items() if k not in heads} == truth
+    assert all(got[k] == v for k, v in heads.items() if k in got)  # without values: right, or left unmapped
+    name_map, report, with_values = infer(state, RN_TINY, weights=rn)
+    assert with_values == {**truth, **heads}
+    assert report.tensors["attnpool.v_proj.weight"].transform == "reshape:*,*,1,1"
+    moved, _ = name_map.resolve({"attnpool.c_proj.weight": rn.attnpool.c_proj.weight.detach()},
+                                {k: tuple(v.shape) for k, v in state.items()})
+    assert torch.equal(moved["decode_head.c_proj.weight"], state["decode_head.c_proj.weight"])
 
 
 _MMSEG_VIT = [(r"^transformer\.resblocks\.(\d+)\.ln_(\d)\.", r"backbone.layers.\1.ln\2."),

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     written = None
     if args.write_plugin:
-        names = list(_target_tensors(args.checkpoint)[0])
+        names = list(_target_tensors(args.checkpoint)[0])  # the plugin maps without DDP's prefix; apply adds it
         written = write_plugin(args.write_plugin, args.name, args.arch, name_map, report, names, args.checkpoint)
     if args.json:
         info = report.to_dict()
