@@ -355,6 +355,21 @@ def match_scope(canonical: list[_T], targets: list[_T], rel_c: str, rel_t: str) 
         if not progress:
             break
     reasons: dict[str, str] = {}
+    # a norm is paired only along with the layer it normalises (the conv or linear before it): CLIP's bn3 is not
+    # an ImageNet stem's conv1 norm just because both have 64 channels
+    paired_modules = {module(p.c.name) for p in taken}
+    owner: dict[str, str | None] = {}
+    last_layer = None
+    for c in sorted(canonical, key=lambda x: x.order):
+        kind = _kind(shapes_c, c.name)
+        if kind in {"CONV", "LINEAR"}:
+            last_layer = module(c.name)
+        elif kind == "NORM":
+            owner.setdefault(module(c.name), last_layer)
+    for pair in [p for p in taken if owner.get(module(p.c.name)) not in (None, *paired_modules)]:
+        taken.remove(pair)
+        used_c.discard(pair.c.name)
+        reasons[pair.c.name] = f"the layer it normalises ({owner[module(pair.c.name)]}) has no counterpart"
     # a scalar (num_batches_tracked) is paired only along with the rest of its module
     paired_modules = {module(p.c.name) for p in taken if p.c.shape}
     for pair in [p for p in taken if not p.c.shape and module(p.c.name) not in paired_modules]:

@@ -283,8 +283,10 @@ def compact_rules(report: Any, canonical: Mapping[str, torch.Tensor],
     grouped = {m["source"]: key[2] for key, members in groups.items() for m in members}
 
     def free_names(regex_text: str) -> list[str]:
+        # names a pattern must not catch: the mapped ones that no other rule renames first (unmapped names may be
+        # caught: they find no destination, or verification below adds an unmap rule)
         pattern = regex_text[1:].removesuffix(r"\.").removesuffix("$")
-        return [n for n in names if n not in grouped or grouped[n] == pattern]
+        return [n for n in names if n in expected and (n not in grouped or grouped[n] == pattern)]
 
     for key, members in groups.items():
         if key in inserted:

@@ -480,3 +480,30 @@ def test_a_split_tower_keeps_its_order_in_a_shuffled_file(vit):
     _, report, got = infer(shuffled, VIT_TINY)
     assert got == expected
     assert "image stem" in report.tensors["transformer.resblocks.10.attn.in_proj_weight"].evidence[-1]
+
+
+def _d2_imagenet_name(name: str) -> str:
+    """detectron2's ResNet names (tools/convert-torchvision-to-d2.py) under FPN's ``backbone.bottom_up.``."""
+    name = re.sub(r"^conv1\.", "stem.conv1.", name)
+    name = re.sub(r"^bn1\.", "stem.conv1.norm.", name)
+    name = re.sub(r"^layer(\d)\.", lambda m: f"res{int(m.group(1)) + 1}.", name)
+    name = re.sub(r"\.bn(\d)\.", r".conv\1.norm.", name)
+    return "backbone.bottom_up." + name.replace(".downsample.0.", ".shortcut.").replace(".downsample.1.",
+                                                                                      ".shortcut.norm.")
+
+
+def test_detectron2_imagenet_resnet_maps_blocks_and_no_part_of_its_7x7_stem():
+    """A 64-channel norm after a 7x7 conv is not CLIP's bn3, although the shapes agree (FrozenBN, no counters)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50(weights=None)
+    state = {_d2_imagenet_name(k): v for k, v in resnet.state_dict().items()
+             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    state["proposal_generator.rpn_head.conv.weight"] = torch.zeros(256, 256, 3, 3)
+    name_map, report, got = infer(state, "open_clip/RN50")
+    expected = {k: [_d2_imagenet_name(k)] for k in canonical_state("open_clip/RN50")
+                if k.startswith("layer") and not k.endswith("num_batches_tracked")}
+    assert got == expected
+    assert "has no counterpart" in report.unmapped["bn3.weight"]
+    assert len(name_map.rules) <= 5
