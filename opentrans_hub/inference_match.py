@@ -243,7 +243,7 @@ def match_scope(canonical: list[_T], targets: list[_T], rel_c: str, rel_t: str) 
     namesakes: dict[str, str] = {}
     for c in canonical:
         c_rel = c.name[len(rel_c):]
-        c_tokens = name_tokens(c_rel) | {_kind(shapes_c, c.name)}
+        c_tokens = name_tokens(c_rel) | ({_kind(shapes_c, c.name)} - {""})
         same = t_names.get(c_rel)
         if same is not None and same.shape != c.shape and not _transforms(c, same):
             namesakes[c.name] = f"its namesake {same.name!r} has shape {tuple(same.shape)}, not {tuple(c.shape)}: " \
@@ -256,8 +256,8 @@ def match_scope(canonical: list[_T], targets: list[_T], rel_c: str, rel_t: str) 
                 continue
             for transform, penalty in _transforms(c, t):
                 kind = "LINEAR" if t.parts else _kind(shapes_t, t.name)
-                similarity = dice(c_tokens, name_tokens(t_rel) | {kind})
-                evidence = [f"names {similarity:.2f}"] if similarity >= 0.5 else []
+                similarity = dice(c_tokens, name_tokens(t_rel) | ({kind} - {""}))
+                evidence = [f"names {similarity:.2f}"] if similarity >= 0.4 else []
                 score = 2 * similarity + penalty
                 value = _value_evidence(c, t, transform)
                 if transform == "identity" and len(c.shape) == 2 and c.shape[0] == c.shape[1] \

@@ -328,22 +328,22 @@ def test_timm_clip_vit_matches_timms_converter(vit):
 def test_hugging_face_clip_vision_model_computes_the_same_after_transfer(vit):
     transformers = pytest.importorskip("transformers")
     config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=12,
-                                           num_attention_heads=2, image_size=32, patch_size=16, hidden_act="gelu")
-    model = transformers.CLIPVisionModel(config).eval()
+                                           num_attention_heads=2, image_size=32, patch_size=16, hidden_act="gelu",
+                                           projection_dim=48)
+    model = transformers.CLIPVisionModelWithProjection(config).eval()
     name_map, report, got = infer(model, VIT_TINY)
     top = "vision_model." if any(k.startswith("vision_model.") for k in model.state_dict()) else ""
     assert report.tensors["transformer.resblocks.3.attn.in_proj_weight"].targets == [
         f"{top}encoder.layers.3.self_attn.{p}_proj.weight" for p in "qkv"]
-    assert "proj" in report.unmapped  # CLIPVisionModel holds no projection
+    assert report.tensors["proj"].targets == ["visual_projection.weight"]
+    assert report.tensors["proj"].transform == "transpose" and not report.unmapped
     target = model.state_dict()
     moved, mapping = name_map.resolve(vit.state_dict(), {k: tuple(v.shape) for k, v in target.items()})
     assert mapping.ok and set(moved) == {k for k in target if not k.endswith("position_ids")}
     model.load_state_dict(moved, strict=False)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = vit(images)
-        theirs = model(pixel_values=images).pooler_output @ vit.proj
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # a wrong pair (or a missed transpose / q-k-v order) would change the function
+        torch.testing.assert_close(model(pixel_values=images).image_embeds, vit(images), rtol=1e-4, atol=1e-5)
     # with the weights, values confirm every pair (the model now holds them)
     _, report, again = infer(model, VIT_TINY, weights=vit)
     assert again == got
