@@ -165,6 +165,28 @@ def _rules_for(kind: str, spec: str, members: list[dict[str, Any]], names: Seque
     return [Rule("transpose", regex_text, (templates[0],), guard), tail_rule]
 
 
+def _split_rules(key: tuple, members: list[dict[str, Any]], names: Any, owned: dict[Rule, list[str]]
+                 ) -> list[Rule] | None:
+    """A group whose numbers do not follow one formula, split by the value of one capture (one rule per stage
+    when a framework numbers all blocks in one list), each part guarded by that value."""
+    for k in range(len(members[0]["caps"])):
+        parts: dict[int, list[dict[str, Any]]] = {}
+        for m in members:
+            parts.setdefault(m["caps"][k], []).append(m)
+        if len(parts) < 2 or len(parts) > 8:
+            continue
+        rules: list[Rule] = []
+        for part in parts.values():
+            made = _rules_for(key[0], key[1], part, names)
+            if made is None:
+                break
+            owned[made[0]] = [m["source"] for m in part]
+            rules.extend(made)
+        else:
+            return rules
+    return None
+
+
 def _member(source: str, targets: list[str], transform: str, block: str | None) -> tuple[tuple, dict[str, Any]]:
     kind, _, spec = transform.partition(":")
     if kind == "identity":
@@ -291,7 +313,7 @@ def compact_rules(report: Any, canonical: Mapping[str, torch.Tensor],
     for key, members in groups.items():
         if key in inserted:
             continue
-        made = _rules_for(key[0], key[1], members, free_names)
+        made = _rules_for(key[0], key[1], members, free_names) or _split_rules(key, members, free_names, owned)
         if made is None:  # numbers that do not generalise: one rule per member, literal
             for m in members:
                 literal = dict(m)
@@ -300,7 +322,8 @@ def compact_rules(report: Any, canonical: Mapping[str, torch.Tensor],
                 owned.setdefault(made_one[0], []).append(m["source"])
             continue
         (renames if key[0] == "rename" else transforms).extend(made)
-        owned.setdefault(made[0], []).extend(m["source"] for m in members)
+        if made[0] not in owned:
+            owned[made[0]] = [m["source"] for m in members]
     body = _ordered(list(dict.fromkeys(transforms + renames)), owned)
     tail = [Rule("prefix", prefix)] if prefix else []
     name_map = NameMap(body + tail)

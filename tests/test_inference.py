@@ -507,3 +507,20 @@ def test_detectron2_imagenet_resnet_maps_blocks_and_no_part_of_its_7x7_stem():
     assert got == expected
     assert "has no counterpart" in report.unmapped["bn3.weight"]
     assert len(name_map.rules) <= 5
+
+
+def test_blocks_renumbered_in_one_list_get_one_guarded_rule_per_stage(rn):
+    state, truth, index = {}, {}, 0
+    for stage in range(1, 5):  # a framework that keeps the 16 bottlenecks in one ModuleList
+        for position, block in enumerate(getattr(rn, f"layer{stage}")):
+            for key, value in block.state_dict().items():
+                state[f"body.blocks.{index}.{key}"] = value
+                truth[f"layer{stage}.{position}.{key}"] = [f"body.blocks.{index}.{key}"]
+            index += 1
+    for key, value in rn.state_dict().items():
+        if not key.startswith("layer"):
+            state[f"body.{key}"], truth[key] = value, [f"body.{key}"]
+    name_map, _, got = infer(state, RN_TINY)
+    assert got == truth
+    assert "rename ^layer(\\d+)\\.(\\d+)\\. -> blocks.{g2+7}. if g1 == 3" in str(name_map).splitlines()
+    assert len(name_map.rules) == 5
