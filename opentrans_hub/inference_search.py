@@ -75,9 +75,15 @@ def _level(runs: tuple[str, ...]) -> str:
     return _common_prefix([r + ".x" for r in runs])
 
 
-def _solutions(sequence: list[int], runs: dict[str, list[int]]) -> list[tuple[str, ...]]:
-    """Orders of whole target runs whose block sizes, end to end, equal the canonical ``sequence``."""
-    usable = {r: sizes for r, sizes in runs.items() if set(sizes) <= set(sequence)}
+def _solutions(sequence: list[int], runs: dict[str, list[int]], extra: float = 0.0) -> list[tuple[str, ...]]:
+    """Orders of whole target runs whose block sizes, end to end, equal the canonical ``sequence``.
+
+    ``extra``: a target block may hold up to this fraction more (adapters, prompts inside blocks).
+    """
+    def fit(want: list[int], got: list[int]) -> bool:
+        return len(want) == len(got) and all(w <= g <= w * (1 + extra) for w, g in zip(want, got))
+
+    usable = {r: sizes for r, sizes in runs.items() if all(any(fit([w], [g]) for w in set(sequence)) for g in sizes)}
     out: list[tuple[str, ...]] = []
 
     def walk(position: int, chosen: tuple[str, ...]) -> None:
@@ -87,7 +93,7 @@ def _solutions(sequence: list[int], runs: dict[str, list[int]]) -> list[tuple[st
             out.append(chosen)
             return
         for run, sizes in usable.items():
-            if run not in chosen and sequence[position:position + len(sizes)] == sizes:
+            if run not in chosen and fit(sequence[position:position + len(sizes)], sizes):
                 walk(position + len(sizes), chosen + (run,))
 
     walk(0, ())
@@ -269,6 +275,8 @@ def infer_name_map(target: Any, arch: str, weights: Any = None, tower: str | Non
     sequence = [numel(c_items[b]) for b in c_blocks]
     t_sizes = {r: [numel(t_items[b]) for b in blocks] for r, blocks in t_runs.items()}
     solutions = _solutions(sequence, t_sizes)
+    if not solutions:  # blocks that hold a little more than the tower's own layers (adapters, deep prompts)
+        solutions = _solutions(sequence, t_sizes, extra=0.1)
     structure = "-".join(str(len(blocks)) for r, blocks in sorted(c_runs.items(), key=lambda x: first[x[0]]))
     if not solutions:
         runs = ", ".join(f"{r} ({len(b)})" for r, b in sorted(t_runs.items())[:8]) or "none"

@@ -524,3 +524,12 @@ def test_blocks_renumbered_in_one_list_get_one_guarded_rule_per_stage(rn):
     assert got == truth
     assert "rename ^layer(\\d+)\\.(\\d+)\\. -> blocks.{g2+7}. if g1 == 3" in str(name_map).splitlines()
     assert len(name_map.rules) == 5
+
+
+def test_blocks_with_adapters_inside_still_fit_and_adapters_stay_unmapped(vit):
+    model = fcclip_layout(vit)
+    for block in model.backbone.clip_model.visual.transformer.resblocks:  # a few percent more per block
+        block.adapter = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 64))
+    _, report, got = infer(model, VIT_TINY)
+    assert got == {name: [f"backbone.clip_model.visual.{name}"] for name in canonical_state(VIT_TINY)}
+    assert not any(".adapter." in d for dests in got.values() for d in dests)
