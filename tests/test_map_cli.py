@@ -160,3 +160,18 @@ def test_apply_and_check_with_the_auto_plugin(files, tmp_path, capsys):
     assert all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
     mapped = json.loads(stdout.splitlines()[-1])["counts"]["mapped"]
     assert mapped == len(report.mapped) == len(Subnetwork.load(files["sub"]).masks) - 4  # no attnpool in d2
+
+    # a layer selection through 'auto' names the same framework parameters as the hand-written plugin
+    from opentrans_hub import LayerSelection
+
+    layers = [{"name": n, "trainable": i % 2 == 0} for i, n in enumerate(sorted(Subnetwork.load(files["sub"]).masks))]
+    LayerSelection(layers, arch=RN_TINY, policy={"name": "test"}).save(tmp_path / "select.json")
+    code, _, err = main_in_process(capsys, "apply", "--plugin", "auto", "--selection", tmp_path / "select.json",
+                                   "--checkpoint", files["ckpt"], "--out", tmp_path / "auto.json")
+    assert code == 0, err
+    code, _, err = main_in_process(capsys, "apply", "--plugin", "deeplabv3-d2", "--arch", "open_clip/RN50",
+                                   "--selection", tmp_path / "select.json", "--checkpoint", files["ckpt"],
+                                   "--out", tmp_path / "d2.json")
+    assert code == 0, err
+    auto, hand = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("auto", "d2"))
+    assert auto["trainable"] == hand["trainable"] and auto["frozen"] == hand["frozen"] and auto["trainable"]
