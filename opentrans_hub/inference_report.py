@@ -52,6 +52,7 @@ class InferenceReport:
     with_values: bool = False
     structure: str = ""
     ddp_prefix: str = ""  # every name of the target began with it (DDP's ``module.``); targets here omit it
+    notes: list[str] = field(default_factory=list)  # warnings a user must see (also logged)
 
     @property
     def mapping(self) -> dict[str, list[str]]:
@@ -59,7 +60,7 @@ class InferenceReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "tower": self.tower, "ddp_prefix": self.ddp_prefix, "structure": self.structure,
-                "rules": self.rules,
+                "rules": self.rules, "notes": self.notes,
                 "with_values": self.with_values, "mapping": self.mapping,
                 "unmapped": [{"source": s, "reason": r} for s, r in self.unmapped.items()],
                 "tensors": [t.to_dict() for t in self.tensors.values()], "candidates": self.candidates}
@@ -70,6 +71,7 @@ class InferenceReport:
         lines += [f"  {t.source} -> {', '.join(t.targets)} [{t.transform}; {t.confidence}: {'; '.join(t.evidence)}]"
                   for t in self.tensors.values()]
         lines += [f"  unmapped {s}: {r}" for s, r in self.unmapped.items()]
+        lines += [f"  NOTE {note}" for note in self.notes]
         return "\n".join(lines)
 
 

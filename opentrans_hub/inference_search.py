@@ -321,6 +321,16 @@ def infer_name_map(target: Any, arch: str, weights: Any = None, tower: str | Non
             evidence.append(chosen.order_evidence)
         report.tensors[c.name] = TensorInference(c.name, list(pair.t.parts or (pair.t.name,)), pair.transform,
                                                  evidence, pair.confidence)
+    hits, misses = chosen.value_hits()
+    if values is not None and misses > hits:
+        report.notes.append(f"the weights do not look like this tower's start: {misses} paired tensors have "
+                            f"uncorrelated values, {hits} agree (pairs rest on names and structure; check --weights)")
+    low = [s for s, t in report.tensors.items() if t.confidence == "low"]
+    if low:
+        report.notes.append(f"{len(low)} pair(s) rest on weak evidence (name order or contradicting values), first "
+                            f"{low[0]!r}; --weights adds value evidence")
+    for note in report.notes:
+        log.warning("infer_name_map(%s): %s", arch, note)
     if not report.tensors:
         raise OpenTransError(f"a tower was found at {chosen.prefix!r} but none of its tensors could be paired",
                              path=source)

@@ -533,3 +533,11 @@ def test_blocks_with_adapters_inside_still_fit_and_adapters_stay_unmapped(vit):
     _, report, got = infer(model, VIT_TINY)
     assert got == {name: [f"backbone.clip_model.visual.{name}"] for name in canonical_state(VIT_TINY)}
     assert not any(".adapter." in d for dests in got.values() for d in dests)
+
+
+def test_weights_that_are_not_the_towers_start_are_reported(rn):
+    other = tower(RN_TINY, seed=11)  # same architecture, unrelated values
+    _, report, got = infer(d2_layout(rn), RN_TINY, weights=other)
+    assert got == resolved(get_plugin("deeplabv3-d2").name_map("open_clip/RN50"), RN_TINY, d2_layout(rn).state_dict())
+    assert any("do not look like this tower's start" in note for note in report.notes)
+    assert not infer(d2_layout(rn), RN_TINY, weights=rn)[1].notes
