@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import OpenTransError
-from .inference_match import _T, _Pair, find_blocks, match_scope
+from .inference_match import _T, _common_prefix, _Pair, find_blocks, match_scope
 from .inference_report import (
     AmbiguousTowerError,
     InferenceReport,
@@ -41,7 +41,9 @@ class _Candidate:
 
     @property
     def prefix(self) -> str:
-        names = [name for p in self.pairs for name in (p.t.parts or (p.t.name,))]
+        """Where the tower sits: the common prefix of its pairs (tensors found elsewhere by values aside)."""
+        names = [name for p in self.pairs for name in (p.t.parts or (p.t.name,))
+                 if "found by values outside the tower's level" not in p.evidence]
         return _common_prefix(names) if names else self.level
 
     def value_hits(self) -> tuple[int, int]:
@@ -55,17 +57,6 @@ class _Candidate:
         return {"tower": self.prefix, "runs": list(self.runs), "structure": "-".join(str(sizes[r]) for r in self.runs),
                 "mapped": len(self.pairs), "stem_mapped": round(self.pre_mapped, 2), "value_matches": hits,
                 "value_mismatches": misses, "order": self.order_evidence}
-
-
-def _common_prefix(names: list[str]) -> str:
-    """The longest common dotted prefix, ending with ``.`` (or ``""``)."""
-    split = [n.split(".")[:-1] for n in names]
-    common: list[str] = []
-    for tokens in zip(*split):
-        if len(set(tokens)) != 1:
-            break
-        common.append(tokens[0])
-    return ".".join(common) + "." if common else ""
 
 
 def _level(runs: tuple[str, ...]) -> str:

@@ -409,6 +409,7 @@ def test_maskclip_mmseg_vit_with_its_projection_as_a_1x1_conv_in_the_head(vit):
     assert "proj" in report.unmapped  # outside the tower's module, and nothing but values could tell
     name_map, report, got = infer(state, VIT_TINY, weights=vit)
     assert got == truth and report.tensors["proj"].transform.startswith("transpose+")
+    assert report.tower == "backbone."  # the tower's own prefix, although proj sits in the head
     moved, _ = name_map.resolve({"proj": vit.proj.detach()}, {"decode_head.proj.weight": (48, 64, 1, 1)})
     assert torch.equal(moved["decode_head.proj.weight"], state["decode_head.proj.weight"])
 
