@@ -119,6 +119,8 @@ def _evaluate(order: tuple[str, ...], c_blocks: list[str], c_items: dict[str, li
             found = [p for p in found if any(e.startswith(("names", "values: equal", "values: r="))
                                              for e in p.evidence)]
         for pair in found:
+            if first_hit is not None and not any(e.startswith("names") for e in pair.evidence):
+                pair.evidence.append("found by values outside the tower's level")
             pairs.append(pair)
             used.update(pair.t.parts or (pair.t.name,))
         if first_hit is None:
