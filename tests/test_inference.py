@@ -542,3 +542,19 @@ def test_weights_that_are_not_the_towers_start_are_reported(rn):
     assert got == resolved(get_plugin("deeplabv3-d2").name_map("open_clip/RN50"), RN_TINY, d2_layout(rn).state_dict())
     assert any("do not look like this tower's start" in note for note in report.notes)
     assert not infer(d2_layout(rn), RN_TINY, weights=rn)[1].notes
+
+
+def test_reshape_rule_round_trips_and_refuses_bad_specs():
+    name_map = NameMap.parse("reshape ^proj$ *,*,1,1 -> head.weight\nreshape ^cls$ 1,1,-1\nunsqueeze ^pos$ 0")
+    assert NameMap.parse(str(name_map)) == name_map
+    mask = torch.rand(6, 4) < 0.5
+    [(dest, moved)] = name_map.map("proj", mask)
+    assert dest == "head.weight" and moved.shape == (6, 4, 1, 1) and torch.equal(moved[:, :, 0, 0], mask)
+    assert name_map.map("cls", torch.zeros(5))[0][1].shape == (1, 1, 5)
+    for bad in ("reshape ^a$ 2,-1,-1", "reshape ^a$ x,1", "split ^a$ *,1 -> b, c", "reshape ^a$ 1 -> b, c"):
+        with pytest.raises(OpenTransError):
+            NameMap.parse(bad)
+    with pytest.raises(OpenTransError, match="cannot reshape"):
+        NameMap.parse("reshape ^a$ 7,-1").map("a", torch.zeros(4, 4))
+    with pytest.raises(OpenTransError, match="past the last dimension"):
+        NameMap.parse("reshape ^a$ *,*,*").map("a", torch.zeros(4, 4))
