@@ -300,6 +300,33 @@ def imp_sparsity(rate: float, rounds: int) -> float:
     return 1.0 - (1.0 - rate) ** rounds
 
 
+def check_canonical_scope(selected: Mapping[str, tuple[str, nn.Parameter]], arch: str, prefix: str) -> None:
+    """Refuse a prune scope whose canonical names or shapes are not those of ``arch``'s tower.
+
+    A prefix that does not point at the tower (``backbone.`` on a model holding it at
+    ``backbone.clip_model.visual.``) would write rounds named ``clip_model.visual.conv2.weight`` under
+    ``open_clip/RN50``. Checked for open_clip architectures (their canonical tower is built on the meta
+    device); other families and ``"unknown"`` have no canonical tower to compare with.
+    """
+    from .backbones import parse_arch
+
+    if arch == "unknown" or parse_arch(arch)[0] != "open_clip":
+        return
+    from .plugins import canonical_shapes
+
+    canonical = canonical_shapes(arch)
+    for name, (full, param) in selected.items():
+        expected = canonical.get(name)
+        if expected is None:
+            fits = [c for c in canonical if full.endswith("." + c)]
+            hint = f"; the tower seems to sit at prefix {full[:-len(max(fits, key=len))]!r}" if fits else ""
+            raise OpenTransError(f"IMP prefix {prefix!r} does not point at the {arch} tower: {full!r} would be "
+                                 f"saved as {name!r}, which is not a canonical {arch} name{hint}")
+        if tuple(expected.shape) != tuple(param.shape):
+            raise OpenTransError(f"IMP prefix {prefix!r}: {full!r} has shape {tuple(param.shape)} but {arch}'s "
+                                 f"{name!r} is {tuple(expected.shape)}: the tower there is not {arch}")
+
+
 # ------------------------------------------------------------------------------------------ distributed
 def _dist_world() -> tuple[int, int]:
     import torch.distributed as dist
@@ -448,6 +475,7 @@ class IMPRunner:
         from .backbones import weights_sha256
 
         self._started = True
+        check_canonical_scope(self.scope.select(self.model, self.prefix), self.arch, self.prefix)
         state = self.read_state(self.out_dir) if self.out_dir is not None else None
         if state is not None:
             self._resume(state, start_iter)
