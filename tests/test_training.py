@@ -143,7 +143,8 @@ def test_selection_refuses_parameters_the_optimizer_does_not_hold():
     selection = _alternate_selection(model)
     before = {name: p.requires_grad for name, p in model.named_parameters()}
     schedule = OpenTransSchedule(model, selection=selection, selection_map=NameMap.prefix(PREFIX), optimizer=optimizer)
-    with pytest.raises(OpenTransError, match=r"first backbone\.visual\.conv1\.weight\) trainable that the optimizer does not hold"):
+    with pytest.raises(OpenTransError,
+                       match=r"first backbone\.visual\.conv1\.weight\) trainable that the optimizer does not hold"):
         schedule.before_train()
     assert {name: p.requires_grad for name, p in model.named_parameters()} == before  # nothing half-applied
 

@@ -20,6 +20,7 @@ trainer's ``EventStorage`` (so they reach ``metrics.json`` and TensorBoard).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -227,6 +228,7 @@ def _hook_class() -> type:
             self.cfg = cfg.clone()
             self.schedule: OpenTransSchedule | None = None
             self.checkpointer: Any = None
+            self._cur_iter = False
 
         def _checkpointer(self) -> Any:
             """The trainer's checkpointer; a plain SimpleTrainer gets one on cfg.OUTPUT_DIR."""
@@ -254,14 +256,24 @@ def _hook_class() -> type:
                                                     warn=logger.warning,
                                                     optimizer=getattr(trainer, "optimizer", None))
             self.schedule.before_train(start_iter=int(getattr(trainer, "start_iter", 0)))
+            storage = trainer.storage
+            self._cur_iter = "cur_iter" in inspect.signature(storage.put_scalar).parameters  # detectron2 >= 2023
+            self._put()
+
+        def _put(self, cur_iter: int | None = None) -> None:
+            storage = self.trainer.storage
+            extra = {"cur_iter": cur_iter} if cur_iter is not None else {}
+            for name, value in self.schedule.scalars().items():
+                storage.put_scalar(name, value, smoothing_hint=False, **extra)
 
         def before_step(self) -> None:
-            # put before the writers' after_step, so the values land in the same metrics.json line
-            for name, value in self.schedule.scalars().items():
-                self.trainer.storage.put_scalar(name, value, smoothing_hint=False)
+            if not self._cur_iter:  # older detectron2: the state before this step, in this step's metrics
+                self._put()
 
         def after_step(self) -> None:
             produced = self.schedule.after_step(self.trainer.iter)
+            if self._cur_iter:  # the state after this step is the next iteration's: the writers' final
+                self._put(cur_iter=self.trainer.iter + 1)  # write (after_train) still catches the last round
             last = getattr(self.trainer, "max_iter", None)
             if produced is not None and last is not None and self.trainer.iter >= last - 1:
                 # the periodic checkpointer wrote model_final before this round: write it again with the round
