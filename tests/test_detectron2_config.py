@@ -253,3 +253,86 @@ def test_build_model_helper_applies_the_selection_before_the_optimizer(tmp_path)
     assert not masked_parameters(model)
     with pytest.raises(OpenTransError, match="BAKE_AT is 5 but nothing saves the baked model"):
         build_schedule_from_cfg(cfg, model)
+
+
+class _Storage:
+    """detectron2's EventStorage.put_scalar signature (since 2023: cur_iter)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def put_scalar(self, name, value, smoothing_hint=True, cur_iter=None):
+        self.rows.append((cur_iter, name, value, smoothing_hint))
+
+
+class _Checkpointer:
+    """What the hook uses of detectron2's DetectionCheckpointer: save(name, **extra) into save_dir."""
+
+    def __init__(self, model, folder):
+        self.model, self.save_dir, self.saved = model, str(folder), []
+
+    def save(self, name, **extra):
+        torch.save({"model": self.model.state_dict(), **extra}, Path(self.save_dir) / f"{name}.pth")
+        self.saved.append((name, extra["iteration"]))
+
+
+def test_hook_logic_saves_every_imp_round_and_the_last_into_model_final_logs_under_detectron2(tmp_path):
+    """The hook's behaviour (detectron2 adds only HookBase) driven as detectron2's TrainerBase drives hooks, after
+    a periodic checkpointer that writes model_final at the last iteration before our after_step runs."""
+    import logging
+    from types import SimpleNamespace
+
+    from imp_worker import PREFIX, TinyClassifier, make_optimizer, train_step
+
+    from opentrans_hub import Subnetwork
+    from opentrans_hub.integrations.detectron2 import OpenTransHookLogic
+
+    cfg = _cfg(tmp_path)
+    cfg.merge_from_list(["MODEL.OPENTRANS.PREFIX", PREFIX, "MODEL.OPENTRANS.ARCH", "tiny/RN",
+                         "MODEL.OPENTRANS.IMP.ENABLED", "True", "MODEL.OPENTRANS.IMP.PERIOD", "2",
+                         "MODEL.OPENTRANS.IMP.ROUNDS", "3", "MODEL.OPENTRANS.IMP.RATE", "0.3"])
+    model = TinyClassifier()
+    optimizer = make_optimizer(model)
+    checkpointer = _Checkpointer(model, tmp_path)
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, start_iter=0, max_iter=6, iter=0, storage=_Storage(),
+                              checkpointer=checkpointer)
+    d2_logger = logging.getLogger("detectron2")  # what detectron2's setup_logger configures (no propagation up)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    d2_logger.addHandler(handler)
+    old_level, d2_logger.level = d2_logger.level, logging.DEBUG
+    try:
+        hook = OpenTransHookLogic(cfg)
+        hook.trainer = trainer
+        hook.before_train()
+        for iteration in range(6):
+            trainer.iter = iteration
+            hook.before_step()
+            train_step(model, optimizer, iteration)
+            if iteration == 5:  # detectron2's PeriodicCheckpointer runs before hooks registered after it
+                checkpointer.save("model_final", iteration=iteration)
+            hook.after_step()
+        hook.after_train()
+    finally:
+        d2_logger.removeHandler(handler)
+        d2_logger.level = old_level
+    assert checkpointer.saved == [("model_imp_round_01", 1), ("model_imp_round_02", 3), ("model_final", 5),
+                                  ("model_imp_round_03", 5), ("model_final", 5)]
+    last = Subnetwork.load(tmp_path / "opentrans_imp" / "round_003.safetensors")
+    final = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
+    assert all((final[PREFIX + c][~m] == 0).all() for c, m in last.masks.items())
+    messages = [r.getMessage() for r in records if r.name == "detectron2.opentrans_hub"]
+    assert "opentrans: IMP round 3 of 3 after iteration 5, sparsity 65.70%" in messages
+    assert "opentrans: model_final saved again to hold IMP round 3" in messages
+    rounds = [(it, value) for it, name, value, hint in trainer.storage.rows if name == "opentrans/imp_round"]
+    assert rounds == [(None, 0.0), (1, 0.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 3.0)]
+    assert all(hint is False for *_, hint in trainer.storage.rows)
+
+    # a plain trainer without checkpointer and without OUTPUT_DIR: refused before anything runs
+    cfg.OUTPUT_DIR = ""
+    bare = OpenTransHookLogic(cfg)
+    bare.trainer = SimpleNamespace(model=TinyClassifier(), optimizer=None, start_iter=0, max_iter=6, iter=0,
+                                   storage=_Storage())
+    with pytest.raises(OpenTransError, match="no checkpointer and cfg.OUTPUT_DIR is empty"):
+        bare.before_train()

@@ -239,3 +239,39 @@ def test_log_lines_say_when_things_ran_and_scalars_follow(subnetwork, tmp_path):
     schedule.after_step(1)
     assert messages[-1] == "opentrans: IMP round 1 of 2 after iteration 1, sparsity 50.00%"
     assert schedule.scalars() == {"opentrans/imp_round": 1.0, "opentrans/sparsity": imp.last.sparsity}
+
+
+_DDP_SELECTION = """
+import sys, torch, torch.distributed as dist
+from imp_worker import PREFIX, TinyClassifier
+from test_training import _alternate_selection
+from opentrans_hub import NameMap, OpenTransError
+from opentrans_hub.training import OpenTransSchedule
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+model = TinyClassifier()
+selection = _alternate_selection(model)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+try:
+    OpenTransSchedule(ddp, selection=selection, selection_map=NameMap.prefix(PREFIX)).before_train()
+except OpenTransError as exc:
+    print("refused:", exc, "| all trainable:", all(p.requires_grad for p in model.parameters()))
+dist.destroy_process_group()
+"""
+
+
+def test_selection_after_the_ddp_wrapper_is_refused():
+    """DDP reduces the gradients of what was trainable when it was built: a selection after it must not pass."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hubserver import free_port
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(tests), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _DDP_SELECTION, str(free_port())], cwd=tests, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "refused: the layer selection must be applied before the DistributedDataParallel wrapper" in done.stdout
+    assert "| all trainable: True" in done.stdout  # nothing changed

@@ -212,78 +212,101 @@ def opentrans_build_model(cfg: Any, model: nn.Module) -> nn.Module:
     return model
 
 
+class OpenTransHookLogic:
+    """What the detectron2 hook does, on anything trainer-like (``model``, ``optimizer``, ``iter``, ``start_iter``,
+    ``max_iter``, ``storage``, optionally ``checkpointer``); :func:`opentrans_hook` mixes it into ``HookBase``.
+
+    It forwards the loop to :class:`~opentrans_hub.training.OpenTransSchedule` with the trainer's optimizer
+    (a selection it does not cover is refused), saves through the trainer's checkpointer (a plain trainer
+    gets a ``DetectionCheckpointer`` on ``cfg.OUTPUT_DIR``), logs under detectron2's logger and puts the
+    schedule's ``opentrans/*`` scalars into the trainer's ``EventStorage``.
+    """
+
+    trainer: Any = None
+
+    def __init__(self, cfg: Any):
+        super().__init__()
+        self.cfg = cfg.clone()
+        self.schedule: OpenTransSchedule | None = None
+        self.checkpointer: Any = None
+        self._cur_iter = False
+
+    def _make_checkpointer(self) -> Any:
+        from detectron2.checkpoint import DetectionCheckpointer
+
+        optimizer = getattr(self.trainer, "optimizer", None)
+        extra = {"optimizer": optimizer} if optimizer is not None else {}
+        return DetectionCheckpointer(self.trainer.model, self.cfg.OUTPUT_DIR, **extra)
+
+    def _checkpointer(self) -> Any:
+        checkpointer = getattr(self.trainer, "checkpointer", None)
+        if checkpointer is not None:
+            return checkpointer
+        if not self.cfg.OUTPUT_DIR:
+            raise OpenTransError("the trainer has no checkpointer and cfg.OUTPUT_DIR is empty: "
+                                 "nowhere to save the bake / IMP checkpoints")
+        logging.getLogger(LOGGER_NAME).info(
+            f"opentrans: the trainer has no checkpointer; checkpoints go to {self.cfg.OUTPUT_DIR} "
+            "through a DetectionCheckpointer")
+        return self._make_checkpointer()
+
+    def _save(self, name: str) -> None:
+        self.checkpointer.save(name, iteration=int(self.trainer.iter))
+
+    def _put(self, cur_iter: int | None = None) -> None:
+        storage = self.trainer.storage
+        extra = {"cur_iter": cur_iter} if cur_iter is not None else {}
+        for name, value in self.schedule.scalars().items():
+            storage.put_scalar(name, value, smoothing_hint=False, **extra)
+
+    def before_train(self) -> None:
+        trainer = self.trainer
+        logger = logging.getLogger(LOGGER_NAME)
+        self.checkpointer = self._checkpointer()
+        self.schedule = build_schedule_from_cfg(self.cfg, trainer.model, save=self._save, log=logger.info,
+                                                warn=logger.warning, optimizer=getattr(trainer, "optimizer", None))
+        self.schedule.before_train(start_iter=int(getattr(trainer, "start_iter", 0)))
+        self._cur_iter = "cur_iter" in inspect.signature(trainer.storage.put_scalar).parameters  # detectron2 >= 2023
+        self._put()
+
+    def before_step(self) -> None:
+        if not self._cur_iter:  # older detectron2: the state before this step, in this step's metrics
+            self._put()
+
+    def after_step(self) -> None:
+        iteration = int(self.trainer.iter)
+        produced = self.schedule.after_step(iteration)
+        if self._cur_iter:  # the state after this step is the next iteration's; the writers' final write
+            self._put(cur_iter=iteration + 1)  # (after_train) then still holds a round run at the last step
+        last = getattr(self.trainer, "max_iter", None)
+        if produced is not None and last is not None and iteration >= last - 1 and self._has_final():
+            # the periodic checkpointer wrote model_final before this round ran: write it again with the round
+            self._save("model_final")
+            logging.getLogger(LOGGER_NAME).info(
+                f"opentrans: model_final saved again to hold IMP round {self.schedule.imp.rounds_done}")
+
+    def _has_final(self) -> bool:
+        folder = getattr(self.checkpointer, "save_dir", None)
+        if not folder:
+            return False
+        path = os.path.join(folder, "model_final.pth")
+        manager = getattr(self.checkpointer, "path_manager", None)
+        return bool(manager.exists(path)) if manager is not None else os.path.isfile(path)
+
+    def after_train(self) -> None:
+        if self.schedule is not None:
+            self.schedule.after_train()
+
+
 def _hook_class() -> type:
     try:
-        from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.engine import HookBase
     except ImportError as exc:
         raise OpenTransError("the OpenTrans detectron2 hook needs detectron2 "
                              f"(https://github.com/facebookresearch/detectron2): {exc}") from None
 
-    class OpenTransHook(HookBase):
+    class OpenTransHook(OpenTransHookLogic, HookBase):
         """Forwards detectron2's training loop to :class:`~opentrans_hub.training.OpenTransSchedule`."""
-
-        def __init__(self, cfg: Any):
-            super().__init__()
-            self.cfg = cfg.clone()
-            self.schedule: OpenTransSchedule | None = None
-            self.checkpointer: Any = None
-            self._cur_iter = False
-
-        def _checkpointer(self) -> Any:
-            """The trainer's checkpointer; a plain SimpleTrainer gets one on cfg.OUTPUT_DIR."""
-            checkpointer = getattr(self.trainer, "checkpointer", None)
-            if checkpointer is not None:
-                return checkpointer
-            if not self.cfg.OUTPUT_DIR:
-                raise OpenTransError("the trainer has no checkpointer and cfg.OUTPUT_DIR is empty: "
-                                     "nowhere to save the bake / IMP checkpoints")
-            logging.getLogger(LOGGER_NAME).info(
-                f"opentrans: the trainer has no checkpointer; checkpoints go to {self.cfg.OUTPUT_DIR} "
-                "through a DetectionCheckpointer")
-            optimizer = getattr(self.trainer, "optimizer", None)
-            extra = {"optimizer": optimizer} if optimizer is not None else {}
-            return DetectionCheckpointer(self.trainer.model, self.cfg.OUTPUT_DIR, **extra)
-
-        def _save(self, name: str) -> None:
-            self.checkpointer.save(name, iteration=int(self.trainer.iter))
-
-        def before_train(self) -> None:
-            trainer = self.trainer
-            logger = logging.getLogger(LOGGER_NAME)
-            self.checkpointer = self._checkpointer()
-            self.schedule = build_schedule_from_cfg(self.cfg, trainer.model, save=self._save, log=logger.info,
-                                                    warn=logger.warning,
-                                                    optimizer=getattr(trainer, "optimizer", None))
-            self.schedule.before_train(start_iter=int(getattr(trainer, "start_iter", 0)))
-            storage = trainer.storage
-            self._cur_iter = "cur_iter" in inspect.signature(storage.put_scalar).parameters  # detectron2 >= 2023
-            self._put()
-
-        def _put(self, cur_iter: int | None = None) -> None:
-            storage = self.trainer.storage
-            extra = {"cur_iter": cur_iter} if cur_iter is not None else {}
-            for name, value in self.schedule.scalars().items():
-                storage.put_scalar(name, value, smoothing_hint=False, **extra)
-
-        def before_step(self) -> None:
-            if not self._cur_iter:  # older detectron2: the state before this step, in this step's metrics
-                self._put()
-
-        def after_step(self) -> None:
-            produced = self.schedule.after_step(self.trainer.iter)
-            if self._cur_iter:  # the state after this step is the next iteration's: the writers' final
-                self._put(cur_iter=self.trainer.iter + 1)  # write (after_train) still catches the last round
-            last = getattr(self.trainer, "max_iter", None)
-            if produced is not None and last is not None and self.trainer.iter >= last - 1:
-                # the periodic checkpointer wrote model_final before this round: write it again with the round
-                self._save("model_final")
-                logging.getLogger(LOGGER_NAME).info(
-                    f"opentrans: model_final saved again to hold IMP round {self.schedule.imp.rounds_done}")
-
-        def after_train(self) -> None:
-            if self.schedule is not None:
-                self.schedule.after_train()
 
     return OpenTransHook
 
