@@ -466,7 +466,8 @@ class IMPRunner:
         return state
 
     def before_train(self, start_iter: int | None = None) -> None:
-        """Record the base weights, capture rewind weights at iteration 0, resume from ``out_dir``.
+        """Check the scope against ``arch``'s canonical tower, record the base weights, capture rewind weights
+        at iteration 0, resume from ``out_dir``.
 
         ``start_iter`` is the first iteration this process will run after a framework's own resume: only
         rounds finished before it are restored. ``None`` restores every committed round (plain loops then
