@@ -56,6 +56,19 @@ def open_clip_visual(name: str, pretrained: str | None = None, device: str = "cp
 
 BUILDERS["open_clip"] = open_clip_visual
 
+_CANONICAL_CACHE: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def canonical_shapes(arch: str) -> dict[str, torch.Tensor]:
+    """Canonical parameter name -> a meta tensor of its shape, for the tower of ``arch`` (no weights)."""
+    if arch not in _CANONICAL_CACHE:
+        family, name = parse_arch(arch)
+        if family != "open_clip":
+            raise OpenTransError(f"canonical names are known for open_clip architectures only, not {arch!r}")
+        visual = open_clip_visual(name, device="meta")
+        _CANONICAL_CACHE[arch] = {k: v for k, v in visual.named_parameters()}
+    return _CANONICAL_CACHE[arch]
+
 # timm's CLIP ResNets (ByobNet) hold the same tensors as open_clip's ModifiedResNet under other names;
 # these rules carry each canonical name to timm's, so a timm tower is rebuilt with canonical names.
 _TIMM_CLIP_RESNETS = {"resnet50_clip": "RN50", "resnet101_clip": "RN101", "resnet50x4_clip": "RN50x4",

@@ -308,12 +308,10 @@ def check_canonical_scope(selected: Mapping[str, tuple[str, nn.Parameter]], arch
     ``open_clip/RN50``. Checked for open_clip architectures (their canonical tower is built on the meta
     device); other families and ``"unknown"`` have no canonical tower to compare with.
     """
-    from .backbones import parse_arch
+    from .backbones import canonical_shapes, parse_arch
 
     if arch == "unknown" or parse_arch(arch)[0] != "open_clip":
         return
-    from .plugins import canonical_shapes
-
     canonical = canonical_shapes(arch)
     for name, (full, param) in selected.items():
         expected = canonical.get(name)

@@ -301,7 +301,8 @@ def test_hook_logic_saves_every_imp_round_and_the_last_into_model_final_logs_und
     handler = logging.Handler()
     handler.emit = records.append
     d2_logger.addHandler(handler)
-    old_level, d2_logger.level = d2_logger.level, logging.DEBUG
+    old_level = d2_logger.level
+    d2_logger.setLevel(logging.DEBUG)
     try:
         hook = OpenTransHookLogic(cfg)
         hook.trainer = trainer
@@ -316,7 +317,7 @@ def test_hook_logic_saves_every_imp_round_and_the_last_into_model_final_logs_und
         hook.after_train()
     finally:
         d2_logger.removeHandler(handler)
-        d2_logger.level = old_level
+        d2_logger.setLevel(old_level)
     assert checkpointer.saved == [("model_imp_round_01", 1), ("model_imp_round_02", 3), ("model_final", 5),
                                   ("model_imp_round_03", 5), ("model_final", 5)]
     last = Subnetwork.load(tmp_path / "opentrans_imp" / "round_003.safetensors")
