@@ -188,8 +188,8 @@ class OpenTransSchedule:
             count = sum(params[name].numel() for name in silent)
             self.warn(f"opentrans: {len(silent)} of {len(names)} tensors the layer selection marks trainable "
                       f"({count:,} of {self.trainable_params:,} parameters, first {silent[0]}) got no gradient in "
-                      f"iteration {iteration}: the framework keeps them frozen (FC-CLIP runs its CLIP tower under "
-                      "torch.no_grad), so they do not train")
+                      f"iteration {iteration}, so they do not train: the framework runs them under torch.no_grad "
+                      "(FC-CLIP does so with its CLIP tower) or does not use them")
 
     def before_train(self, start_iter: int | None = None) -> None:
         """Layer selection, then the subnetwork (if due), then IMP's base weights / resume.
