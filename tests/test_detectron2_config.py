@@ -337,3 +337,36 @@ def test_hook_logic_saves_every_imp_round_and_the_last_into_model_final_logs_und
                                    storage=_Storage())
     with pytest.raises(OpenTransError, match="no checkpointer and cfg.OUTPUT_DIR is empty"):
         bare.before_train()
+
+
+def test_hook_logic_on_an_event_storage_without_cur_iter_puts_before_each_step(tmp_path):
+    """detectron2 before 2023: put_scalar has no cur_iter, so the state before a step goes into that step."""
+    from types import SimpleNamespace
+
+    from imp_worker import PREFIX, TinyClassifier
+
+    from opentrans_hub.integrations.detectron2 import OpenTransHookLogic
+
+    class OldStorage:
+        def __init__(self):
+            self.iter, self.rows = 0, []
+
+        def put_scalar(self, name, value, smoothing_hint=True):
+            self.rows.append((self.iter, name, value))
+
+    sub = magnitude_prune(TinyClassifier(seed=5).backbone.visual, sparsity=0.5, apply=False, arch="tiny/RN")
+    cfg = _cfg(tmp_path)
+    cfg.merge_from_list(["MODEL.OPENTRANS.PREFIX", PREFIX, "MODEL.OPENTRANS.ARCH", "tiny/RN",
+                         "MODEL.OPENTRANS.SUBNETWORK", str(sub.save(tmp_path / "s.safetensors")),
+                         "MODEL.OPENTRANS.APPLY_AT", "1"])
+    model = TinyClassifier()
+    storage = OldStorage()
+    hook = OpenTransHookLogic(cfg)
+    hook.trainer = SimpleNamespace(model=model, optimizer=None, start_iter=0, max_iter=3, iter=0, storage=storage,
+                                   checkpointer=_Checkpointer(model, tmp_path))
+    hook.before_train()
+    for iteration in range(3):
+        hook.trainer.iter = storage.iter = iteration
+        hook.before_step()
+        hook.after_step()
+    assert storage.rows == [(2, "opentrans/sparsity", sub.sparsity)]  # applied after iteration 1
