@@ -211,6 +211,9 @@ class OpenTransSchedule:
                 self._apply(when, start_iter)
         if self.imp is not None:
             self.imp.before_train(start_iter)
+            if self.imp.rounds_done:
+                self.log(f"opentrans: IMP resumed from {self.imp.out_dir}: round {self.imp.rounds_done} of "
+                         f"{self.imp.rounds} restored (sparsity {self.imp.last.sparsity:.2%})")
 
     def after_step(self, iteration: int) -> Subnetwork | None:
         """Run what is due after ``iteration``; returns the Subnetwork of an IMP round that just ran."""

@@ -239,6 +239,9 @@ def test_log_lines_say_when_things_ran_and_scalars_follow(subnetwork, tmp_path):
     schedule.after_step(1)
     assert messages[-1] == "opentrans: IMP round 1 of 2 after iteration 1, sparsity 50.00%"
     assert schedule.scalars() == {"opentrans/imp_round": 1.0, "opentrans/sparsity": imp.last.sparsity}
+    resumed = IMPRunner(imp_model, rate=0.5, rounds=2, period=2, prefix=PREFIX, arch="tiny/RN", out_dir=tmp_path)
+    OpenTransSchedule(imp_model, imp=resumed, log=messages.append).before_train(start_iter=2)
+    assert messages[-1] == f"opentrans: IMP resumed from {tmp_path}: round 1 of 2 restored (sparsity 50.00%)"
 
 
 _DDP_SELECTION = """
