@@ -262,6 +262,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_selection_after_the_ddp_wrapper_is_refused():
     """DDP reduces the gradients of what was trainable when it was built: a selection after it must not pass."""
     import os
