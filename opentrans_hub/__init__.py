@@ -27,6 +27,7 @@ from .sparsity import (  # noqa: E402
 from .spectral import LayerMetrics, compute_metrics  # noqa: E402
 from .subnetwork import Subnetwork  # noqa: E402
 from .training import OpenTransSchedule  # noqa: E402
+from .verify import export_subnetwork, verify_exact  # noqa: E402
 
 __all__ = [
     "IMPRunner",
@@ -50,6 +51,7 @@ __all__ = [
     "compute_metrics",
     "count_flops",
     "enforce",
+    "export_subnetwork",
     "from_torch_prune",
     "from_zeros",
     "get_plugin",
@@ -71,4 +73,5 @@ __all__ = [
     "remove",
     "select_layers",
     "sparse_inference_flops",
+    "verify_exact",
 ]

@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "BAKE_AT": -1,                     # bake masks after this iteration and save a checkpoint (-1: never)
     "BAKE_CHECKPOINT": "model_{:07d}_baked",  # checkpoint at the bake: model_0368749_baked(.pth) for 368749
     "SELECTION": "",                   # LayerSelection JSON: layers to train (others frozen)
+    "VERIFY_PERIOD": 0,                # prove every pruned weight is 0.0 every N iterations, fail if not (0: off)
 }
 IMP_DEFAULTS: dict[str, Any] = {
     "ENABLED": False,
@@ -178,6 +179,7 @@ def build_schedule_from_cfg(cfg: Any, model: nn.Module, save: Callable[[str], An
         optimizer=optimizer,
         log=log,
         warn=warn,
+        verify_every=int(oc.get("VERIFY_PERIOD", 0)) or None,
     )
 
 
