@@ -97,6 +97,10 @@ class Plugin:
         raise OpenTransError(f"plugin {self.name!r} does not cover architecture {arch!r}; "
                              f"it covers {', '.join(self.archs)}")
 
+    def map_for(self, arch: str, target: Any) -> NameMap:
+        """The NameMap for ``arch`` on ``target`` (a model, state dict or path); the ``auto`` plugin infers it."""
+        return self.name_map(arch)
+
     def locate_tower(self, model: nn.Module) -> nn.Module:
         """The framework's module holding the CLIP image encoder inside a live ``model``."""
         if self.locator is not None:
@@ -121,7 +125,8 @@ class Plugin:
         from .sparsity import apply_subnetwork
 
         subnetwork = load_subnetwork(subnetwork)
-        return apply_subnetwork(unwrap(model), subnetwork, self.name_map(arch or subnetwork.arch), strict=strict)
+        model = unwrap(model)
+        return apply_subnetwork(model, subnetwork, self.map_for(arch or subnetwork.arch, model), strict=strict)
 
     def map_selection(self, selection: LayerSelection, target_names: Any,
                       arch: str | None = None) -> tuple[dict[str, bool], MappingReport]:
@@ -131,7 +136,8 @@ class Plugin:
         selected layers themselves are listed (what a trainer that freezes by name needs).
         """
         wanted = selection.params
-        report = self.name_map(arch or selection.arch).resolve_names(wanted, set(target_names))
+        name_map = self.map_for(arch or selection.arch, target_names)
+        report = name_map.resolve_names(wanted, set(target_names))
         out: dict[str, bool] = {}
         for source, dest in report.mapped:
             out[dest] = out.get(dest, False) or wanted[source]
@@ -149,13 +155,19 @@ class Plugin:
         from .selection import apply_selection
 
         selection = load_selection(selection)
-        if self.tower_path is not None:
-            options.setdefault("scope", f"{self.tower_path}." if self.tower_path else "")
+        model = unwrap(model)
+        name_map = self.map_for(arch or selection.arch, model)
+        tower_path = self.tower_path_for(model, arch or selection.arch)
+        if tower_path is not None:
+            options.setdefault("scope", f"{tower_path}." if tower_path else "")
         else:
             options.setdefault("norms", "keep")
             options.setdefault("others", "keep")
-        return apply_selection(selection, unwrap(model), name_map=self.name_map(arch or selection.arch),
-                               strict=strict, **options)
+        return apply_selection(selection, model, name_map=name_map, strict=strict, **options)
+
+    def tower_path_for(self, model: nn.Module, arch: str) -> str | None:
+        """``tower_path`` (the ``auto`` plugin: the prefix it found in ``model``)."""
+        return self.tower_path
 
     # ------------------------------------------------------------------ checkpoints
     def apply_checkpoint(self, path_in: str | os.PathLike, subnetwork: Subnetwork | str | os.PathLike,
@@ -170,7 +182,7 @@ class Plugin:
 
         subnetwork = load_subnetwork(subnetwork)
         loaded = load_checkpoint(path_in)
-        name_map = self.name_map(arch or subnetwork.arch)
+        name_map = self.map_for(arch or subnetwork.arch, path_in)
         if loaded.ddp_prefix:
             name_map = name_map.then(NameMap.prefix(loaded.ddp_prefix))
         tensors = {k: v for k, v in loaded.state.items() if isinstance(v, torch.Tensor)}
@@ -208,7 +220,7 @@ class Plugin:
         ddp = "module." if tensors and all(k.startswith("module.") for k in tensors) else ""
 
         def resolve(candidate: str) -> tuple[dict[str, torch.Tensor], MappingReport]:
-            name_map = self.name_map(candidate)
+            name_map = self.map_for(candidate, {k[len(ddp):]: v for k, v in tensors.items()})
             if ddp:
                 name_map = name_map.then(NameMap.prefix(ddp))
             sources = subnetwork.masks if subnetwork is not None else canonical_shapes(candidate)
@@ -323,9 +335,60 @@ def get_plugin(name: str) -> Plugin:
     plugins, errors = discover()
     if name in plugins:
         return plugins[name]
+    if name == AUTO:
+        return AutoPlugin()
     for error in errors:
         if error.name == name:
             raise OpenTransError(f"plugin {name!r} failed to load from {error.value}: {error.error}")
     known = ", ".join(sorted(plugins)) or "none installed"
     raise OpenTransError(f"no plugin named {name!r} (installed: {known}); plugins are found through the "
                          f"{ENTRY_POINT_GROUP!r} entry-point group")
+
+
+# ---------------------------------------------------------------------- auto
+AUTO = "auto"
+
+
+class AutoPlugin(Plugin):
+    """``auto``: no rules written by anyone; the NameMap is inferred from each target when it is used.
+
+    The inference (:func:`opentrans_hub.inference.infer_name_map`) finds the tower by its block structure,
+    pairs tensors by values, names and shapes, refuses ambiguous layouts, and the rules it used are logged
+    (``logging.getLogger("opentrans_hub")``, INFO). ``tower`` restricts the search (``--tower``), ``weights``
+    adds the base tower's values as evidence.
+    """
+
+    def __init__(self, tower: str | None = None, weights: Any = None):
+        super().__init__(name=AUTO, frameworks=("any (inferred at run time)",), archs={"open_clip/*": NameMap()},
+                         description="infers the name map from each target (opentrans-hub map shows it)")
+        self.tower = tower
+        self.weights = weights
+        self.last_report: Any = None
+
+    def name_map(self, arch: str) -> NameMap:
+        raise OpenTransError("the 'auto' plugin has no fixed rules: it infers them per model or checkpoint "
+                             "(use it where a target is given, or run 'opentrans-hub map' to see them)")
+
+    def map_for(self, arch: str, target: Any) -> NameMap:
+        import logging
+
+        from .inference import infer_name_map
+
+        if not isinstance(target, (nn.Module, Mapping, str, os.PathLike)):
+            raise OpenTransError("the 'auto' plugin needs the target's tensors (a model, state dict or checkpoint), "
+                                 f"not a {type(target).__name__}")
+        name_map, report = infer_name_map(target, arch, weights=self.weights, tower=self.tower)
+        self.last_report = report
+        logging.getLogger("opentrans_hub").info("plugin 'auto' on %s: tower %r, %d tensors mapped, %d unmapped; "
+                                                "rules:\n%s", arch, report.tower, len(report.tensors),
+                                                len(report.unmapped), report.rules)
+        return name_map
+
+    def tower_path_for(self, model: nn.Module, arch: str) -> str | None:
+        report = self.last_report
+        if report is None or report.arch != arch:
+            self.map_for(arch, model)
+            report = self.last_report
+        if report.tower:
+            return report.tower.rstrip(".")
+        return None

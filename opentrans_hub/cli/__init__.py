@@ -14,8 +14,8 @@ import sys
 from ..errors import OpenTransError
 
 #: command modules, in the order ``--help`` lists them
-COMMAND_MODULES = ("demo_cmd", "inspect_cmd", "import_cmd", "plugins_cmd", "apply_cmd", "prune_cmd", "registry_cmd",
-                   "hub_cmd", "spectrum_cmd", "select_cmd")
+COMMAND_MODULES = ("demo_cmd", "inspect_cmd", "import_cmd", "plugins_cmd", "map_cmd", "apply_cmd", "prune_cmd",
+                   "registry_cmd", "hub_cmd", "spectrum_cmd", "select_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:
