@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backbones import canonical_shapes  # noqa: F401  (re-exported: it lived here)
 from .checkpoints import LoadedCheckpoint, load_checkpoint  # noqa: F401  (LoadedCheckpoint re-exported)
 from .errors import OpenTransError
 from .mapping import MappingReport, NameMap
@@ -262,23 +263,6 @@ class Plugin:
         return {"name": self.name, "frameworks": list(self.frameworks), "archs": list(self.archs),
                 "tower_path": self.tower_path, "config": self.config, "description": self.description,
                 "source": self.source}
-
-
-# ---------------------------------------------------------------------- canonical tower shapes
-_CANONICAL_CACHE: dict[str, dict[str, torch.Tensor]] = {}
-
-
-def canonical_shapes(arch: str) -> dict[str, torch.Tensor]:
-    """Canonical parameter name -> a meta tensor of its shape, for the tower of ``arch`` (no weights)."""
-    if arch not in _CANONICAL_CACHE:
-        from .backbones import open_clip_visual, parse_arch
-
-        family, name = parse_arch(arch)
-        if family != "open_clip":
-            raise OpenTransError(f"canonical names are known for open_clip architectures only, not {arch!r}")
-        visual = open_clip_visual(name, device="meta")
-        _CANONICAL_CACHE[arch] = {k: v for k, v in visual.named_parameters()}
-    return _CANONICAL_CACHE[arch]
 
 
 # ---------------------------------------------------------------------- discovery
