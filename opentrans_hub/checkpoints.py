@@ -25,6 +25,8 @@ NESTING_KEYS = ("model", "state_dict", "module", "backbone")
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint file as a dict: ``.safetensors`` directly, anything else via weights_only."""
     path = Path(path)
+    if path.is_dir():
+        raise OpenTransError("is a directory, expected a checkpoint file", path=path)
     if not path.is_file():
         raise OpenTransError("no such file", path=path)
     if path.suffix == ".safetensors":
@@ -56,7 +58,7 @@ def find_state_dict(obj: Mapping[str, Any], path: str | os.PathLike | None = Non
     current: Mapping[str, Any] = obj
     for _ in range(4):
         if any(isinstance(v, torch.Tensor) for v in current.values()):
-            return dict(current), ".".join(trail)
+            return _checked_tensors(dict(current), path), ".".join(trail)
         for key in NESTING_KEYS:
             if isinstance(current.get(key), Mapping):
                 trail.append(key)
@@ -66,6 +68,22 @@ def find_state_dict(obj: Mapping[str, Any], path: str | os.PathLike | None = Non
             break
     raise OpenTransError(f"no tensors found (looked at the top level and under {', '.join(NESTING_KEYS)})",
                          path=path)
+
+
+def _checked_tensors(state: dict[Any, Any], path: str | os.PathLike | None) -> dict[str, Any]:
+    """Refuse what every reader would trip over later: non-string names, and tensors that are not plain
+    strided ones (sparse, quantized, nested), which cannot be masked or compared element by element."""
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise OpenTransError(f"state-dict key {key!r} is a {type(key).__name__}, not a string name", path=path)
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided:
+                raise OpenTransError(f"tensor has layout {value.layout}; only dense tensors are read (save it with "
+                                     ".to_dense())", path=path, tensor=key)
+            if value.is_quantized:
+                raise OpenTransError(f"quantized tensor ({value.dtype}); only plain tensors are read", path=path,
+                                     tensor=key)
+    return state
 
 
 def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -150,7 +150,6 @@ def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None =
          license: str | None = None) -> dict[str, Any]:
     """Publish a registry name, file or object to ``repo_id`` (created if missing) on ``revision``."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     check_repo_id(repo_id)
     if revision is not None and not _REVISION.fullmatch(revision):
@@ -160,6 +159,11 @@ def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None =
     else:
         obj, _ = (registry or default_registry()).resolve(ref)
         name = os.fspath(ref) if re.fullmatch(r"[a-z0-9][a-z0-9._-]*", os.fspath(ref)) else None
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise OpenTransError(f"push to {repo_id}: HF_HUB_OFFLINE is set, and publishing needs the network "
+                             "(unset HF_HUB_OFFLINE to push)")
     api = HfApi(endpoint=_endpoint(endpoint))
     with tempfile.TemporaryDirectory(prefix="opentrans-hub-push-") as tmp:
         manifest = export_folder(obj, tmp, name=name, license=license)
@@ -170,8 +174,10 @@ def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None =
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
                                      commit_message=commit_message or f"opentrans-hub: {name or manifest['kind']} "
                                                                       f"{manifest['sha256'][:12]}")
-        except HfHubHTTPError as exc:
-            raise _hub_error(exc, f"push to {repo_id}") from None
+        except Exception as exc:  # HTTP errors, refused or unreachable endpoints, a missing token: whatever the
+            # HTTP client raises (huggingface_hub's transport has changed clients before), one line naming the
+            # repo and the endpoint, never a traceback
+            raise _hub_error(exc, f"push to {repo_id} at {api.endpoint}") from None
     return {"repo_id": repo_id, "revision": revision or "main", "commit": info.oid, "commit_url": info.commit_url,
             "ref": f"hf://{repo_id}@{info.oid}", **manifest}
 

@@ -111,7 +111,7 @@ def encode(obj: Artefact) -> bytes:
 def decode(data: bytes, source: str, kind: str | None = None, expected_sha256: str | None = None) -> Artefact:
     """Decode registry bytes; the kind is sniffed (JSON starts with ``{``) unless given. Hashes verified."""
     if kind is None:
-        kind = "selection" if data.lstrip()[:1] == b"{" else "subnetwork"
+        kind = "selection" if looks_like_json(data) else "subnetwork"
     codec = {"subnetwork": Subnetwork, "selection": LayerSelection}.get(kind)
     if codec is None:
         raise OpenTransError(f"unknown artefact kind {kind!r}", path=source)
@@ -119,6 +119,11 @@ def decode(data: bytes, source: str, kind: str | None = None, expected_sha256: s
     if expected_sha256 is not None and obj.sha256 != expected_sha256:
         raise OpenTransError(f"content sha256 {obj.sha256} is not the recorded {expected_sha256}", path=source)
     return obj
+
+
+def looks_like_json(data: bytes) -> bool:
+    """JSON text (an object or a list, after a byte-order mark and blanks), not a safetensors file."""
+    return data.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"[")
 
 
 def read_artefact(path: str | os.PathLike, expected_sha256: str | None = None) -> Artefact:
@@ -393,6 +398,9 @@ class Registry:
                 self.materialise(text, weights=weights)
                 return self.load(text), f"registry:{text}"
         path = Path(text).expanduser()
+        if path.is_dir():
+            raise OpenTransError("is a directory, expected a subnetwork (.safetensors) or selection (.json) file",
+                                 path=text)
         if path.is_file():
             return read_artefact(path), f"file:{path}"
         if NAME_PATTERN.fullmatch(text):

@@ -100,15 +100,24 @@ class LayerSelection:
     def from_bytes(cls, data: bytes, source: str = "<bytes>", verify: bool = True) -> LayerSelection:
         """Decode a manifest written by :meth:`to_bytes`; any defect raises :class:`OpenTransError`."""
         try:
-            payload = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            payload = json.loads(data.decode("utf-8-sig"))  # a byte-order mark some editors add is harmless
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise OpenTransError("not valid JSON", path=source) from None
         return cls.from_dict(payload, source=source, verify=verify)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>", verify: bool = True) -> LayerSelection:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise OpenTransError("not an opentrans-hub layer selection", path=source)
+        if not isinstance(data, dict):
+            raise OpenTransError(f"a JSON {type(data).__name__}, not an opentrans-hub layer selection (a JSON object "
+                                 f"with format {FORMAT!r})", path=source)
+        if data.get("format") != FORMAT:
+            raise OpenTransError(f"not an opentrans-hub layer selection (format={data.get('format')!r})", path=source)
+        for key, kinds, what in (("policy", (dict, type(None)), "an object"), ("provenance", (dict, type(None)),
+                                 "an object"), ("arch", (str, type(None)), "a string"),
+                                 ("weights_sha256", (str, type(None)), "a string or null")):
+            if not isinstance(data.get(key), kinds):
+                raise OpenTransError(f"field {key!r} must be {what}, got the {type(data.get(key)).__name__} "
+                                     f"{str(data.get(key))[:40]!r}", path=source)
         version = data.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise OpenTransError(f"format version {version!r} is not one this library reads ({FORMAT_VERSION})",

@@ -356,6 +356,16 @@ def _read_safetensors_u8(data: bytes, source: str) -> tuple[dict[str, str], dict
     Parsing the small header ourselves gives one error type with the file and tensor named for every
     defect (truncation, overlaps, wrong dtypes) instead of whatever the backend raises.
     """
+    head = data[:64].removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+    if head in (b"{", b"["):
+        try:
+            json.loads(data.decode("utf-8-sig"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            pass
+        else:
+            what = ("a layer selection manifest (JSON)" if b'"opentrans-hub/layer-selection"' in data
+                    else "a JSON file")
+            raise OpenTransError(f"is {what}, not a subnetwork (.safetensors)", path=source)
     if len(data) < 8:
         raise OpenTransError(f"truncated: {len(data)} bytes is too short for a safetensors file", path=source)
     (header_len,) = struct.unpack("<Q", data[:8])

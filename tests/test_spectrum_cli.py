@@ -64,7 +64,8 @@ def test_spectrum_json_on_a_state_dict_file(weights, capsys, tmp_path, cache_dir
     assert (tmp_path / "alpha.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list(cache_dir.glob("spectral/*.json"))) == 1
     clear_cache()
-    assert run_json(capsys, "spectrum", str(weights), "--json", "--plot", str(tmp_path / "alpha.png")) == data
+    assert run_json(capsys, "spectrum", str(weights), "--json", "--plot", str(tmp_path / "alpha.png"),
+                    "--overwrite") == data  # an existing plot is replaced only when asked
 
 
 def test_spectrum_with_policy_and_xmin(weights, capsys):

@@ -317,7 +317,7 @@ def test_unknown_versions_encodings_and_foreign_files(tmp_path, tiny_sub):
 
     expect_error(torch_save(make_tiny_resnet().state_dict()), tmp_path, "dtype|not an opentrans-hub")
     expect_error(b"\x00" * 64, tmp_path, "safetensors|JSON")
-    expect_error(json.dumps({"a": 1}).encode(), tmp_path, "header length|truncated")
+    expect_error(json.dumps({"a": 1}).encode(), tmp_path, "JSON file, not a subnetwork")
 
 
 def test_zstd_defects(tmp_path, tiny_sub):
@@ -347,8 +347,8 @@ def test_zstd_defects(tmp_path, tiny_sub):
 
 
 def test_missing_and_unreadable_files(tmp_path):
-    with pytest.raises(OpenTransError, match="cannot read") as info:
+    with pytest.raises(OpenTransError, match="no such file") as info:
         Subnetwork.load(tmp_path / "nope.safetensors")
     assert "nope.safetensors" in str(info.value)
-    with pytest.raises(OpenTransError, match="cannot read"):
-        Subnetwork.load(tmp_path)  # a directory
+    with pytest.raises(OpenTransError, match="is a directory"):
+        Subnetwork.load(tmp_path)  # a directory says so, not "no such file"

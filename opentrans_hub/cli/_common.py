@@ -19,3 +19,25 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ANSI escapes, newlines, NUL) shown escaped: a crafted name in a file
+    must not clear a terminal or forge output lines."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def add_overwrite(parser: Any) -> None:
+    """``--overwrite``: every command that writes a file refuses an existing one without it."""
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def check_out(args: Any, path: Any, *inputs: Any) -> None:
+    """Refuse, before any work, an output that exists (without ``--overwrite``), is one of ``inputs``, or is not
+    a regular file (link, FIFO, device)."""
+    from .._atomic import check_output
+
+    if path is not None:
+        check_output(path, overwrite=bool(getattr(args, "overwrite", False)), inputs=inputs)

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from ..registry import load_selection, load_subnetwork
-from ._common import print_json
+from ._common import add_overwrite, check_out, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "selection's own, e.g. open_clip/RN50)")
     parser.add_argument("--strict", action="store_true", help="fail (write nothing) when a name finds no destination")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_overwrite(parser)
     parser.set_defaults(func=run)
 
 
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import read_state_dict
     from ..plugins import get_plugin
 
+    check_out(args, args.out, args.checkpoint, args.subnetwork, args.selection)
     plugin = get_plugin(args.plugin)
     if args.subnetwork:
         subnetwork = load_subnetwork(args.subnetwork)

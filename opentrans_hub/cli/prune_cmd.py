@@ -13,7 +13,7 @@ import sys
 import torch
 
 from ..errors import OpenTransError
-from ._common import print_json
+from ._common import add_overwrite, check_out, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="where to rank the weights (cpu, cuda)")
     parser.add_argument("--encoding", choices=["packbits", "zstd"], default="packbits")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_overwrite(parser)
     parser.set_defaults(func=run)
 
 
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..backbones import build_visual, weights_sha256
     from ..imp import PruneScope, imp_sparsity, magnitude_prune
 
+    check_out(args, args.out, args.pretrained)
     if args.rounds is not None and args.rounds < 1:
         raise OpenTransError(f"--rounds must be >= 1, got {args.rounds}")
     if args.rounds is not None and not 0.0 < args.rate < 1.0:
