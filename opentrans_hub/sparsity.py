@@ -210,6 +210,17 @@ def _split_name(name: str) -> tuple[str, str]:
     return module_name, attr
 
 
+def check_mask_target(tensor: torch.Tensor, name: str, source: str | None = None) -> None:
+    """A mask belongs on a real floating-point Conv/Linear weight (2-D and up, non-empty): not on a norm, a bias,
+    a scalar, a complex or an integer tensor."""
+    if not tensor.is_floating_point() or tensor.is_complex():
+        raise OpenTransError(f"target is {tensor.dtype}: masks apply to real floating-point weights; nothing was "
+                             "applied", path=source, tensor=name)
+    if tensor.dim() < 2 or tensor.numel() == 0:
+        raise OpenTransError(f"target of shape {tuple(tensor.shape)} is not a Conv/Linear weight (masks need 2-D and "
+                             "up, non-empty); nothing was applied", path=source, tensor=name)
+
+
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Mask parameters of ``model`` by their full names (keep-mask True = kept). All-or-nothing.
 
@@ -225,6 +236,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
                                  "nothing was applied", tensor=name)
         if mask.dtype != torch.bool:
             raise OpenTransError(f"mask dtype {mask.dtype}, expected bool; nothing was applied", tensor=name)
+        check_mask_target(params[name], name)
     _ensure_global_hooks()
     for name, mask in masks.items():
         module_name, attr = _split_name(name)
@@ -268,6 +280,8 @@ def apply_subnetwork_to_state_dict(state_dict: Mapping[str, torch.Tensor], subne
     shapes = {name: tuple(t.shape) for name, t in state_dict.items() if isinstance(t, torch.Tensor)}
     masks, report = name_map.resolve(subnetwork.masks, shapes)
     report.check(strict=strict, source=source)
+    for name in masks:
+        check_mask_target(state_dict[name], name, source)
     out = dict(state_dict)
     for name, mask in masks.items():
         out[name] = state_dict[name].masked_fill(~mask.to(state_dict[name].device), 0)

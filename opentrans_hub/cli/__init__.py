@@ -67,6 +67,18 @@ def _report(command: str | None, message: str, as_json: bool) -> None:
     print(f"{prefix}: error: {message}", file=sys.stderr)
 
 
+def _one_line_warnings(command: str) -> None:
+    """Library warnings (a file that does not match its architecture, emptied layers) as one stderr line each."""
+    import warnings
+
+    from ._common import printable
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"opentrans-hub {command}: warning: {printable(str(message))}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def _quiet_broken_pipe() -> int:
     """The reader went away (``| head``): stop without a traceback; Python must not flush into the pipe again."""
     try:
@@ -93,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     debug = debug or bool(getattr(args, "debug", False))
     as_json = bool(getattr(args, "json", False))
+    _one_line_warnings(args.command)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..subnetwork import Subnetwork
-from ._common import print_json, table
+from ._common import print_json, printable, table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def describe(path: str) -> dict:
     info = sub.stats()
     size = os.path.getsize(path)
     info.update({"path": path, "bytes": size, "bits_per_weight": 8 * size / max(sub.numel, 1),
-                 "provenance": sub.provenance})
+                 "provenance": sub.provenance, "noncanonical": sub.noncanonical()})
     return info
 
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
         return 0
-    print(f"{info['path']}: {info['arch']}, sha256 {info['sha256'][:16]}")
+    print(f"{printable(info['path'])}: {info['arch']}, sha256 {info['sha256'][:16]}")
     print(f"sparsity {info['sparsity']:.2%}: {info['kept_params']:,} kept of {info['total_params']:,} weights in "
           f"{info['num_layers']} layers; {info['bytes']:,} bytes ({info['bits_per_weight']:.3f} bits/weight)")
     method = info["provenance"].get("method", "?")
