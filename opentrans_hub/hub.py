@@ -248,10 +248,25 @@ def _weights_file(pretrained: str | os.PathLike | None, endpoint: str | None = N
     return pretrained
 
 
+def _check_same_arch(tower_arch: str, sub_arch: str, allow_partial: bool) -> None:
+    """Two open_clip ids that differ are two architectures (RN50 and RN101 share their first blocks' shapes)."""
+    from .backbones import parse_arch
+
+    if sub_arch == "unknown":
+        return
+    try:
+        tower, sub = parse_arch(tower_arch), parse_arch(sub_arch)
+    except OpenTransError:
+        return
+    if tower[0] == sub[0] == "open_clip" and tower != sub and not allow_partial:
+        raise OpenTransError(f"the subnetwork is for {sub_arch}, the tower is open_clip/{tower[1]}; nothing was "
+                             "applied (allow_partial=True applies what fits and leaves the rest dense)")
+
+
 def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = None,
                   subnetwork: str | os.PathLike | Subnetwork | None = None,
                   selection: str | os.PathLike | LayerSelection | None = None, exact: bool = False,
-                  strict: bool = True, registry: Registry | None = None) -> nn.Module:
+                  strict: bool = True, registry: Registry | None = None, allow_partial: bool = False) -> nn.Module:
     """A CLIP visual tower (canonical open_clip names) with an optional subnetwork and layer selection.
 
     ``arch``: ``RN50`` / ``open_clip/ViT-B-16`` / ``timm/resnet50_clip``. ``pretrained``: a tag (``openai``),
@@ -259,6 +274,8 @@ def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = Non
     ``hf://`` reference, path or object. ``exact=False`` bakes the zeros into plain weights (inference);
     ``exact=True`` keeps the masks so pruned weights stay exactly zero while training. A selection sets
     ``requires_grad`` through :meth:`LayerSelection.apply` (biases follow their weight, norms freeze).
+    A subnetwork of another architecture (an RN50 one on an RN101 tower, whose extra blocks it cannot cover) is
+    refused unless ``allow_partial`` (then ``tower.opentrans_subnetwork["dense"]`` lists what stays dense).
     """
     from .backbones import build_visual
     from .registry import load_selection, load_subnetwork
@@ -267,10 +284,12 @@ def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = Non
     tower = build_visual(arch, _weights_file(pretrained))  # a bare name means open_clip
     if subnetwork is not None:
         sub = load_subnetwork(subnetwork, registry)
-        apply_subnetwork(tower, sub, strict=strict)
+        _check_same_arch(arch, sub.arch, allow_partial)
+        report = apply_subnetwork(tower, sub, strict=strict, allow_partial=allow_partial, scope="")
         if not exact:
             bake(tower)
-        tower.opentrans_subnetwork = {"sha256": sub.sha256, "arch": sub.arch, "sparsity": sub.sparsity}
+        tower.opentrans_subnetwork = {"sha256": sub.sha256, "arch": sub.arch, "sparsity": sub.sparsity,
+                                      "dense": list(report.uncovered)}
     if selection is not None:
         chosen = load_selection(selection, registry)
         report = chosen.apply(tower, strict=strict)  # listed layers as selected; norms and the rest frozen

@@ -165,6 +165,8 @@ class MappingReport:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     unmapped: list[tuple[str, str]] = field(default_factory=list)
     mismatched: list[tuple[str, str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    #: target weights of the tower that the subnetwork's architecture has no counterpart for (left dense)
+    uncovered: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -177,8 +179,9 @@ class MappingReport:
             "unmapped": [{"source": s, "reason": r} for s, r in self.unmapped],
             "mismatched": [{"source": s, "target": t, "expected": list(e), "got": list(g)}
                            for s, t, e, g in self.mismatched],
+            "uncovered": list(self.uncovered),
             "counts": {"mapped": len(self.mapped), "dropped": len(self.dropped), "unmapped": len(self.unmapped),
-                       "mismatched": len(self.mismatched)},
+                       "mismatched": len(self.mismatched), "uncovered": len(self.uncovered)},
         }
 
     def summary(self) -> str:
@@ -188,6 +191,7 @@ class MappingReport:
         lines += [f"  unmapped  {s}: {r}" for s, r in self.unmapped]
         lines += [f"  MISMATCH  {s} -> {t}: mask shape {tuple(e)} vs target {tuple(g)}"
                   for s, t, e, g in self.mismatched]
+        lines += [f"  dense     {name}: no counterpart in the subnetwork's architecture" for name in self.uncovered]
         return "\n".join(lines)
 
     def check(self, strict: bool = False, source: str | None = None) -> None:

@@ -21,8 +21,9 @@ loop that stepped on NaN/inf gradients without a GradScaler (NaN times 0 is NaN;
 
 from __future__ import annotations
 
+import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -257,29 +258,50 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
             param.masked_fill_(~store[attr], 0)
 
 
-def apply_subnetwork(model: nn.Module, subnetwork: Subnetwork, name_map: NameMap | None = None,
-                     strict: bool = False) -> MappingReport:
-    """Map ``subnetwork`` onto ``model`` through ``name_map`` and keep its zeros exact while training.
+def apply_subnetwork(model: nn.Module, subnetwork: Subnetwork | str | os.PathLike, name_map: NameMap | None = None,
+                     strict: bool = False, allow_partial: bool = False,
+                     scope: str | Sequence[str] | None = None) -> MappingReport:
+    """Map ``subnetwork`` (an object, registry name, ``hf://`` reference or file) onto ``model`` through
+    ``name_map`` and keep its zeros exact while training.
 
-    Every destination is resolved by name and shape-checked first; on any mismatch (or, with ``strict``,
-    any unmapped name) nothing is changed and :class:`OpenTransError` is raised.
+    Every destination is resolved by name and shape-checked first; nothing is changed and
+    :class:`OpenTransError` is raised on any mismatch, when no name is mapped (or, with ``strict``, any name is
+    unmapped), and when the tower (``scope``: a name prefix, by default where the mapped names sit) holds
+    Conv/Linear weights the subnetwork's architecture has no counterpart for, unless ``allow_partial``; those
+    are then listed in ``report.uncovered`` (they stay dense).
     """
+    from .coverage import check_coverage, require_mapped
+    from .registry import load_subnetwork
+
+    subnetwork = load_subnetwork(subnetwork)
     name_map = name_map or NameMap()
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     masks, report = name_map.resolve(subnetwork.masks, shapes)
     report.check(strict=strict)
+    require_mapped(report, len(subnetwork))
+    check_coverage(subnetwork.arch, name_map, shapes, report, scope=scope, allow_partial=allow_partial)
     apply_masks(model, masks)
     return report
 
 
-def apply_subnetwork_to_state_dict(state_dict: Mapping[str, torch.Tensor], subnetwork: Subnetwork,
+def apply_subnetwork_to_state_dict(state_dict: Mapping[str, torch.Tensor], subnetwork: Subnetwork | str | os.PathLike,
                                    name_map: NameMap | None = None, strict: bool = False,
-                                   source: str | None = None) -> tuple[dict[str, torch.Tensor], MappingReport]:
-    """Return a new state dict with pruned weights zeroed (other tensors are the same objects)."""
+                                   source: str | None = None, allow_partial: bool = False,
+                                   scope: str | Sequence[str] | None = None
+                                   ) -> tuple[dict[str, torch.Tensor], MappingReport]:
+    """Return a new state dict with pruned weights zeroed (other tensors are the same objects); refuses what
+    :func:`apply_subnetwork` refuses."""
+    from .coverage import check_coverage, require_mapped
+    from .registry import load_subnetwork
+
+    subnetwork = load_subnetwork(subnetwork)
     name_map = name_map or NameMap()
     shapes = {name: tuple(t.shape) for name, t in state_dict.items() if isinstance(t, torch.Tensor)}
     masks, report = name_map.resolve(subnetwork.masks, shapes)
     report.check(strict=strict, source=source)
+    require_mapped(report, len(subnetwork), source=source)
+    check_coverage(subnetwork.arch, name_map, shapes, report, scope=scope, allow_partial=allow_partial,
+                   source=source)
     for name in masks:
         check_mask_target(state_dict[name], name, source)
     out = dict(state_dict)

@@ -223,7 +223,7 @@ def test_strict_unmapped_and_report(tower):
     assert isinstance(report, MappingReport) and report.ok
     assert report.unmapped == [("visual.extra.weight", "no tensor 'backbone.visual.extra.weight' in the target")]
     counts = report.to_dict()["counts"]
-    assert counts == {"mapped": len(masks) - 1, "dropped": 0, "unmapped": 1, "mismatched": 0}
+    assert counts == {"mapped": len(masks) - 1, "dropped": 0, "unmapped": 1, "mismatched": 0, "uncovered": 0}
     assert "unmapped  visual.extra.weight" in report.summary()
 
 
