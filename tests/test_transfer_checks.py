@@ -122,3 +122,40 @@ def test_rn50_subnetwork_on_an_rn101_tower_is_refused(rn50_sub):
                    if p.dim() == 4 and n.startswith("layer3.") and int(n.split(".")[1]) >= 6)
     assert sorted(report.uncovered) == extra and len(extra) == 17 * 3
     assert len(report.mapped) == len(rn50_sub)
+
+
+def test_model_sparsity_counts_zeros_of_a_baked_tower_loaded_through_torch_hub(rn50_sub, tmp_path):
+    """Issue 12 item 4: a tower baked with an 89 % subnetwork has no masks left; its zeros still count."""
+    from opentrans_hub import count_zeros, model_sparsity
+
+    rn50_sub.save(tmp_path / "rn50.safetensors")
+    repo = Path(__file__).resolve().parents[1]
+    tower = torch.hub.load(str(repo), "clip_backbone", source="local", arch="RN50",
+                           subnetwork=str(tmp_path / "rn50.safetensors"))
+    assert masked_parameters(tower) == {}  # baked: plain modules
+    overall = model_sparsity(tower)
+    zeros = count_zeros(tower)
+    assert overall["scope"] == "weights" and overall["zeros"] == zeros["zeros"] >= rn50_sub.masked
+    assert overall["sparsity"] == zeros["sparsity"] > 0.5
+    within = model_sparsity(tower, names=list(rn50_sub))
+    assert within["scope"] == "names" and within["sparsity"] >= rn50_sub.sparsity > 0.88
+
+
+def test_magnitude_prune_warns_when_layers_are_pruned_away():
+    from opentrans_hub import magnitude_prune
+    from opentrans_hub.errors import OpenTransWarning
+
+    with pytest.warns(OpenTransWarning, match="pruned away entirely"):
+        magnitude_prune(make_tiny_resnet(), sparsity=0.995, apply=False)
+
+
+def test_refs_are_accepted_wherever_an_object_is(ws):
+    from opentrans_hub import apply_subnetwork, apply_subnetwork_to_state_dict
+    from opentrans_hub.selection import apply_selection
+
+    tower = make_tiny_resnet()
+    report = apply_subnetwork(tower, str(ws / "sub.safetensors"))
+    assert len(report.mapped) == len(Subnetwork.load(ws / "sub.safetensors"))
+    _, report = apply_subnetwork_to_state_dict(make_tiny_resnet().state_dict(), ws / "sub.safetensors")
+    assert report.mapped
+    assert apply_selection(ws / "sel.json", make_tiny_resnet()).trainable

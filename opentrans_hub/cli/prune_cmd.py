@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from ..errors import OpenTransError
+from ..errors import OpenTransError, OpenTransWarning
 from ._common import add_overwrite, check_out, print_json
 
 
@@ -73,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
     source = {"arch": args.arch, "pretrained": args.pretrained,
               "seed": args.seed if args.pretrained is None else None, "base_weights_sha256": base_sha}
     sub = None
-    with torch.no_grad():
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", OpenTransWarning)  # emptied layers: said once, after the summary line
         for k in range(1, rounds + 1):
             target = args.sparsity if args.rounds is None else imp_sparsity(args.rate, k)
             bar.set_postfix_str(f"round {k}/{rounds}" if args.rounds else "ranking")
