@@ -292,6 +292,7 @@ def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = Non
                                       "dense": list(report.uncovered)}
     if selection is not None:
         chosen = load_selection(selection, registry)
+        _check_same_arch(arch, chosen.arch, allow_partial)
         report = chosen.apply(tower, strict=strict)  # listed layers as selected; norms and the rest frozen
         tower.opentrans_selection = {"sha256": chosen.sha256, "trainable": len(report.trainable)}
     return tower

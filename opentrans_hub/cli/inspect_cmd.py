@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"sparsity {info['sparsity']:.2%}: {info['kept_params']:,} kept of {info['total_params']:,} weights in "
           f"{info['num_layers']} layers; {info['bytes']:,} bytes ({info['bits_per_weight']:.3f} bits/weight)")
     method = info["provenance"].get("method", "?")
-    print(f"method: {method} {info['provenance'].get('settings', '')}")
+    print(printable(f"method: {method} {info['provenance'].get('settings', '')}"))
     rows = [[layer["name"], "x".join(map(str, layer["shape"])), f"{layer['kept']:,}", f"{layer['sparsity']:.2%}"]
             for layer in info["layers"]]
     print(table(rows, ["layer", "shape", "kept", "sparsity"]))
