@@ -16,8 +16,6 @@ from .report import count_flops, parameter_counts, plot_alpha, plot_sparsity, sp
 from .selection import LayerSelection, SelectionReport, select_layers  # noqa: E402
 from .sparsity import (  # noqa: E402
     apply_masks,
-    apply_subnetwork,
-    apply_subnetwork_to_state_dict,
     bake,
     count_zeros,
     enforce,
@@ -28,6 +26,7 @@ from .sparsity import (  # noqa: E402
 from .spectral import LayerMetrics, compute_metrics  # noqa: E402
 from .subnetwork import Subnetwork  # noqa: E402
 from .training import OpenTransSchedule  # noqa: E402
+from .transfer import apply_selection, apply_subnetwork, apply_subnetwork_to_state_dict  # noqa: E402
 
 __all__ = [
     "IMPRunner",
@@ -45,6 +44,7 @@ __all__ = [
     "Subnetwork",
     "__version__",
     "apply_masks",
+    "apply_selection",
     "apply_subnetwork",
     "apply_subnetwork_to_state_dict",
     "bake",

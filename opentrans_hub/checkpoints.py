@@ -10,6 +10,7 @@ import io
 import os
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,48 @@ def write_checkpoint(path: str | os.PathLike, obj: Mapping[str, Any],
         torch.save(dict(obj), buffer)
         data = buffer.getvalue()
     return atomic_write_bytes(path, data)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read for rewriting: the tensor dict, where it was nested and how to write it back."""
+
+    path: Path
+    obj: dict[str, Any]
+    trail: tuple[str, ...]
+    state: dict[str, Any]
+    ddp_prefix: str
+    metadata: dict[str, str] | None
+
+    def write(self, path_out: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+        """Write ``state`` back at the same nesting; safetensors output holds the tensor dict only."""
+        path_out = Path(path_out)
+        if path_out.suffix == ".safetensors":
+            # safetensors is flat: only the tensor dict travels (nesting and other entries cannot)
+            tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+            return write_checkpoint(path_out, tensors, metadata=self.metadata)
+        obj: Any = state
+        for depth in range(len(self.trail), 0, -1):
+            parent = self.obj
+            for key in self.trail[:depth - 1]:
+                parent = parent[key]
+            rebuilt = dict(parent)
+            rebuilt[self.trail[depth - 1]] = obj
+            obj = rebuilt
+        return write_checkpoint(path_out, obj)
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    """Read a framework checkpoint (weights_only / safetensors) keeping what is needed to write it back."""
+    path = Path(path)
+    obj = read_checkpoint(path)
+    state, trail = find_state_dict(obj, path)
+    tensor_keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
+    ddp = "module." if tensor_keys and all(k.startswith("module.") for k in tensor_keys) else ""
+    metadata = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+    return LoadedCheckpoint(path, obj, tuple(k for k in trail.split(".") if k), state, ddp, metadata)

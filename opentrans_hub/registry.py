@@ -6,7 +6,7 @@ A reference (``ref``) is resolved from four sources, in this order:
 2. a name in the **built-in index** (``masks/index.json``): a recipe that reproduces the artefact
    deterministically from named base weights; it is materialised into the user registry on first use
    when those weights are available (:func:`run_recipe`);
-3. a **Hub repo**: ``hf://ORG/REPO[@REVISION]`` (pulled with :mod:`opentrans_hub.hub`);
+3. a **Hub repo**: ``hf://ORG/REPO[@REVISION]`` (fetched with :mod:`opentrans_hub.remote`);
 4. a **plain path** to a ``.safetensors`` subnetwork or a ``.json`` layer selection.
 
 Layout of a registry root (all writes: temp file + ``os.replace`` under one file lock)::
@@ -19,9 +19,7 @@ Names match ``[a-z0-9][a-z0-9._-]*`` (at most 128 characters); an entry whose fi
 ``objects/`` is refused. Every load checks the file's sha256 and the artefact's content sha256.
 Overwriting a name deletes the object no entry uses any more; a reader that loses that race re-reads the entry.
 
-Recipes pin their base weights by the weights FILE's sha256. The file is found as given (``weights=``),
-else in ``$OPENTRANS_HUB_WEIGHTS_DIR`` (default ``~/.cache/clip``, open_clip's download cache), else
-downloaded only when asked (``download=True`` / ``--download``); nothing is fetched implicitly.
+Dependencies run one way: artefacts <- recipes, remote <- registry <- hub.
 """
 
 from __future__ import annotations
@@ -37,30 +35,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._atomic import atomic_write_bytes, atomic_write_text, read_bytes
+from ._atomic import atomic_write_bytes, atomic_write_text
+from .artefacts import (  # noqa: F401  (re-exported: the registry's public names before the split)
+    EXTENSIONS,
+    KIND_FILES,
+    NAME_PATTERN,
+    Artefact,
+    check_name,
+    decode,
+    encode,
+    file_sha256,
+    kind_of,
+    read_artefact,
+    summary,
+)
 from .errors import OpenTransError
+from .recipes import builtin_index_dir, load_index, run_recipe  # noqa: F401  (re-exported)
+from .remote import fetch
 from .selection import LayerSelection
 from .subnetwork import Subnetwork
 
 ENV_HOME = "OPENTRANS_HUB_HOME"
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 ENTRY_FORMAT = "opentrans-hub/registry-entry"
-INDEX_FORMAT = "opentrans-hub/index"
-KIND_FILES = {"subnetwork": "subnetwork.safetensors", "selection": "selection.json"}
-_EXT = {"subnetwork": ".safetensors", "selection": ".json"}
 _OBJECT_NAME = re.compile(r"objects/[0-9a-f]{64}\.(safetensors|json)")
 _LOCK_TIMEOUT_S = 120.0
-
-Artefact = Subnetwork | LayerSelection
-
-
-# --------------------------------------------------------------------------- names and places
-def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid registry name, else raise (names become file names)."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise OpenTransError(f"bad registry name {name!r}: use lower-case letters, digits, '.', '_' and '-', "
-                             "starting with a letter or digit (at most 128 characters)")
-    return name
 
 
 def default_root() -> Path:
@@ -71,73 +69,6 @@ def default_root() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir("opentrans-hub", appauthor=False))
-
-
-def builtin_index_dir() -> Path:
-    """The shipped ``masks/`` folder: the package data copy in a wheel, the repo folder when editable."""
-    packaged = Path(__file__).resolve().parent / "masks"
-    if (packaged / "index.json").is_file():
-        return packaged
-    return Path(__file__).resolve().parent.parent / "masks"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in chunks (base-weight files are hundreds of MB)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as exc:
-        raise OpenTransError(f"cannot read ({exc.strerror or exc})", path=path) from None
-    return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------- artefacts
-def kind_of(obj: Artefact) -> str:
-    if isinstance(obj, Subnetwork):
-        return "subnetwork"
-    if isinstance(obj, LayerSelection):
-        return "selection"
-    raise OpenTransError(f"expected a Subnetwork or LayerSelection, got {type(obj).__name__}")
-
-
-def encode(obj: Artefact) -> bytes:
-    """The bytes a registry stores for ``obj`` (safetensors for masks, JSON for selections)."""
-    kind_of(obj)  # refuses anything else
-    return obj.to_bytes()
-
-
-def decode(data: bytes, source: str, kind: str | None = None, expected_sha256: str | None = None) -> Artefact:
-    """Decode registry bytes; the kind is sniffed (JSON starts with ``{``) unless given. Hashes verified."""
-    if kind is None:
-        kind = "selection" if looks_like_json(data) else "subnetwork"
-    codec = {"subnetwork": Subnetwork, "selection": LayerSelection}.get(kind)
-    if codec is None:
-        raise OpenTransError(f"unknown artefact kind {kind!r}", path=source)
-    obj: Artefact = codec.from_bytes(data, source=source, verify=True)
-    if expected_sha256 is not None and obj.sha256 != expected_sha256:
-        raise OpenTransError(f"content sha256 {obj.sha256} is not the recorded {expected_sha256}", path=source)
-    return obj
-
-
-def looks_like_json(data: bytes) -> bool:
-    """JSON text (an object or a list, after a byte-order mark and blanks), not a safetensors file."""
-    return data.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"[")
-
-
-def read_artefact(path: str | os.PathLike, expected_sha256: str | None = None) -> Artefact:
-    """A subnetwork (``.safetensors``) or layer selection (``.json``) from a plain file, verified."""
-    return decode(read_bytes(path), str(path), expected_sha256=expected_sha256)
-
-
-def summary(obj: Artefact) -> dict[str, Any]:
-    """The few facts an entry records about its artefact (shown by ``list``/``info``)."""
-    if isinstance(obj, Subnetwork):
-        return {"arch": obj.arch, "sparsity": obj.sparsity, "layers": len(obj),
-                "method": obj.provenance.get("method")}
-    return {"arch": obj.arch, "layers": len(obj.layers), "trainable": len(obj.trainable),
-            "method": (obj.policy or {}).get("name")}
 
 
 # --------------------------------------------------------------------------- entries
@@ -331,7 +262,7 @@ class Registry:
         kind = kind_of(obj)
         data = encode(obj)
         digest = hashlib.sha256(data).hexdigest()
-        rel = f"objects/{digest}{_EXT[kind]}"
+        rel = f"objects/{digest}{EXTENSIONS[kind]}"
         record = {"format": ENTRY_FORMAT, "name": name, "kind": kind, "sha256": obj.sha256, "file_sha256": digest,
                   "file": rel, "bytes": len(data), "source": source or default_source, "added": _now(),
                   **summary(obj), **dict(extra or {})}
@@ -386,9 +317,7 @@ class Registry:
         """
         text = os.fspath(ref)
         if text.startswith("hf://"):
-            from .hub import pull
-
-            obj, _ = pull(text)
+            obj, _ = fetch(text)
             return obj, text
         if NAME_PATTERN.fullmatch(text):
             obj = self.load(text)
@@ -439,152 +368,6 @@ class Registry:
             raise OpenTransError(f"no built-in recipe named {name!r}")
         obj = run_recipe(recipe, weights=weights, download=download, progress=progress)
         return self.add(obj, name, source=f"builtin-recipe:{name}", extra={"recipe": recipe["method"]})
-
-
-# --------------------------------------------------------------------------- built-in recipes
-RECIPE_FORMAT = "opentrans-hub/recipe"
-RECIPE_METHODS = ("global-magnitude-compounding",)
-_RECIPE_KEYS = ("name", "kind", "arch", "base_weights", "method", "settings")
-
-
-def load_index(index_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Read ``<index_dir>/index.json`` and the recipe files it names (which must stay inside ``index_dir``)."""
-    index_dir = Path(index_dir)
-    path = index_dir / "index.json"
-    if not path.is_file():
-        return {}
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise OpenTransError(f"cannot read the recipe index ({exc})", path=path) from None
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("entries"), list):
-        raise OpenTransError("not an opentrans-hub recipe index", path=path)
-    out: dict[str, dict[str, Any]] = {}
-    root = index_dir.resolve()
-    for item in index["entries"]:
-        if not isinstance(item, dict) or not isinstance(item.get("recipe"), str):
-            raise OpenTransError(f"index entry {item!r} needs a 'recipe' file", path=path)
-        name = check_name(item.get("name", ""))
-        recipe_path = (index_dir / item["recipe"]).resolve()
-        if not recipe_path.is_relative_to(root):
-            raise OpenTransError(f"recipe file {item['recipe']!r} escapes the index folder", path=path)
-        try:
-            recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise OpenTransError(f"cannot read recipe ({exc})", path=recipe_path) from None
-        if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
-            raise OpenTransError("not an opentrans-hub recipe", path=recipe_path)
-        missing = [key for key in _RECIPE_KEYS if key not in recipe]
-        if missing:
-            raise OpenTransError(f"recipe lacks {', '.join(missing)}", path=recipe_path)
-        if recipe["name"] != name:
-            raise OpenTransError(f"recipe is called {recipe['name']!r}, the index says {name!r}", path=recipe_path)
-        if recipe["method"] not in RECIPE_METHODS or recipe["kind"] != "subnetwork":
-            raise OpenTransError(f"unsupported recipe method/kind {recipe['method']!r}/{recipe['kind']!r}",
-                                 path=recipe_path)
-        sha = recipe["base_weights"].get("sha256") if isinstance(recipe["base_weights"], dict) else None
-        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-            raise OpenTransError("recipe base_weights needs the sha256 of the weights file", path=recipe_path)
-        out[name] = {**recipe, "recipe_file": str(recipe_path)}
-    return out
-
-
-def _find_base_weights(recipe: Mapping[str, Any], weights: str | os.PathLike | None, download: bool) -> Path:
-    """The base-weights file: given, else open_clip's download cache, else (only if asked) downloaded."""
-    base = recipe["base_weights"]
-    if weights is not None:
-        return Path(weights).expanduser()
-    url, filename = base.get("url"), base.get("file")
-    candidates = [Path(os.environ.get("OPENTRANS_HUB_WEIGHTS_DIR", "~/.cache/clip")).expanduser() / filename] \
-        if filename else []
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    if download and url:
-        from open_clip.pretrained import download_pretrained_from_url
-
-        try:
-            return Path(download_pretrained_from_url(url))
-        except Exception as exc:  # network errors come in many types
-            raise OpenTransError(f"recipe {recipe['name']!r}: downloading its base weights failed ({exc})") from None
-    raise OpenTransError(
-        f"recipe {recipe['name']!r} needs its base weights: {recipe['arch']} pretrained "
-        f"{base.get('pretrained')!r} ({filename or 'weights file'}, sha256 {base['sha256'][:16]}...), which are not "
-        f"available here (looked in {', '.join(map(str, candidates)) or 'no cache'}). Pass the file with "
-        "--weights PATH (Python: weights=PATH), or allow --download.")
-
-
-def _load_base_tower(recipe: Mapping[str, Any], path: Path):
-    """Build the recipe's tower and load the (already hash-checked) weights file into it."""
-    from .backbones import build_visual, load_visual_weights, visual_state_dict
-
-    visual = build_visual(recipe["arch"])
-    try:
-        load_visual_weights(visual, path)
-        return visual
-    except OpenTransError as first:
-        import zipfile
-
-        if not zipfile.is_zipfile(path):
-            raise
-        # OpenAI's release files are TorchScript archives; their sha256 was pinned above, so they are trusted
-        import warnings
-
-        import torch
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-                state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception:
-            raise first from None
-        state = visual_state_dict(state)
-        expected = visual.state_dict()
-        for name, tensor in expected.items():
-            if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
-                raise OpenTransError("TorchScript weights do not fit the tower", path=path, tensor=name) from None
-        visual.load_state_dict({k: state[k].float() if state[k].is_floating_point() else state[k]
-                                for k in expected}, strict=True)
-        return visual
-
-
-def run_recipe(recipe: Mapping[str, Any], weights: str | os.PathLike | None = None, download: bool = False,
-               progress: bool = False) -> Subnetwork:
-    """Reproduce a recipe's subnetwork from its base weights (whose file sha256 must match the recipe).
-
-    ``global-magnitude-compounding``: ``rounds`` rounds, each pruning ``rate`` of the live weights by global
-    magnitude over the scope (Conv2d weights except the first conv, by default), with no training between
-    rounds, so the result is deterministic given the weights. Pruning is done by
-    :func:`opentrans_hub.imp.magnitude_masks`.
-    """
-    from .backbones import weights_sha256
-    from .imp import PruneScope, magnitude_masks
-    from .subnetwork import default_provenance
-
-    path = _find_base_weights(recipe, weights, download)
-    expected = recipe["base_weights"]["sha256"]
-    actual = file_sha256(path)
-    if actual != expected:
-        raise OpenTransError(f"base weights sha256 {actual[:16]}... is not the {expected[:16]}... recipe "
-                             f"{recipe['name']!r} was defined on (wrong or modified weights file)", path=path)
-    visual = _load_base_tower(recipe, path)
-    settings = dict(recipe["settings"])
-    rounds, rate = int(settings.get("rounds", 1)), float(settings.get("rate", 0.1))
-    scope = PruneScope(**settings.get("scope", {}))
-    selected = scope.select(visual)
-    tensors = {name: param.detach() for name, (_, param) in selected.items()}
-    masks: dict | None = None
-    from tqdm.auto import tqdm
-
-    for _ in tqdm(range(rounds), desc=f"materialising {recipe['name']}", disable=not progress, unit="round"):
-        masks = magnitude_masks(tensors, masks, rate=rate, ranking=scope.ranking, min_density=scope.min_density)
-    provenance = default_provenance(recipe["method"], rounds=rounds, rate=rate, scope=scope.to_dict(),
-                                    retrain_between_rounds=False)
-    if recipe.get("license"):
-        provenance["license"] = recipe["license"]  # the base weights' license carries over to the mask
-    provenance.update({"recipe": recipe["name"],
-                       "base_weights": {**recipe["base_weights"], "weights_sha256": weights_sha256(visual)}})
-    return Subnetwork(masks or {}, arch=recipe["arch"], provenance=provenance)
 
 
 # --------------------------------------------------------------------------- module-level doors

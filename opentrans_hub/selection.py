@@ -325,7 +325,7 @@ def _common_scope(names: Iterable[str]) -> str:
     return ".".join(common) + "." if common else ""
 
 
-def apply_selection(selection: LayerSelection | str | os.PathLike, model: nn.Module, name_map: NameMap | None = None,
+def apply_selection(selection: LayerSelection, model: nn.Module, name_map: NameMap | None = None,
                     biases: str = "follow", norms: str = "freeze", others: str = "freeze",
                     scope: str | None = None, strict: bool = False) -> SelectionReport:
     """Set ``requires_grad`` of ``model``'s parameters from ``selection`` (all-or-nothing).
@@ -340,9 +340,6 @@ def apply_selection(selection: LayerSelection | str | os.PathLike, model: nn.Mod
     from torch import nn as _nn
 
     from .mapping import NameMap
-    from .registry import load_selection
-
-    selection = load_selection(selection)  # a registry name, hf:// reference or file, like everywhere else
 
     for option, value in (("biases", biases), ("norms", norms), ("others", others)):
         if value not in _CHOICES[option]:

@@ -21,7 +21,6 @@ loop that stepped on NaN/inf gradients without a GradScaler (NaN times 0 is NaN;
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -258,11 +257,11 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
             param.masked_fill_(~store[attr], 0)
 
 
-def apply_subnetwork(model: nn.Module, subnetwork: Subnetwork | str | os.PathLike, name_map: NameMap | None = None,
+def apply_subnetwork(model: nn.Module, subnetwork: Subnetwork, name_map: NameMap | None = None,
                      strict: bool = False, allow_partial: bool = False,
                      scope: str | Sequence[str] | None = None) -> MappingReport:
-    """Map ``subnetwork`` (an object, registry name, ``hf://`` reference or file) onto ``model`` through
-    ``name_map`` and keep its zeros exact while training.
+    """Map ``subnetwork`` onto ``model`` through ``name_map`` and keep its zeros exact while training
+    (``opentrans_hub.apply_subnetwork`` also takes a name, ``hf://`` reference or file).
 
     Every destination is resolved by name and shape-checked first; nothing is changed and
     :class:`OpenTransError` is raised on any mismatch, when no name is mapped (or, with ``strict``, any name is
@@ -271,9 +270,7 @@ def apply_subnetwork(model: nn.Module, subnetwork: Subnetwork | str | os.PathLik
     are then listed in ``report.uncovered`` (they stay dense).
     """
     from .coverage import check_coverage, require_mapped
-    from .registry import load_subnetwork
 
-    subnetwork = load_subnetwork(subnetwork)
     name_map = name_map or NameMap()
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     masks, report = name_map.resolve(subnetwork.masks, shapes)
@@ -284,7 +281,7 @@ def apply_subnetwork(model: nn.Module, subnetwork: Subnetwork | str | os.PathLik
     return report
 
 
-def apply_subnetwork_to_state_dict(state_dict: Mapping[str, torch.Tensor], subnetwork: Subnetwork | str | os.PathLike,
+def apply_subnetwork_to_state_dict(state_dict: Mapping[str, torch.Tensor], subnetwork: Subnetwork,
                                    name_map: NameMap | None = None, strict: bool = False,
                                    source: str | None = None, allow_partial: bool = False,
                                    scope: str | Sequence[str] | None = None
@@ -292,9 +289,7 @@ def apply_subnetwork_to_state_dict(state_dict: Mapping[str, torch.Tensor], subne
     """Return a new state dict with pruned weights zeroed (other tensors are the same objects); refuses what
     :func:`apply_subnetwork` refuses."""
     from .coverage import check_coverage, require_mapped
-    from .registry import load_subnetwork
 
-    subnetwork = load_subnetwork(subnetwork)
     name_map = name_map or NameMap()
     shapes = {name: tuple(t.shape) for name, t in state_dict.items() if isinstance(t, torch.Tensor)}
     masks, report = name_map.resolve(subnetwork.masks, shapes)

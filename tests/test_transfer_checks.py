@@ -150,8 +150,7 @@ def test_magnitude_prune_warns_when_layers_are_pruned_away():
 
 
 def test_refs_are_accepted_wherever_an_object_is(ws):
-    from opentrans_hub import apply_subnetwork, apply_subnetwork_to_state_dict
-    from opentrans_hub.selection import apply_selection
+    from opentrans_hub import apply_selection, apply_subnetwork, apply_subnetwork_to_state_dict
 
     tower = make_tiny_resnet()
     report = apply_subnetwork(tower, str(ws / "sub.safetensors"))
