@@ -5,7 +5,7 @@ The public API is kept small; everything here is documented in the README.
 
 __version__ = "0.1.0"
 
-from .errors import OpenTransError  # noqa: E402
+from .errors import OpenTransError, OpenTransWarning  # noqa: E402
 from .hub import load_backbone, pull, push  # noqa: E402
 from .imp import IMPRunner, PruneScope, magnitude_masks, magnitude_prune, prune_round  # noqa: E402
 from .importers import from_torch_prune, from_zeros, import_pruned_checkpoint  # noqa: E402
@@ -35,6 +35,7 @@ __all__ = [
     "MappingReport",
     "NameMap",
     "OpenTransError",
+    "OpenTransWarning",
     "OpenTransSchedule",
     "Plugin",
     "PruneScope",
