@@ -103,6 +103,7 @@ def rn50_sub() -> Subnetwork:
     return Subnetwork({n: torch.rand(s, generator=gen) > 0.89 for n, s in convs}, arch="open_clip/RN50")
 
 
+@pytest.mark.slow  # builds RN101 twice (random init)
 def test_rn50_subnetwork_on_an_rn101_tower_is_refused(rn50_sub):
     with pytest.raises(OpenTransError, match="subnetwork is for open_clip/RN50.*RN101"):
         load_backbone("RN101", subnetwork=rn50_sub)
