@@ -70,3 +70,16 @@ def test_apply_checkpoint_never_writes_over_its_input(tmp_path):
     with pytest.raises(OpenTransError, match="also an input"):
         get_plugin("fcclip").apply_checkpoint(tmp_path / "ckpt.pth", Subnetwork(masks), tmp_path / "ckpt.pth")
     assert (tmp_path / "ckpt.pth").read_bytes() == before
+
+
+def test_a_device_node_is_never_replaced(tmp_path, sub):
+    """The issue's case: Subnetwork.save onto /dev/full replaced the node. Here a node for the same device (1, 7),
+    made inside the tmp folder (nothing is ever written to it: the check comes first)."""
+    node = tmp_path / "full"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(1, 7))
+    except (PermissionError, OSError):
+        pytest.skip("cannot make a device node here (not root)")
+    with pytest.raises(OpenTransError, match="character device"):
+        sub.save(node)
+    assert stat.S_ISCHR(os.lstat(node).st_mode)
