@@ -14,8 +14,11 @@ The last line of stdout is one JSON object:
   bits_per_weight, compressed_bits_per_weight   subnetwork file size (packbits / zstd) per masked weight
   state_dict_mb                          {dense, ours, torch_prune}: what state_dict() holds
   exact                                  every pruned weight of ours is 0.0 after the timed steps
+  compiled_dense_s, compiled_ours_s      the same step with the model under torch.compile (inductor), and
+  compiled_ours_over_compiled_dense      their ratio (target <= 1.03); compiled_graphs: graphs per model
+                                         from torch._dynamo.explain (masks add none); skip with --no-compile
 
-Usage: python benchmarks/sparsity_overhead.py [--repeats 7] [--batch 8] [--threads N] [--quick]
+Usage: python benchmarks/sparsity_overhead.py [--repeats 7] [--batch 8] [--threads N] [--quick] [--no-compile]
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.89)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="batch 2, 3 repeats, 1 warm-up (smoke run)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.repeats, args.warmup = 2, 3, 1
@@ -70,12 +74,23 @@ def main() -> None:
     masks = l1_masks(base, args.sparsity)
     state = base.state_dict()
     models = {}
-    for peer in ("dense", "ours", "torch_prune"):
+    compiled = () if args.no_compile else ("compiled_dense", "compiled_ours")
+    for peer in ("dense", "ours", "torch_prune", *compiled):
         model = base if peer == "dense" else build_visual("open_clip/RN50")
         model.load_state_dict(state)
         model.train()
         models[peer] = model
     apply_masks(models["ours"], masks)
+    forwards = {peer: model for peer, model in models.items()}
+    graphs = {}
+    if compiled:
+        apply_masks(models["compiled_ours"], masks)
+        for peer in compiled:
+            explained = torch._dynamo.explain(models[peer])(torch.randn(1, 3, 224, 224))
+            graphs[peer] = explained.graph_count
+            torch._dynamo.reset()
+        for peer in compiled:
+            forwards[peer] = torch.compile(models[peer])
     prune_modules = dict(models["torch_prune"].named_modules())
     for name, keep in masks.items():
         prune.custom_from_mask(prune_modules[name.rsplit(".", 1)[0]], "weight", keep.float())
@@ -83,10 +98,10 @@ def main() -> None:
     images = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
 
     def step(peer: str) -> tuple[float, float]:
-        model, optimizer = models[peer], optimizers[peer]
+        forward, optimizer = forwards[peer], optimizers[peer]
         start, cpu = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
-        model(images).pow(2).mean().backward()
+        forward(images).pow(2).mean().backward()
         optimizer.step()
         return time.perf_counter() - start, time.process_time() - cpu
 
@@ -98,15 +113,16 @@ def main() -> None:
     cpu_times: dict[str, list[float]] = {peer: [] for peer in peers}
     hooks: list[float] = []
     for repeat in range(args.repeats):
-        order = peers[repeat % 3:] + peers[:repeat % 3]  # rotate so no peer always runs first
+        shift = repeat % len(peers)
+        order = peers[shift:] + peers[:shift]  # rotate so no peer always runs first
         for peer in order:
             wall, cpu = step(peer)
             times[peer].append(wall)
             cpu_times[peer].append(cpu)
         # the hooks alone, on ours' real gradients and optimizer state
         start = time.perf_counter()
-        sparsity_mod._optimizer_pre_hook(optimizers["ours"], (), {})
-        sparsity_mod._optimizer_post_hook(optimizers["ours"], (), {})
+        sparsity_mod._optimizer_pre_hook(optimizers["ours"], (optimizers["ours"],), {})
+        sparsity_mod._optimizer_post_hook(optimizers["ours"], (optimizers["ours"],), {})
         hooks.append(time.perf_counter() - start)
         print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{p} {times[p][-1]:.3f}s" for p in peers),
               file=sys.stderr)
@@ -136,6 +152,12 @@ def main() -> None:
         "compressed_bits_per_weight": 8 * len(sub.to_bytes("zstd")) / sub.numel,
         "state_dict_mb": {peer: round(state_mb(m), 1) for peer, m in models.items()},
         "exact": exact,
+        **({"compiled_dense_s": med["compiled_dense"], "compiled_ours_s": med["compiled_ours"],
+            "compiled_ours_over_compiled_dense": med["compiled_ours"] / med["compiled_dense"],
+            "compiled_ours_over_compiled_dense_cpu": cpu["compiled_ours"] / cpu["compiled_dense"],
+            "compiled_graphs": graphs,
+            "compiled_exact": all(bool((dict(models["compiled_ours"].named_parameters())[n].detach()[~m] == 0).all())
+                                  for n, m in masks.items())} if compiled else {}),
         "all_s": {peer: [round(t, 4) for t in values] for peer, values in times.items()},
     }
     print(json.dumps(result))

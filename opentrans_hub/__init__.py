@@ -27,6 +27,7 @@ from .spectral import LayerMetrics, compute_metrics  # noqa: E402
 from .subnetwork import Subnetwork  # noqa: E402
 from .training import OpenTransSchedule  # noqa: E402
 from .transfer import apply_selection, apply_subnetwork, apply_subnetwork_to_state_dict  # noqa: E402
+from .verify import export_subnetwork, verify_exact  # noqa: E402
 
 __all__ = [
     "IMPRunner",
@@ -53,6 +54,7 @@ __all__ = [
     "count_flops",
     "count_zeros",
     "enforce",
+    "export_subnetwork",
     "from_torch_prune",
     "from_zeros",
     "get_plugin",
@@ -74,4 +76,5 @@ __all__ = [
     "remove",
     "select_layers",
     "sparse_inference_flops",
+    "verify_exact",
 ]

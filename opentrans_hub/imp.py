@@ -3,24 +3,21 @@
 * :class:`PruneScope` says which tensors may be pruned (default: every Conv2d weight of the tower but the
   first conv, as in OpenTrans), how they are ranked (one global ranking or per layer) and how dense each
   layer must stay.
-* :func:`magnitude_masks` is the pure core: keep-masks for given weights at a target sparsity. Weights are
-  ranked by ``(|w|, layer order, flat index)``, so ties are broken the same way on every run, rank and
-  device. The threshold comes from a radix selection over the float bits (a 32,768-bucket histogram, then
-  an exact ``kthvalue`` inside one bucket), never from a sort of all weights.
+* :func:`~opentrans_hub.magnitude.magnitude_masks` is the pure core: keep-masks for given weights at a
+  target sparsity, deterministic ties, on whole or FSDP2-sharded weights (:mod:`opentrans_hub.magnitude`).
 * :func:`magnitude_prune` prunes a live model (masks narrow any mask already there) and returns the
   :class:`~opentrans_hub.subnetwork.Subnetwork` in canonical names.
 * :class:`IMPRunner` runs the rounds on a schedule (``before_train`` / ``after_step``), rewinds weights if
   asked, writes every finished round atomically and resumes from the last one; under DDP rank 0 computes
-  the masks and broadcasts them, so every rank holds identical masks.
+  the masks and broadcasts them, so every rank holds identical masks; on a model sharded by FSDP2
+  (``fully_shard``) every rank ranks its own rows and the reduced histograms give the same masks.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,12 +27,14 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_write_bytes, atomic_write_text
+from ._shard import full_mask, is_dtensor, local, shard_like
 from .errors import OpenTransError
+from .magnitude import RANKINGS, magnitude_masks
 from .sparsity import apply_masks, enforce, masked_parameters, unwrap
 from .subnetwork import Subnetwork, default_provenance
 
 LAYER_TYPES = ("conv", "linear")
-RANKINGS = ("global", "layerwise")
+__all__ = ["IMPRunner", "PruneScope", "RANKINGS", "imp_sparsity", "magnitude_masks", "magnitude_prune", "prune_round"]
 STATE_FORMAT = "opentrans-hub/imp-state"
 STATE_FILE = "imp_state.json"
 REWIND_FILE = "rewind.safetensors"
@@ -130,139 +129,6 @@ class PruneScope:
         return out
 
 
-# ------------------------------------------------------------------------------------------- selection core
-def _count(mask: torch.Tensor) -> int:
-    return int(torch.count_nonzero(mask).item())
-
-
-def _high_halves(values: torch.Tensor) -> torch.Tensor:
-    """The top 16 bits of each float32 as int16 (a view on little-endian machines, no copy)."""
-    if sys.byteorder == "little":
-        return values.view(torch.int16)[1::2]
-    return (values.view(torch.int32) >> 16).to(torch.int16)
-
-
-def _kth_smallest(values: torch.Tensor, k: int) -> float:
-    """The k-th smallest (1-based) of a flat non-negative float32 tensor, without sorting it.
-
-    Non-negative float32 values order like their bit patterns, so a histogram of the top 16 bits (32,768
-    buckets) finds the bucket holding the k-th value; only that bucket's values are gathered for an exact
-    kthvalue.
-    """
-    top = _high_halves(values)
-    cumulative = torch.bincount(top, minlength=1 << 15).cumsum(0)
-    bucket = int(torch.searchsorted(cumulative, torch.tensor([k], device=values.device)).item())
-    below = int(cumulative[bucket - 1].item()) if bucket else 0
-    pool = values[top == bucket]
-    return float(pool.kthvalue(k - below).values.item())
-
-
-def _prune_lowest(values: torch.Tensor, count: int) -> torch.Tensor:
-    """Flat bool "prune now" tensor selecting exactly ``count`` of the smallest ``(value, flat index)``;
-    ``values`` are live magnitudes with +inf at pruned (or excluded) positions."""
-    if count <= 0:
-        return torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
-    threshold = _kth_smallest(values, count)
-    prune = values < threshold
-    remaining = count - _count(prune)
-    if remaining > 0:  # ties at the threshold: the first ones in flat order (tensor order, then index)
-        ties = torch.nonzero(values == threshold).reshape(-1)[:remaining]
-        prune[ties] = True
-    return prune
-
-
-def magnitude_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None, *,
-                    sparsity: float | None = None, rate: float | None = None, ranking: str = "global",
-                    min_density: float = 0.0) -> dict[str, torch.Tensor]:
-    """Keep-masks (bool, shaped like each weight) that prune the smallest-magnitude live weights.
-
-    Give ``sparsity`` (fraction of all weights in ``weights`` pruned afterwards; masks never regrow) or
-    ``rate`` (fraction of the weights still alive pruned now). ``masks`` are the current keep-masks (absent =
-    all alive); the result keeps a subset of them. ``ranking="global"`` uses one threshold over all tensors,
-    ``"layerwise"`` one per tensor; ``min_density`` keeps at least ``ceil(min_density * numel)`` weights
-    of every tensor (fewer only if fewer are alive). Ties are broken by tensor order, then flat index.
-
-    All tensors must live on one device. The magnitudes are gathered into one float32 buffer (the only copy
-    made), so a round is a handful of large kernels rather than several per layer.
-    """
-    if (sparsity is None) == (rate is None):
-        raise OpenTransError("give exactly one of sparsity and rate")
-    amount = float(sparsity if sparsity is not None else rate)
-    if not 0.0 <= amount <= 1.0:
-        raise OpenTransError(f"{'sparsity' if sparsity is not None else 'rate'} must lie in [0, 1], got {amount}")
-    if ranking not in RANKINGS:
-        raise OpenTransError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
-    names = list(weights)
-    if not names:
-        raise OpenTransError("no weights to prune")
-    tensors = [weights[n].detach() for n in names]
-    device = tensors[0].device
-    masks = masks or {}
-    for name, tensor in zip(names, tensors):
-        if tensor.device != device:
-            raise OpenTransError(f"weights on {tensor.device} and {device}: put them on one device", tensor=name)
-        mask = masks.get(name)
-        if mask is not None and (tuple(mask.shape) != tuple(tensor.shape) or mask.dtype != torch.bool):
-            raise OpenTransError(f"mask {tuple(mask.shape)}/{mask.dtype} does not fit weight {tuple(tensor.shape)}",
-                                 tensor=name)
-    sizes = [t.numel() for t in tensors]
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    values = torch.cat([t.reshape(-1) for t in tensors]).to(torch.float32).abs_()
-    alive: torch.Tensor | None = None
-    if any(masks.get(n) is not None for n in names):
-        alive = torch.cat([masks[n].reshape(-1).to(device) if masks.get(n) is not None
-                           else torch.ones(size, dtype=torch.bool, device=device) for n, size in zip(names, sizes)])
-        values.masked_fill_(~alive, math.inf)
-        alive_counts = [_count(alive[offsets[i]:offsets[i + 1]]) for i in range(len(names))]
-    else:
-        alive_counts = list(sizes)
-    floors = [math.ceil(float(min_density) * size) for size in sizes]
-    capacity = [max(0, a - f) for a, f in zip(alive_counts, floors)]
-
-    def target_prune(alive_count: int, numel: int) -> int:
-        if sparsity is not None:
-            return max(0, alive_count - round(numel * (1.0 - amount)))
-        return alive_count - round(alive_count * (1.0 - amount))
-
-    def span(i: int) -> slice:
-        return slice(offsets[i], offsets[i + 1])
-
-    prune: torch.Tensor | None = None
-    if ranking == "layerwise":
-        prune = torch.zeros(offsets[-1], dtype=torch.bool, device=device)
-        for i, size in enumerate(sizes):
-            count = min(capacity[i], target_prune(alive_counts[i], size))
-            prune[span(i)] = _prune_lowest(values[span(i)], count)
-    else:
-        total = min(sum(capacity), target_prune(sum(alive_counts), offsets[-1]))
-        if any(floors):
-            prune = torch.zeros(offsets[-1], dtype=torch.bool, device=device)
-        for i in range(len(sizes)):
-            if capacity[i] == 0:
-                values[span(i)] = math.inf  # at its floor already: out of the global pool
-        # water-filling: a layer that would drop under its floor is pruned down to the floor and leaves the pool
-        while total > 0:
-            chosen = _prune_lowest(values, total)
-            over = [] if not any(floors) else [
-                i for i in range(len(sizes)) if capacity[i] > 0 and _count(chosen[span(i)]) > capacity[i]]
-            if not over:
-                prune = chosen if prune is None else prune | chosen
-                break
-            for i in over:
-                prune[span(i)] = _prune_lowest(values[span(i)], capacity[i])
-                values[span(i)] = math.inf
-                total -= capacity[i]
-                capacity[i] = 0
-    if prune is None:
-        keep = alive.clone() if alive is not None else torch.ones(offsets[-1], dtype=torch.bool, device=device)
-    else:
-        keep = ~prune if alive is None else alive & ~prune
-    # views into one buffer: nothing ever writes into a keep-mask in place
-    return {name: keep[span(i)].reshape(tensor.shape) for i, (name, tensor) in enumerate(zip(names, tensors))}
-
-
 # ------------------------------------------------------------------------------------------ live models
 def _current_masks(scope_params: Mapping[str, tuple[str, nn.Parameter]], model: nn.Module) -> dict[str, torch.Tensor]:
     existing = masked_parameters(unwrap(model))
@@ -275,8 +141,10 @@ def magnitude_prune(model: nn.Module, *, sparsity: float | None = None, rate: fl
     """Prune ``model``'s tower by magnitude (one shot) and return the Subnetwork in canonical names.
 
     Masks already on the model are respected (the result is nested in them). With ``apply`` the masks go
-    onto the model through :func:`~opentrans_hub.sparsity.apply_masks` and stay exact while training. Layers
-    pruned away entirely (global ranking of untrained weights empties some) are warned about
+    onto the model through :func:`~opentrans_hub.sparsity.apply_masks` and stay exact while training.
+    On a model sharded by ``fully_shard`` this is collective (call it on every rank); each rank keeps its
+    own mask rows, and the returned Subnetwork holds the whole masks (gathered as bool). Layers pruned away
+    entirely (global ranking of untrained weights empties some) are warned about
     (:class:`~opentrans_hub.errors.OpenTransWarning`), as the CLI does.
     """
     scope = scope or PruneScope()
@@ -287,6 +155,7 @@ def magnitude_prune(model: nn.Module, *, sparsity: float | None = None, rate: fl
                             min_density=scope.min_density)
     if apply:
         apply_masks(unwrap(model), {selected[c][0]: m for c, m in masks.items()})
+    masks = {c: full_mask(m) for c, m in masks.items()}  # sharded: bool masks gathered, never weights
     settings = {"scope": scope.to_dict(), "prefix": prefix}
     settings.update({"sparsity": sparsity} if sparsity is not None else {"rate": rate})
     prov = default_provenance("magnitude", **settings)
@@ -333,6 +202,36 @@ def _broadcast_masks(masks: dict[str, torch.Tensor], device: torch.device) -> di
         out[name] = flat[offset:offset + numel].to(torch.bool).reshape(masks[name].shape)
         offset += numel
     return out
+
+
+class _Gathered(Mapping):
+    """A state dict whose DTensors read as whole tensors, gathered one at a time when looked up (collective)."""
+
+    def __init__(self, state: Mapping[str, Any]):
+        self.state = state
+
+    def __getitem__(self, name: str) -> Any:
+        return _whole(self.state[name])
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+def _whole(tensor: Any, keep: bool = True) -> Any:
+    if not is_dtensor(tensor):
+        return tensor
+    whole = tensor.full_tensor()
+    return whole if keep else None
+
+
+def _weights_sha256(state: Mapping[str, Any]) -> str:
+    """:func:`~opentrans_hub.backbones.weights_sha256` of a (possibly sharded) state dict; the same on every rank."""
+    from .backbones import weights_sha256
+
+    return weights_sha256(_Gathered(state))
 
 
 def _barrier() -> None:
@@ -430,7 +329,10 @@ class IMPRunner:
             for name, tensor in current.items():
                 if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
                     raise OpenTransError("rewind snapshot does not fit the tower", tensor=name)
-                tensor.copy_(state[name].to(tensor.device, tensor.dtype))
+                source = state[name]
+                if is_dtensor(tensor):  # a sharded tower: copy this rank's rows (of a shard or a whole file tensor)
+                    tensor, source = local(tensor), local(shard_like(source, tensor, name))
+                tensor.copy_(source.to(tensor.device, tensor.dtype))
         enforce(unwrap(self.model))
 
     # -------------------------------------------------------------- schedule
@@ -456,14 +358,12 @@ class IMPRunner:
         rounds finished before it are restored. ``None`` restores every committed round (plain loops then
         reload the checkpoint they saved in ``on_round`` and continue at :attr:`resume_iteration`).
         """
-        from .backbones import weights_sha256
-
         self._started = True
         state = self.read_state(self.out_dir) if self.out_dir is not None else None
         if state is not None:
             self._resume(state, start_iter)
             return
-        self.base_weights_sha256 = weights_sha256(self._tower())
+        self.base_weights_sha256 = _weights_sha256(self._tower().state_dict())
         if self.rewind == 0:
             self._capture_rewind()
 
@@ -494,16 +394,16 @@ class IMPRunner:
         self.last = sub
 
     def _capture_rewind(self) -> None:
-        from .backbones import weights_sha256
-
-        self._rewind_state = self._snapshot()
-        self._rewind_sha256 = weights_sha256(self._rewind_state)
+        self._rewind_state = self._snapshot()  # sharded: this rank's shards only
+        self._rewind_sha256 = _weights_sha256(self._rewind_state)
         rank, _ = _dist_world()
-        if self.out_dir is not None and rank == 0:
+        if self.out_dir is not None:
             from safetensors.torch import save
 
-            atomic_write_bytes(self.out_dir / REWIND_FILE, save({k: v.contiguous() for k, v in
-                                                                 self._rewind_state.items()}))
+            # sharded towers are gathered one tensor at a time (collective), kept whole on rank 0 only
+            whole = {k: _whole(v, keep=rank == 0) for k, v in self._rewind_state.items()}
+            if rank == 0:
+                atomic_write_bytes(self.out_dir / REWIND_FILE, save({k: v.contiguous() for k, v in whole.items()}))
 
     def after_step(self, iteration: int) -> Subnetwork | None:
         """Capture rewind weights or run a round when ``iteration`` calls for it; the new Subnetwork or None."""
@@ -517,23 +417,28 @@ class IMPRunner:
 
     def prune_now(self, iteration: int) -> Subnetwork:
         """Run the next round now (after ``iteration``), rewind if asked, write and commit it."""
-        from .backbones import weights_sha256
-
         round_index = self.rounds_done + 1
         target = imp_sparsity(self.rate, round_index)
         selected = self.scope.select(self.model, self.prefix)
         rank, world = _dist_world()
-        if rank == 0:
+        sharded = any(is_dtensor(p) for _, p in selected.values())
+        if sharded:  # every rank ranks its own rows; reduced histograms give everyone the same masks
+            weights = {c: p for c, (_, p) in selected.items()}
+            masks = magnitude_masks(weights, _current_masks(selected, self.model), sparsity=target,
+                                    ranking=self.scope.ranking, min_density=self.scope.min_density)
+        elif rank == 0:
             weights = {c: p for c, (_, p) in selected.items()}
             masks = magnitude_masks(weights, _current_masks(selected, self.model), sparsity=target,
                                     ranking=self.scope.ranking, min_density=self.scope.min_density)
         else:
             masks = {c: torch.empty(p.shape, dtype=torch.bool) for c, (_, p) in selected.items()}
-        if world > 1:
+        if world > 1 and not sharded:
             device = next(iter(selected.values()))[1].device
             masks = _broadcast_masks(masks, device)
         apply_masks(unwrap(self.model), {selected[c][0]: m for c, m in masks.items()})
-        trained_sha = weights_sha256(self._tower()) if rank == 0 else None  # the weights the masks ranked
+        masks = {c: full_mask(m) for c, m in masks.items()}  # sharded: bool masks gathered, never weights
+        # the weights the masks ranked (sharded: hashed one gathered tensor at a time, on every rank)
+        trained_sha = _weights_sha256(self._tower().state_dict()) if rank == 0 or sharded else None
         rewind_info: dict[str, Any] = {"to": "none"}
         if self.rewind is not None:
             if self._rewind_state is None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._shard import count_true
 from .errors import OpenTransError
 
 
@@ -126,7 +127,7 @@ def parameter_counts(model: nn.Module, masks: Mapping[str, torch.Tensor] | None 
             trainable += param.numel()
         if name in masks:
             masked += param.numel()
-            pruned += param.numel() - int(masks[name].sum())
+            pruned += param.numel() - count_true(masks[name])  # sharded masks: summed over the ranks
     return {"total": total, "kept": total - pruned, "masked": masked, "pruned": pruned, "trainable": trainable,
             "frozen": total - trainable}
 
@@ -150,7 +151,7 @@ def sparse_inference_flops(model: nn.Module, inputs: Any,
         if key not in masks or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             continue
         mask = masks[key]
-        density = float(mask.sum()) / mask.numel() if mask.numel() else 1.0
+        density = count_true(mask) / mask.numel() if mask.numel() else 1.0
         dense = flops.by_module.get(name, 0)
         sparse = int(round(dense * density))
         saved += dense - sparse

@@ -2,21 +2,31 @@
 
 Applying a subnetwork zeroes the pruned weights in place and remembers one boolean mask per masked
 parameter on its module (``module._opentrans_masks``; a plain attribute, so ``state_dict()`` is unchanged
-and ``copy.deepcopy``/pickling carry it). Two global optimizer hooks keep the zeros exact:
+and ``copy.deepcopy``/pickling carry it). Nothing runs in ``forward``, so ``torch.compile`` traces a masked
+model exactly like the dense one. Two global optimizer hooks keep the zeros exact:
 
-* before every ``torch.optim`` step, the gradients of masked parameters are zeroed at pruned positions,
-  and optimizer state left from before the mask (momentum, Adam moments) is cleared there once;
-* after every step of an optimizer whose update is not elementwise (or a step given a closure), the
-  pruned weights are set to 0.0 again; torch's elementwise optimizers (SGD, Adam, AdamW, ...) cannot
-  move a weight whose gradient and state are 0 (weight decay of 0 is 0), so they skip that pass.
+* before every ``torch.optim`` step, parameters replaced since the mask was applied are followed
+  (``fully_shard``, ``load_state_dict(assign=True)``, user code), the gradients of masked parameters are
+  zeroed at pruned positions, and optimizer state left from before the mask (momentum, Adam moments) is
+  cleared there once;
+* after the step, the pruned weights are set to 0.0 again where the update can move them: an optimizer
+  that is not one of torch's elementwise ones, a step given a closure, or a float16 parameter. Measured
+  (``tests/test_sparsity_precision.py``): with zero gradient, zero state and a zero weight, every torch
+  elementwise optimizer leaves exactly 0.0 in float32, float64 and bfloat16, but in float16 Adam, AdamW,
+  Adamax, NAdam, RAdam, RMSprop and Adagrad write NaN (``eps=1e-8`` underflows to 0 in float16: 0 / 0),
+  so the decision is made per step from the parameters' dtype, not from the optimizer's name.
+
+Parameters sharded by FSDP2 (``fully_shard``) are DTensors; their masks become bool DTensors laid out like
+them (each rank holds its own rows only), and all the work above runs on local shards
+(:mod:`opentrans_hub._shard`). FSDP1 (``FullyShardedDataParallel``) is refused with a clear error.
 
 A load-state-dict hook re-zeroes after ``load_state_dict``; deep copies and unpickled models register
-their own parameters before their first optimizer step (the mask store carries its parameters through
-the copy), and a forward pre-hook follows parameters replaced later. ``bake`` drops all of it and
-leaves plain modules holding the zeros; ``remove`` drops it without touching the weights.
-Loops that update weights without ``torch.optim`` call :func:`enforce` after their update; so does a
-loop that stepped on NaN/inf gradients without a GradScaler (NaN times 0 is NaN; ``enforce`` uses
-``masked_fill_``, which repairs that).
+their own parameters before their first optimizer step (the mask store carries its module and parameters
+through the copy). ``bake`` drops all of it and leaves plain modules holding the zeros; ``remove`` drops it
+without touching the weights. Loops that update weights without ``torch.optim`` call :func:`enforce` after
+their update; so does a loop that stepped on NaN/inf float32 gradients without a GradScaler (NaN times 0 is
+NaN; ``enforce`` uses ``masked_fill_``, which repairs that). :func:`opentrans_hub.verify.verify_exact`
+proves the zeros on demand.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._shard import FSDP1_HINT, check_not_fsdp1, is_dtensor, local, shard_like
 from .errors import OpenTransError
 from .mapping import MappingReport, NameMap
 from .subnetwork import Subnetwork
@@ -38,32 +49,40 @@ _HOOKS_ATTR = "_opentrans_hook_ids"
 
 # parameter -> (weakref to the _MaskStore holding its mask, attribute name); weak so dropped models free it
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# optimizer -> (id of its state dict, parameter -> the mask whose positions were already cleared in it)
+# optimizer -> _Seen (which masks its state was cleared for, and whether its step needs the after pass)
 _SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# every live mask store, checked before each optimizer step for parameters replaced since
+_STORES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> store (dicts are unhashable)
 # stores made by deepcopy/unpickling whose parameters are not registered yet (drained at the next step)
 _PENDING: list[weakref.ref] = []
 _GLOBAL_HOOKS: list[Any] = []
+#: parameter dtypes whose elementwise optimizer steps can write NaN at pruned positions (eps underflows)
+_AFTER_STEP_DTYPES = (torch.float16,)
 
 
 class _MaskStore(dict):
-    """``attribute -> keep-mask`` of one module, plus the parameters those masks belong to.
+    """``attribute -> keep-mask`` of one module, plus that module and the parameters the masks belong to.
 
-    It is what ``module._opentrans_masks`` holds (a dict, for readers). Keeping the parameters here lets
-    ``copy.deepcopy`` and pickling carry the pairing over: the copy's store points at the copy's own
-    parameters (same object graph), so it is registered before its first optimizer step, forward or not.
+    It is what ``module._opentrans_masks`` holds (a dict, for readers). Keeping the module and parameters
+    here lets ``copy.deepcopy`` and pickling carry the pairing over: the copy's store points at the copy's
+    own module and parameters (same object graph), so it is registered before its first optimizer step.
     """
 
-    def __init__(self, masks: Mapping[str, torch.Tensor] = (), params: Mapping[str, torch.Tensor] | None = None):
+    def __init__(self, masks: Mapping[str, torch.Tensor] = (), params: Mapping[str, torch.Tensor] | None = None,
+                 module: nn.Module | None = None):
         super().__init__(masks)
         self.params: dict[str, torch.Tensor] = dict(params or {})
+        self.module = module
 
     def __reduce_ex__(self, protocol: Any):
-        return _rebuild_store, (dict(self), self.params)
+        return _rebuild_store, (dict(self), self.params, self.module)
 
 
-def _rebuild_store(masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> _MaskStore:
-    store = _MaskStore(masks, params)
+def _rebuild_store(masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
+                   module: nn.Module | None = None) -> _MaskStore:
+    store = _MaskStore(masks, params, module)
     _PENDING.append(weakref.ref(store))
+    _STORES[id(store)] = store
     _ensure_global_hooks()
     return store
 
@@ -99,19 +118,56 @@ def _mask_for(param: torch.Tensor) -> torch.Tensor | None:
 def _store_of(module: nn.Module) -> _MaskStore | None:
     store = module.__dict__.get(_ATTR)
     if store is not None and not isinstance(store, _MaskStore):  # a plain dict from an older pickle
-        store = _MaskStore(store, {attr: getattr(module, attr) for attr in store})
+        store = _MaskStore(store, {attr: getattr(module, attr) for attr in store}, module)
         object.__setattr__(module, _ATTR, store)
+        _STORES[id(store)] = store
+        _register_store(store)
+    elif store is not None and store.module is None:
+        store.module = module
+        _STORES[id(store)] = store
     return store
+
+
+def _bind(store: _MaskStore, attr: str, param: torch.Tensor) -> None:
+    """Make ``param`` the parameter ``store[attr]`` masks, resharding the mask to follow it if needed."""
+    mask = store[attr]
+    if is_dtensor(param):
+        store[attr] = shard_like(mask, param, attr)  # sharded by fully_shard since: keep this rank's rows only
+        if not is_dtensor(mask):  # the mask met the shards for the first time (it may have zeroed an unsharded copy)
+            with torch.no_grad():
+                local(param).masked_fill_(~local(store[attr]), 0)
+    elif is_dtensor(mask):
+        return  # FSDP2's all-gathered parameter between forward and backward: the optimizer holds the shard
+    elif tuple(param.shape) != tuple(mask.shape):
+        owner = type(store.module).__name__
+        raise OpenTransError(f"masked parameter {attr!r} of a {owner} changed shape from {tuple(mask.shape)} to "
+                             f"{tuple(param.shape)}, so its mask no longer fits. {FSDP1_HINT}")
+    store.params[attr] = param
+    _REGISTRY[param] = (weakref.ref(store), attr)
+
+
+def _refresh(store: _MaskStore) -> None:
+    """Follow parameters replaced on the store's module since they were registered (cheap: identity checks)."""
+    module = store.module
+    if module is None:
+        return
+    parameters = module._parameters
+    for attr in list(store):
+        param = parameters.get(attr)
+        if param is None and isinstance(module.__dict__.get(attr), torch.Tensor):
+            # no longer a parameter but a plain tensor view: FSDP1 moved the weights into a flat parameter
+            raise OpenTransError(f"masked parameter {attr!r} of a {type(module).__name__} became a view of a "
+                                 f"flattened parameter. {FSDP1_HINT}")
+        if param is not None and param is not store.params.get(attr):
+            _bind(store, attr, param)
 
 
 def _register_module(module: nn.Module) -> None:
     store = _store_of(module)
     if store is None:
         return
-    for attr in store:
-        param = getattr(module, attr)
-        if store.params.get(attr) is not param:
-            store.params[attr] = param  # replaced parameter (load_state_dict(assign=True), user code)
+    _refresh(store)
+    for attr, param in store.params.items():
         entry = _REGISTRY.get(param)
         if entry is None or entry[1] != attr or entry[0]() is not store:
             _REGISTRY[param] = (weakref.ref(store), attr)
@@ -123,15 +179,12 @@ def _zero_module(module: nn.Module) -> None:
         return
     with torch.no_grad():
         for attr, mask in store.items():
-            param = getattr(module, attr)
+            param = store.params.get(attr)
+            if param is None:
+                continue
             if mask.device != param.device:
                 mask = store[attr] = mask.to(param.device)
-            param.masked_fill_(~mask, 0)  # not mul_: NaN or inf times 0 is not 0
-
-
-def _forward_pre_hook(module: nn.Module, args: Any) -> None:
-    # cheap: follows parameters replaced since the mask was applied
-    _register_module(module)
+            local(param).masked_fill_(~local(mask), 0)  # not mul_: NaN or inf times 0 is not 0
 
 
 def _load_state_dict_post_hook(module: nn.Module, incompatible_keys: Any) -> None:
@@ -139,54 +192,89 @@ def _load_state_dict_post_hook(module: nn.Module, incompatible_keys: Any) -> Non
     _zero_module(module)
 
 
+class _Seen:
+    """Per optimizer: its state dict's id, the mask each parameter's state was cleared for, the after pass."""
+
+    __slots__ = ("state_id", "cleared", "after", "__weakref__")
+
+    def __init__(self, state_id: int):
+        self.state_id = state_id
+        self.cleared: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.after = False
+
+
+@torch.compiler.disable  # under torch.compile(opt.step): one eager call, not a trace per parameter
 def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if _PENDING:
         _drain_pending()
-    entry = _SEEN.get(optimizer)
+    for store in list(_STORES.values()):
+        _refresh(store)
+    seen = _SEEN.get(optimizer)
     # optimizer.load_state_dict installs a new state dict (made while the old one is alive, so its id
     # differs): state loaded from a checkpoint taken before the mask is cleared again
-    if entry is None or entry[0] != id(optimizer.state):
-        entry = _SEEN[optimizer] = (id(optimizer.state), WeakIdKeyDictionary())
-    seen = entry[1]
+    if seen is None or seen.state_id != id(optimizer.state):
+        seen = _SEEN[optimizer] = _Seen(id(optimizer.state))
+    # Any optimizer but torch's elementwise ones (preconditioners such as Shampoo, LBFGS), or a closure that
+    # recomputes gradients inside ``step`` after this hook ran, can move a pruned weight: re-zero after it
+    # (``args`` starts with the optimizer itself: ``step(self, closure=None)``)
+    closure = args[1] if len(args) > 1 else kwargs.get("closure")
+    after = type(optimizer) not in _ELEMENTWISE or closure is not None
+    cleared = seen.cleared
     with torch.no_grad():
         for group in optimizer.param_groups:
             for param in group["params"]:
                 mask = _mask_for(param)
                 if mask is None:
                     continue
+                if mask.shape != param.shape:  # same object, new data: FSDP1's flat views (use_orig_params)
+                    raise OpenTransError(f"a masked parameter now has shape {tuple(param.shape)}, its mask "
+                                         f"{tuple(mask.shape)}. {FSDP1_HINT}")
+                keep = local(mask)
                 grad = param.grad
+                low = param.dtype in _AFTER_STEP_DTYPES
+                after = after or low
                 if grad is not None and not grad.is_sparse:
                     # one multiply: the cheapest pass (torch.where(out=) costs a second, hidden copy). A NaN/inf
-                    # gradient stays NaN there; GradScaler skips such steps, otherwise call enforce() after
-                    grad.mul_(mask)
-                if seen.get(param) is not mask:
+                    # gradient stays NaN there; GradScaler skips such steps, otherwise call enforce() after.
+                    # float16 gradients overflow easily and get the NaN-proof fill.
+                    if low:
+                        local(grad).masked_fill_(~keep, 0)
+                    else:
+                        local(grad).mul_(keep)
+                if cleared.get(param) is not mask:
                     # state from before this mask could move pruned weights: clear it there, once
                     for value in optimizer.state.get(param, {}).values():
                         if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                            value.masked_fill_(~mask, 0)
-                    seen[param] = mask
+                            local(value).masked_fill_(~keep, 0)
+                    cleared[param] = mask
+    seen.after = after
 
 
 #: torch.optim classes whose update is elementwise: with a zero gradient, zero state and a zero weight at a
-#: position, every one of them leaves exactly 0.0 there (weight decay of 0 is 0, Adam's 0 / (0 + eps) is 0),
-#: so after the pre-step hook their step needs no second pass over the weights. Exact types only: a
-#: subclass may override ``step``.
+#: position, every one of them leaves exactly 0.0 there in float32/float64/bfloat16 (weight decay of 0 is 0,
+#: Adam's 0 / (0 + eps) is 0), so their step needs no second pass over the weights unless a parameter is
+#: float16. Exact types only: a subclass may override ``step``.
 _ELEMENTWISE = tuple(getattr(torch.optim, name) for name in (
     "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam") if hasattr(torch.optim, name))
 
 
+@torch.compiler.disable
 def _optimizer_post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    # Any other optimizer (preconditioners such as Shampoo, LBFGS, a closure that recomputes gradients
-    # inside ``step`` after the pre-hook ran) can move a pruned weight: set it back to 0.0. The multiply
-    # costs half of masked_fill_; gradients and state are clean, so there is no NaN to multiply.
-    if type(optimizer) in _ELEMENTWISE and not args and kwargs.get("closure") is None:
+    # Gradients and state are clean, so a float32 multiply cannot meet NaN (and costs half of masked_fill_);
+    # float16 steps may have written NaN (0 / 0), which only the fill repairs.
+    seen = _SEEN.get(optimizer)
+    if seen is not None and not seen.after:
         return
     with torch.no_grad():
         for group in optimizer.param_groups:
             for param in group["params"]:
                 mask = _mask_for(param)
-                if mask is not None:
-                    param.mul_(mask)
+                if mask is None:
+                    continue
+                if param.dtype in _AFTER_STEP_DTYPES:
+                    local(param).masked_fill_(~local(mask), 0)
+                else:
+                    local(param).mul_(local(mask))
 
 
 def _ensure_global_hooks() -> None:
@@ -225,8 +313,10 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Mask parameters of ``model`` by their full names (keep-mask True = kept). All-or-nothing.
 
     Every name and shape is checked before any weight changes. A parameter masked already gets the
-    logical AND of both masks (IMP rounds narrow an existing mask).
+    logical AND of both masks (IMP rounds narrow an existing mask). On a model sharded by ``fully_shard``
+    the masks may be full tensors (each rank keeps its own rows) or DTensors laid out like the parameters.
     """
+    check_not_fsdp1(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, mask in masks.items():
         if name not in params:
@@ -237,24 +327,41 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         if mask.dtype != torch.bool:
             raise OpenTransError(f"mask dtype {mask.dtype}, expected bool; nothing was applied", tensor=name)
         check_mask_target(params[name], name)
+        if is_dtensor(mask) and not is_dtensor(params[name]):
+            raise OpenTransError("mask is a DTensor but the parameter is not sharded; nothing was applied",
+                                 tensor=name)
     _ensure_global_hooks()
-    for name, mask in masks.items():
+    prepared = {name: shard_like(mask, params[name], name) if is_dtensor(params[name]) else mask.to(params[name].device)
+                for name, mask in masks.items()}
+    for name, mask in prepared.items():
         module_name, attr = _split_name(name)
         module = model.get_submodule(module_name) if module_name else model
-        param = getattr(module, attr)
+        param = params[name]
         store = _store_of(module)
         if store is None:
-            store = _MaskStore()
+            store = _MaskStore(module=module)
             object.__setattr__(module, _ATTR, store)
-            ids = [module.register_forward_pre_hook(_forward_pre_hook).id,
-                   module.register_load_state_dict_post_hook(_load_state_dict_post_hook).id]
-            object.__setattr__(module, _HOOKS_ATTR, ids)
-        mask = mask.to(param.device)
-        store[attr] = mask & store[attr] if attr in store else mask
+            object.__setattr__(module, _HOOKS_ATTR,
+                               [module.register_load_state_dict_post_hook(_load_state_dict_post_hook).id])
+            _STORES[id(store)] = store
+        else:
+            _refresh(store)
+        if attr in store:
+            mask = _narrow(store[attr], mask)
+        store[attr] = mask
         store.params[attr] = param
         _REGISTRY[param] = (weakref.ref(store), attr)
         with torch.no_grad():
-            param.masked_fill_(~store[attr], 0)
+            local(param).masked_fill_(~local(mask), 0)
+
+
+def _narrow(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``old & new``; for sharded masks on the local rows (they share one layout)."""
+    if is_dtensor(new):
+        from ._shard import from_local_like
+
+        return from_local_like(local(shard_like(old, new)) & local(new), new)
+    return old & new
 
 
 def apply_subnetwork(model: nn.Module, subnetwork: Subnetwork, name_map: NameMap | None = None,
@@ -301,7 +408,14 @@ def apply_subnetwork_to_state_dict(state_dict: Mapping[str, torch.Tensor], subne
         check_mask_target(state_dict[name], name, source)
     out = dict(state_dict)
     for name, mask in masks.items():
-        out[name] = state_dict[name].masked_fill(~mask.to(state_dict[name].device), 0)
+        tensor = state_dict[name]
+        if is_dtensor(tensor):  # a sharded state dict (FSDP2, DCP): zero this rank's rows
+            from ._shard import from_local_like
+
+            keep = local(shard_like(mask, tensor, name))
+            out[name] = from_local_like(local(tensor).masked_fill(~keep, 0), tensor)
+        else:
+            out[name] = tensor.masked_fill(~mask.to(tensor.device), 0)
     return out, report
 
 
@@ -315,10 +429,18 @@ def enforce(model: nn.Module) -> None:
 
 
 def masked_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full parameter name -> keep-mask for every parameter ``model`` keeps sparse."""
+    """Full parameter name -> keep-mask for every parameter ``model`` keeps sparse.
+
+    On a model sharded by ``fully_shard`` the masks are bool DTensors holding this rank's rows
+    (:func:`opentrans_hub.verify.export_subnetwork` gathers whole masks).
+    """
     out = {}
     for module_name, module in model.named_modules():
-        for attr, mask in module.__dict__.get(_ATTR, {}).items():
+        store = _store_of(module)
+        if store is None:
+            continue
+        _refresh(store)
+        for attr, mask in store.items():
             out[f"{module_name}.{attr}" if module_name else attr] = mask
     return out
 
@@ -335,12 +457,14 @@ def _detach_masks(model: nn.Module, zero: bool) -> nn.Module:
         _register_module(module)
         if zero:
             _zero_module(module)
-        for attr in store:
-            _REGISTRY.pop(getattr(module, attr), None)
+        for param in store.params.values():
+            _REGISTRY.pop(param, None)
         for hook_id in module.__dict__.get(_HOOKS_ATTR, []):
-            module._forward_pre_hooks.pop(hook_id, None)
+            module._forward_pre_hooks.pop(hook_id, None)  # registered by versions before 0.1.0's compile fix
             module._load_state_dict_post_hooks.pop(hook_id, None)
         store.params.clear()
+        store.module = None
+        _STORES.pop(id(store), None)
         del module.__dict__[_ATTR]
         module.__dict__.pop(_HOOKS_ATTR, None)
     return model
@@ -365,7 +489,9 @@ def model_sparsity(model: nn.Module, names: Iterable[str] | None = None) -> dict
     parameters ``model`` keeps masked, else, for a model without masks (a baked tower, a checkpoint loaded into a
     plain model), over every weight tensor of 2 dims or more (Conv/Linear kernels; norms and biases left out).
 
-    Returns ``params``, ``zeros``, ``sparsity`` and ``scope`` (``"names"``, ``"masked"`` or ``"weights"``).
+    Returns ``params``, ``zeros``, ``sparsity`` and ``scope`` (``"names"``, ``"masked"`` or ``"weights"``). On a
+    model sharded by ``fully_shard`` each rank counts its own rows and the counts are summed over the shards'
+    process group (collective: call it on every rank).
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     if names is not None:
@@ -379,16 +505,27 @@ def model_sparsity(model: nn.Module, names: Iterable[str] | None = None) -> dict
     if unknown:
         raise OpenTransError(f"model has no parameter {unknown[0]!r}", tensor=unknown[0])
     total = zeros = 0
+    sharded: list[torch.Tensor] = []
     for name in names:
         tensor = params[name].detach()
         total += tensor.numel()
-        zeros += int((tensor == 0).sum())
+        if is_dtensor(tensor):
+            sharded.append(tensor)
+        else:
+            zeros += int((tensor == 0).sum())
+    if sharded:
+        import torch.distributed as dist
+
+        counts = torch.tensor([sum(int((local(t) == 0).sum()) for t in sharded)])
+        dist.all_reduce(counts, group=sharded[0].device_mesh.get_group())
+        zeros += int(counts[0])
     return {"params": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0, "scope": scope}
 
 
 def count_zeros(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Exact zeros per weight tensor (2 dims or more) of a model or state dict, and overall: what a baked or
-    loaded checkpoint really holds, whatever masks exist or not."""
+    loaded checkpoint really holds, whatever masks exist or not (plain tensors; for a sharded model use
+    :func:`model_sparsity`)."""
     tensors = dict(model.named_parameters(remove_duplicate=False)) if isinstance(model, nn.Module) else dict(model)
     layers = {}
     for name, tensor in tensors.items():

@@ -53,7 +53,10 @@ class OpenTransSchedule:
       when ``apply_at`` is None, else after iteration ``apply_at``; its zeros stay exact while training;
     * ``bake_at``: after that iteration the masks are made permanent (:func:`~opentrans_hub.sparsity.bake`)
       and ``on_bake(iteration)`` is called (save the model there);
-    * ``imp``: an :class:`~opentrans_hub.imp.IMPRunner` on the same model, driven from the same calls.
+    * ``imp``: an :class:`~opentrans_hub.imp.IMPRunner` on the same model, driven from the same calls;
+    * ``verify_every``: every that many iterations while masks are on the model, prove that every pruned
+      weight is exactly 0.0 (:func:`~opentrans_hub.verify.verify_exact`, one reduced count across ranks;
+      call ``after_step`` on every rank) and raise :class:`OpenTransError` on a violation.
 
     ``before_train(start_iter)`` makes a resumed run consistent: past the bake nothing is re-applied
     (the loaded weights hold the zeros), past ``apply_at`` the masks are re-registered at once.
@@ -63,13 +66,17 @@ class OpenTransSchedule:
                  name_map: NameMap | None = None, strict: bool = False, apply_at: int | None = None,
                  bake_at: int | None = None, on_bake: Callable[[int], Any] | None = None,
                  imp: IMPRunner | None = None, selection: LayerSelection | str | os.PathLike | None = None,
-                 selection_map: NameMap | None = None, log: Callable[[str], Any] | None = None):
+                 selection_map: NameMap | None = None, log: Callable[[str], Any] | None = None,
+                 verify_every: int | None = None):
         if apply_at is not None and subnetwork is None:
             raise OpenTransError("apply_at is set but no subnetwork is given")
         if bake_at is not None and apply_at is not None and bake_at < apply_at:
             raise OpenTransError(f"bake_at ({bake_at}) comes before apply_at ({apply_at})")
         if imp is not None and imp.model is not model and unwrap(imp.model) is not unwrap(model):
             raise OpenTransError("the IMP runner works on another model than the schedule")
+        if verify_every is not None and (isinstance(verify_every, bool) or int(verify_every) < 1):
+            raise OpenTransError(f"verify_every must be a positive number of iterations, got {verify_every!r}")
+        self.verify_every = int(verify_every) if verify_every is not None else None
         self.model = model
         self.subnetwork = load_subnetwork(subnetwork) if subnetwork is not None else None
         self.name_map = name_map or NameMap()
@@ -135,6 +142,13 @@ class OpenTransSchedule:
             if not is_masked(unwrap(self.model)):
                 self.log(f"opentrans: nothing to bake at iteration {iteration}")
             self._bake(iteration)
+        if self.verify_every is not None and (iteration + 1) % self.verify_every == 0 and not self.baked \
+                and is_masked(unwrap(self.model)):
+            from .verify import verify_exact
+
+            report = verify_exact(self.model)  # raises on a violation
+            self.events.append((iteration, "verify"))
+            self.log(f"opentrans: verified {report['pruned']} pruned weights exactly 0.0 at {iteration}")
         return produced
 
     def after_train(self) -> None:

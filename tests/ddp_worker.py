@@ -17,7 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_tiny_resnet  # noqa: E402
 
-from opentrans_hub import NameMap, Subnetwork, apply_masks, apply_subnetwork, masked_parameters  # noqa: E402
+from opentrans_hub import (  # noqa: E402
+    NameMap,
+    Subnetwork,
+    apply_masks,
+    apply_subnetwork,
+    masked_parameters,
+    verify_exact,
+)
 
 
 def conv_masks(model: nn.Module, sparsity: float, seed: int) -> dict[str, torch.Tensor]:
@@ -60,6 +67,8 @@ def main() -> None:
     steps(ddp, optimizer, rank, 1, autocast=True)
     result["a_pruned_nonzeros"] = pruned_nonzeros(model, masks)
     result["a_checksum"] = float(sum(p.double().sum() for p in model.parameters()))
+    result["a_verify"] = verify_exact(ddp)  # one count summed over the ranks
+    result["a_pruned_local"] = sum(int((~m).sum()) for m in masks.values())
     result["a_state_keys_plain"] = all(not k.endswith(("_orig", "_mask")) for k in ddp.state_dict())
 
     # B: wrap first, train densely (momentum and Adam state non-zero), then apply a subnetwork through the

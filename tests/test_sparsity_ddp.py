@@ -58,6 +58,12 @@ def test_pruned_weights_exactly_zero_on_every_rank(ranks):
         assert result["b_mapped"] > 0
 
 
+def test_verify_exact_reduces_over_ranks(ranks):
+    for result in ranks:
+        assert result["a_verify"]["violations"] == 0
+        assert result["a_verify"]["pruned"] == 2 * result["a_pruned_local"]  # each rank's full copy, summed
+
+
 def test_ranks_stay_in_sync(ranks):
     # ranks started from different random weights and saw different data: equal weights mean DDP's
     # broadcast and gradient all-reduce ran, and the masking did the same thing everywhere

@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "BAKE_AT": -1,                     # bake masks after this iteration and save a checkpoint (-1: never)
     "BAKE_CHECKPOINT": "model_{:07d}_baked",  # checkpoint name at the bake (format gets the iteration)
     "SELECTION": "",                   # LayerSelection JSON: layers to train (others frozen)
+    "VERIFY_PERIOD": 0,                # prove every pruned weight is 0.0 every N iterations, fail if not (0: off)
 }
 IMP_DEFAULTS: dict[str, Any] = {
     "ENABLED": False,
@@ -149,6 +150,7 @@ def build_schedule_from_cfg(cfg: Any, model: nn.Module, save: Callable[[str], An
         imp=imp_runner_from_cfg(cfg, model),
         selection=oc.SELECTION or None,
         log=log,
+        verify_every=int(oc.get("VERIFY_PERIOD", 0)) or None,
     )
 
 

@@ -1,0 +1,95 @@
+"""Pure float16 / bfloat16 parameters (issue 11, requirement 4): every torch optimizer keeps pruned weights at
+exactly 0.0, with no NaN from ``eps`` underflowing in float16 (0 / 0) and no drift; GradScaler steps that are
+skipped on inf gradients too. These runs are also the measurement behind the after-step decision documented
+in ``opentrans_hub/sparsity.py``: without the after pass, float16 Adam-type steps leave NaN (asserted below).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_resnet
+from test_sparsity import OPTIMIZERS, assert_exact_zeros, batch, conv_masks, snapshot
+
+from opentrans_hub import apply_masks, verify_exact
+from opentrans_hub import sparsity as sparsity_mod
+
+STEPS = 7  # RAdam switches to its adaptive (sqrt + eps) update after 5 steps
+
+
+def train(model, optimizer, dtype, steps=STEPS):
+    for i in range(steps):
+        optimizer.zero_grad()
+        model(batch(i).to(dtype)).float().pow(2).mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_every_optimizer_keeps_zeros_in_pure_low_precision(dtype):
+    failures = []
+    for kind in sorted(OPTIMIZERS):
+        model = make_tiny_resnet(width=8)
+        masks = conv_masks(model)
+        apply_masks(model, masks)
+        model.to(dtype)  # model.half() after apply, as users do
+        before = snapshot(model)
+        try:
+            optimizer = OPTIMIZERS[kind](model.parameters())
+            train(model, optimizer, dtype)
+        except (RuntimeError, TypeError) as exc:  # pragma: no cover - a variant this build lacks for the dtype
+            if "not implemented" in str(exc).lower() or "not supported" in str(exc).lower():
+                continue
+            raise
+        params = dict(model.named_parameters())
+        bad = sum(int((params[n].detach()[~m] != 0).sum()) for n, m in masks.items())  # NaN != 0 counts
+        moved = sum(int((params[n].detach()[m] != before[n][m]).sum()) for n, m in masks.items())
+        if bad or not moved:
+            failures.append((kind, bad, moved))
+        assert verify_exact(model)["violations"] == 0
+    assert not failures, failures
+
+
+def test_float16_adam_really_needs_the_after_pass(monkeypatch):
+    """The measurement: with the after pass switched off, pure-fp16 AdamW turns pruned weights into NaN."""
+    monkeypatch.setattr(sparsity_mod, "_AFTER_STEP_DTYPES", ())
+    model = make_tiny_resnet(width=8).half()
+    masks = conv_masks(model)
+    apply_masks(model, masks)
+    train(model, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.float16, steps=1)
+    params = dict(model.named_parameters())
+    assert sum(int(params[n].detach()[~m].isnan().sum()) for n, m in masks.items()) > 0
+    # bfloat16 keeps eps representable: no after pass, no NaN (why the decision is float16 only)
+    model = make_tiny_resnet(width=8).bfloat16()
+    apply_masks(model, masks)
+    train(model, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.bfloat16, steps=2)
+    assert_exact_zeros(model, masks)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_grad_scaler_skipped_and_taken_steps_keep_zeros(fused):
+    model = make_tiny_resnet(width=8)
+    masks = conv_masks(model)
+    apply_masks(model, masks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused or None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    params = dict(model.named_parameters())
+    name = sorted(masks)[0]
+    skipped = 0
+    for i in range(4):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(batch(i)).float().pow(2).mean()
+        scaler.scale(loss).backward()
+        if i % 2 == 0:  # an overflow: inf gradients at pruned and kept positions
+            params[name].grad[~masks[name]] = float("inf")
+            params[name].grad[masks[name]] = float("inf")
+        before = snapshot(model)
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        if scaler.get_scale() < scale:
+            skipped += 1
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        assert_exact_zeros(model, masks)
+    assert skipped == 2
+    assert not any(bool(p.isnan().any()) for p in model.parameters())
