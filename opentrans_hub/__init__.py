@@ -9,6 +9,7 @@ from .errors import OpenTransError, OpenTransWarning  # noqa: E402
 from .hub import load_backbone, pull, push  # noqa: E402
 from .imp import IMPRunner, PruneScope, magnitude_masks, magnitude_prune, prune_round  # noqa: E402
 from .importers import from_torch_prune, from_zeros, import_pruned_checkpoint  # noqa: E402
+from .inference import InferenceReport, infer_name_map  # noqa: E402
 from .mapping import MappingReport, NameMap, Rule  # noqa: E402
 from .plugins import Plugin, get_plugin, list_plugins  # noqa: E402
 from .registry import Registry, load_selection, load_subnetwork  # noqa: E402
@@ -31,6 +32,7 @@ from .verify import export_subnetwork, verify_exact  # noqa: E402
 
 __all__ = [
     "IMPRunner",
+    "InferenceReport",
     "LayerMetrics",
     "LayerSelection",
     "MappingReport",
@@ -59,6 +61,7 @@ __all__ = [
     "from_zeros",
     "get_plugin",
     "import_pruned_checkpoint",
+    "infer_name_map",
     "list_plugins",
     "load_backbone",
     "load_selection",

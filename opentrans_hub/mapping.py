@@ -11,7 +11,10 @@ Rules apply in order to every canonical name (and, optionally, a tensor that tra
   (torchvision's 7x7 ``conv1``): reported as unmapped, so ``strict`` fails on it;
 * ``transpose REGEX [-> TEMPLATE]``     transpose a 2-D tensor (and optionally rename);
 * ``unsqueeze REGEX DIM [-> TEMPLATE]`` add a dimension;
-* ``split REGEX DIM -> T1, T2, ...``    split along ``DIM`` into equal parts, one destination each.
+* ``split REGEX DIM -> T1, T2, ...``    split along ``DIM`` into equal parts, one destination each;
+* ``reshape REGEX SPEC [-> TEMPLATE]``   reshape to ``SPEC``: comma-separated sizes, ``*`` keeps the source's size
+  at that position and one ``-1`` takes the rest (``*,*,1,1``: a Linear weight as a 1x1 convolution;
+  ``*,*``: back; ``1,1,-1``: a vector with two leading dimensions).
 
 Destinations are resolved by name against the target's real parameters and shape-checked before any
 weight changes (see :meth:`NameMap.resolve`). The text form above is what plugins and config files use;
@@ -92,11 +95,12 @@ class Rule:
     targets: tuple[str, ...] = ()
     guard: str | None = None
     dim: int = 0
+    spec: str = ""
     _regex: re.Pattern | None = field(default=None, compare=False, repr=False)
     _guard: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
-        if self.kind not in {"prefix", "rename", "drop", "unmap", "transpose", "unsqueeze", "split"}:
+        if self.kind not in {"prefix", "rename", "drop", "unmap", "transpose", "unsqueeze", "split", "reshape"}:
             raise OpenTransError(f"unknown rule kind {self.kind!r}")
         if self.kind != "prefix":
             try:
@@ -108,13 +112,17 @@ class Rule:
         if self.kind == "split" and len(self.targets) < 2:
             raise OpenTransError(f"split rule {self.pattern!r} needs at least two targets")
         object.__setattr__(self, "_guard", _parse_guard(self.guard))
+        if self.kind == "reshape":
+            _parse_spec(self.spec)
+        elif self.spec:
+            raise OpenTransError(f"only reshape rules take a shape spec, not {self.kind}")
 
     def __str__(self) -> str:
         if self.kind == "prefix":
             return f"prefix {self.pattern}"
         if self.kind in {"drop", "unmap"}:
             return f"{self.kind} {self.pattern}"
-        dim = f" {self.dim}" if self.kind in {"split", "unsqueeze"} else ""
+        dim = f" {self.dim}" if self.kind in {"split", "unsqueeze"} else (f" {self.spec}" if self.spec else "")
         arrow = f" -> {', '.join(self.targets)}" if self.targets else ""
         guard = f" if {self.guard}" if self.guard else ""
         return f"{self.kind} {self.pattern}{dim}{arrow}{guard}"
@@ -140,6 +148,8 @@ class Rule:
             return [(renamed[0], None if tensor is None else tensor.t().contiguous())]
         if self.kind == "unsqueeze":
             return [(renamed[0], None if tensor is None else tensor.unsqueeze(self.dim))]
+        if self.kind == "reshape":
+            return [(renamed[0], None if tensor is None else _reshape(tensor, self.spec, name))]
         # split
         parts = len(self.targets)
         if tensor is None:
@@ -151,9 +161,37 @@ class Rule:
         return [(target, chunk.contiguous()) for target, chunk in zip(renamed, chunks)]
 
 
+def _parse_spec(spec: str) -> tuple[int | None, ...]:
+    """``"*,*,1,1"`` -> (None, None, 1, 1): None keeps the source's size there; one -1 is inferred."""
+    items: list[int | None] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if item == "*":
+            items.append(None)
+        elif re.fullmatch(r"-1|[1-9]\d*", item):
+            items.append(int(item))
+        else:
+            raise OpenTransError(f"bad reshape spec {spec!r}: use sizes, '*' (keep) and one -1, e.g. *,*,1,1")
+    if not items or items.count(-1) > 1:
+        raise OpenTransError(f"bad reshape spec {spec!r}: use sizes, '*' (keep) and one -1, e.g. *,*,1,1")
+    return tuple(items)
+
+
+def _reshape(tensor: torch.Tensor, spec: str, name: str) -> torch.Tensor:
+    items = _parse_spec(spec)
+    if any(item is None and i >= tensor.dim() for i, item in enumerate(items)):
+        raise OpenTransError(f"reshape {spec}: '*' past the last dimension of shape {tuple(tensor.shape)}",
+                             tensor=name)
+    shape = [tensor.shape[i] if item is None else item for i, item in enumerate(items)]
+    try:
+        return tensor.reshape(shape)
+    except RuntimeError:
+        raise OpenTransError(f"cannot reshape {tuple(tensor.shape)} to {spec}", tensor=name) from None
+
+
 _LINE = re.compile(
-    r"^(?P<kind>prefix|rename|drop|unmap|transpose|unsqueeze|split)\s+(?P<pattern>\S+)"
-    r"(?:\s+(?P<dim>-?\d+))?(?:\s*->\s*(?P<targets>.+?))?(?:\s+if\s+(?P<guard>.+))?\s*$"
+    r"^(?P<kind>prefix|rename|drop|unmap|transpose|unsqueeze|split|reshape)\s+(?P<pattern>\S+)"
+    r"(?:\s+(?P<dim>-?\d+|[-\d*]+(?:,[-\d*]+)+|\*))?(?:\s*->\s*(?P<targets>.+?))?(?:\s+if\s+(?P<guard>.+))?\s*$"
 )
 
 
@@ -236,10 +274,17 @@ class NameMap:
             targets = tuple(t.strip() for t in (m.group("targets") or "").split(",") if t.strip())
             kind = m.group("kind")
             dim = m.group("dim")
-            if dim is not None and kind not in {"split", "unsqueeze"}:
-                raise OpenTransError(f"name map line {number}: only split/unsqueeze take a dimension: {raw!r}")
-            if kind in {"split", "unsqueeze"} and dim is None:
+            if dim is not None and kind not in {"split", "unsqueeze", "reshape"}:
+                raise OpenTransError(f"name map line {number}: only split/unsqueeze/reshape take a dimension: {raw!r}")
+            if kind in {"split", "unsqueeze", "reshape"} and dim is None:
                 raise OpenTransError(f"name map line {number}: {kind} needs a dimension: {raw!r}")
+            if kind == "reshape":
+                if len(targets) > 1:
+                    raise OpenTransError(f"name map line {number}: reshape takes one target: {raw!r}")
+                rules.append(Rule(kind, m.group("pattern"), targets, m.group("guard"), 0, dim))
+                continue
+            if not re.fullmatch(r"-?\d+", dim or "0"):
+                raise OpenTransError(f"name map line {number}: {kind} takes one integer dimension: {raw!r}")
             rules.append(Rule(kind, m.group("pattern"), targets, m.group("guard"), int(dim or 0)))
         return cls(rules)
 

@@ -96,6 +96,10 @@ class Plugin:
         raise OpenTransError(f"plugin {self.name!r} does not cover architecture {arch!r}; "
                              f"it covers {', '.join(self.archs)}")
 
+    def map_for(self, arch: str, target: Any) -> NameMap:
+        """The NameMap for ``arch`` on ``target`` (a model, state dict or path); the ``auto`` plugin infers it."""
+        return self.name_map(arch)
+
     def locate_tower(self, model: nn.Module) -> nn.Module:
         """The framework's module holding the CLIP image encoder inside a live ``model``."""
         if self.locator is not None:
@@ -125,7 +129,7 @@ class Plugin:
         subnetwork = load_subnetwork(subnetwork)
         model = unwrap(model)
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-        masks, report = self._resolve(subnetwork, shapes, arch, strict, allow_partial, "", None)
+        masks, report = self._resolve(subnetwork, shapes, arch, strict, allow_partial, "", None, model)
         apply_masks(model, masks)
         return report
 
@@ -135,12 +139,13 @@ class Plugin:
         return f"{self.tower_path}." if self.tower_path else ""
 
     def _resolve(self, subnetwork: Subnetwork, shapes: Mapping[str, tuple[int, ...]], arch: str | None, strict: bool,
-                 allow_partial: bool, ddp: str, source: str | None) -> tuple[dict[str, torch.Tensor], MappingReport]:
+                 allow_partial: bool, ddp: str, source: str | None, target: Any
+                 ) -> tuple[dict[str, torch.Tensor], MappingReport]:
         """Masks at their destinations, after every check an apply makes (shapes, mapped share, coverage)."""
         from .coverage import check_coverage, require_mapped
 
         arch = arch or subnetwork.arch
-        name_map = self.name_map(arch)
+        name_map = self.map_for(arch, target)
         if ddp:
             name_map = name_map.then(NameMap.prefix(ddp))
         masks, report = name_map.resolve(subnetwork.masks, shapes)
@@ -173,7 +178,7 @@ class Plugin:
 
         wanted = selection.params
         targets = set(target_names)
-        name_map = self.name_map(arch or selection.arch)
+        name_map = self.map_for(arch or selection.arch, target_names)
         report = name_map.resolve_names(wanted, targets)
         promised = sum(1 for name in wanted if not isinstance(name_map.map_name(name), str))
         require_mapped(report, len(wanted), promised=promised, what="selection",
@@ -195,13 +200,19 @@ class Plugin:
         from .selection import apply_selection
 
         selection = load_selection(selection)
-        if self.tower_path is not None:
-            options.setdefault("scope", f"{self.tower_path}." if self.tower_path else "")
+        model = unwrap(model)
+        name_map = self.map_for(arch or selection.arch, model)
+        tower_path = self.tower_path_for(model, arch or selection.arch)
+        if tower_path is not None:
+            options.setdefault("scope", f"{tower_path}." if tower_path else "")
         else:
             options.setdefault("norms", "keep")
             options.setdefault("others", "keep")
-        return apply_selection(selection, unwrap(model), name_map=self.name_map(arch or selection.arch),
-                               strict=strict, **options)
+        return apply_selection(selection, model, name_map=name_map, strict=strict, **options)
+
+    def tower_path_for(self, model: nn.Module, arch: str) -> str | None:
+        """``tower_path`` (the ``auto`` plugin: the prefix it found in ``model``)."""
+        return self.tower_path
 
     # ------------------------------------------------------------------ checkpoints
     def apply_checkpoint(self, path_in: str | os.PathLike, subnetwork: Subnetwork | str | os.PathLike,
@@ -223,7 +234,7 @@ class Plugin:
         tensors = {k: v for k, v in loaded.state.items() if isinstance(v, torch.Tensor)}
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         masks, report = self._resolve(subnetwork, shapes, arch, strict, allow_partial, loaded.ddp_prefix,
-                                      os.fspath(path_in))
+                                      os.fspath(path_in), path_in)
         state = dict(loaded.state)
         for name in masks:
             check_mask_target(tensors[name], name, os.fspath(path_in))
@@ -259,7 +270,7 @@ class Plugin:
         ddp = "module." if tensors and all(k.startswith("module.") for k in tensors) else ""
 
         def resolve(candidate: str) -> tuple[dict[str, torch.Tensor], MappingReport]:
-            name_map = self.name_map(candidate)
+            name_map = self.map_for(candidate, {k[len(ddp):]: v for k, v in tensors.items()})
             if ddp:
                 name_map = name_map.then(NameMap.prefix(ddp))
             sources = subnetwork.masks if subnetwork is not None else canonical_shapes(candidate)
@@ -404,6 +415,8 @@ def get_plugin(name: str) -> Plugin:
     plugins, errors = discover()
     if name in plugins:
         return plugins[name]
+    if name == AUTO:
+        return AutoPlugin()
     for error in errors:
         if error.name == name:
             if error.error.startswith("duplicate plugin name"):
@@ -412,3 +425,52 @@ def get_plugin(name: str) -> Plugin:
     known = ", ".join(sorted(plugins)) or "none installed"
     raise OpenTransError(f"no plugin named {name!r} (installed: {known}); plugins are found through the "
                          f"{ENTRY_POINT_GROUP!r} entry-point group")
+
+
+# ---------------------------------------------------------------------- auto
+AUTO = "auto"
+
+
+class AutoPlugin(Plugin):
+    """``auto``: no rules written by anyone; the NameMap is inferred from each target when it is used.
+
+    The inference (:func:`opentrans_hub.inference.infer_name_map`) finds the tower by its block structure,
+    pairs tensors by values, names and shapes, refuses ambiguous layouts, and the rules it used are logged
+    (``logging.getLogger("opentrans_hub")``, INFO). ``tower`` restricts the search (``--tower``), ``weights``
+    adds the base tower's values as evidence.
+    """
+
+    def __init__(self, tower: str | None = None, weights: Any = None):
+        super().__init__(name=AUTO, frameworks=("any (inferred at run time)",), archs={"open_clip/*": NameMap()},
+                         description="infers the name map from each target (opentrans-hub map shows it)")
+        self.tower = tower
+        self.weights = weights
+        self.last_report: Any = None
+
+    def name_map(self, arch: str) -> NameMap:
+        raise OpenTransError("the 'auto' plugin has no fixed rules: it infers them per model or checkpoint "
+                             "(use it where a target is given, or run 'opentrans-hub map' to see them)")
+
+    def map_for(self, arch: str, target: Any) -> NameMap:
+        import logging
+
+        from .inference import infer_name_map
+
+        if not isinstance(target, (nn.Module, Mapping, str, os.PathLike)):
+            raise OpenTransError("the 'auto' plugin needs the target's tensors (a model, state dict or checkpoint), "
+                                 f"not a {type(target).__name__}")
+        name_map, report = infer_name_map(target, arch, weights=self.weights, tower=self.tower)
+        self.last_report = report
+        logging.getLogger("opentrans_hub").info("plugin 'auto' on %s: tower %r, %d tensors mapped, %d unmapped; "
+                                                "rules:\n%s", arch, report.tower, len(report.tensors),
+                                                len(report.unmapped), report.rules)
+        return name_map
+
+    def tower_path_for(self, model: nn.Module, arch: str) -> str | None:
+        report = self.last_report
+        if report is None or report.arch != arch:
+            self.map_for(arch, model)
+            report = self.last_report
+        if report.tower:
+            return report.tower.rstrip(".")
+        return None

@@ -49,7 +49,8 @@ class OpenTransSchedule:
 
     * ``selection`` (+ ``selection_map``): set ``requires_grad`` per layer in :meth:`before_train` (call it
       before building the optimizer and any DDP wrapper);
-    * ``subnetwork`` (object, path or registry name) through ``name_map``: applied in :meth:`before_train`
+    * ``subnetwork`` (object, path or registry name) through ``name_map`` (``"auto"``: inferred from the model
+      at run time by the ``auto`` plugin, rules logged): applied in :meth:`before_train`
       when ``apply_at`` is None, else after iteration ``apply_at``; its zeros stay exact while training;
     * ``bake_at``: after that iteration the masks are made permanent (:func:`~opentrans_hub.sparsity.bake`)
       and ``on_bake(iteration)`` is called (save the model there);
@@ -63,7 +64,7 @@ class OpenTransSchedule:
     """
 
     def __init__(self, model: nn.Module, *, subnetwork: Subnetwork | str | os.PathLike | None = None,
-                 name_map: NameMap | None = None, strict: bool = False, apply_at: int | None = None,
+                 name_map: NameMap | str | None = None, strict: bool = False, apply_at: int | None = None,
                  bake_at: int | None = None, on_bake: Callable[[int], Any] | None = None,
                  imp: IMPRunner | None = None, selection: LayerSelection | str | os.PathLike | None = None,
                  selection_map: NameMap | None = None, log: Callable[[str], Any] | None = None,
@@ -79,13 +80,23 @@ class OpenTransSchedule:
         self.verify_every = int(verify_every) if verify_every is not None else None
         self.model = model
         self.subnetwork = load_subnetwork(subnetwork) if subnetwork is not None else None
+        self.selection = load_selection(selection) if selection is not None else None
+        self.log = log or (lambda message: None)
+        if isinstance(name_map, str):
+            if name_map != "auto":
+                raise OpenTransError(f"name_map must be a NameMap or 'auto', not {name_map!r}")
+            known = self.subnetwork or self.selection
+            if known is None:
+                raise OpenTransError("name_map='auto' needs a subnetwork or a selection (their arch is inferred for)")
+            from .plugins import get_plugin
+
+            name_map = get_plugin("auto").map_for(known.arch, unwrap(model))
+            self.log(f"opentrans: inferred name map for {known.arch} (plugin 'auto'):\n{name_map}")
         self.name_map = name_map or NameMap()
         self.strict = strict
         self.apply_at, self.bake_at, self.on_bake = apply_at, bake_at, on_bake
         self.imp = imp
-        self.selection = load_selection(selection) if selection is not None else None
         self.selection_map = selection_map if selection_map is not None else self.name_map
-        self.log = log or (lambda message: None)
         self.applied = False
         self.baked = False
         self.report: MappingReport | None = None

@@ -17,8 +17,8 @@ import sys
 from ..errors import OpenTransError
 
 #: command modules, in the order ``--help`` lists them
-COMMAND_MODULES = ("demo_cmd", "inspect_cmd", "import_cmd", "plugins_cmd", "apply_cmd", "prune_cmd", "registry_cmd",
-                   "hub_cmd", "spectrum_cmd", "select_cmd")
+COMMAND_MODULES = ("demo_cmd", "inspect_cmd", "import_cmd", "plugins_cmd", "map_cmd", "apply_cmd", "prune_cmd",
+                   "registry_cmd", "hub_cmd", "spectrum_cmd", "select_cmd")
 
 
 class _UsageError(Exception):
@@ -58,10 +58,10 @@ def _add_debug_everywhere(subparsers: argparse._SubParsersAction) -> None:
 
 def _report(command: str | None, message: str, as_json: bool) -> None:
     """The one line of an error on stderr, plus ``{"error": ...}`` on stdout for ``--json``."""
-    from ._common import print_json, printable
+    from ._common import STATE, print_json, printable
 
     message = printable(message)
-    if as_json:
+    if as_json and not STATE["json_printed"]:  # a command that reported its own failure as JSON keeps it
         print_json({"error": message, "command": command})
     prefix = f"opentrans-hub {command}" if command else "opentrans-hub"
     print(f"{prefix}: error: {message}", file=sys.stderr)
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = debug or bool(getattr(args, "debug", False))
     as_json = bool(getattr(args, "json", False))
     _one_line_warnings(args.command)
+    from ._common import STATE
+
+    STATE["json_printed"] = False
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()

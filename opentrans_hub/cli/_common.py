@@ -6,10 +6,14 @@ import json
 import sys
 from typing import Any
 
+#: set once a command has printed its JSON object (an error then adds none: one object per run)
+STATE = {"json_printed": False}
+
 
 def print_json(obj: Any) -> None:
     """One JSON object on one line of stdout (what scripts parse)."""
     sys.stdout.write(json.dumps(obj, sort_keys=False, default=str) + "\n")
+    STATE["json_printed"] = True
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:

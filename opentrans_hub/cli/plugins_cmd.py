@@ -41,6 +41,7 @@ def run_list(args: argparse.Namespace) -> int:
         print(table(rows, ["plugin", "frameworks", "archs", "tower", "from"]))
     else:
         print("no plugins installed (install e.g. ./plugins/* with pip)")
+    print("auto (built in): infers the name map from each checkpoint or model; 'opentrans-hub map' shows it")
     for error in errors:
         print(f"BROKEN {error.name} ({error.value}, {error.source or '?'}): {error.error}")
     return 0

@@ -85,22 +85,38 @@ def _plugin(name: str) -> Any:
     return get_plugin(name)
 
 
-def tower_prefix_from_cfg(cfg: Any) -> str:
-    """PREFIX, else the PLUGIN's ``tower_path`` + ``.``, else ``""`` (the model is the tower)."""
+def tower_prefix_from_cfg(cfg: Any, model: nn.Module | None = None) -> str:
+    """PREFIX, else the PLUGIN's ``tower_path`` + ``.``, else ``""`` (the model is the tower).
+
+    ``PLUGIN: auto`` finds the tower in ``model`` (required then).
+    """
     oc = cfg.MODEL.OPENTRANS
     if oc.PREFIX:
         return oc.PREFIX
+    if oc.PLUGIN == "auto":
+        if model is None:
+            raise OpenTransError("MODEL.OPENTRANS.PLUGIN 'auto' infers the tower from the model: pass the model")
+        plugin = _plugin("auto")
+        plugin.map_for(oc.ARCH, model)
+        return plugin.last_report.tower
     if oc.PLUGIN:
         path = _plugin(oc.PLUGIN).tower_path
         return f"{path}." if path else ""
     return ""
 
 
-def name_map_from_cfg(cfg: Any) -> NameMap:
-    """NAME_MAP rule text if given, else the PLUGIN's map for ARCH, else ``prefix PREFIX``."""
+def name_map_from_cfg(cfg: Any, model: nn.Module | None = None) -> NameMap:
+    """NAME_MAP rule text if given, else the PLUGIN's map for ARCH, else ``prefix PREFIX``.
+
+    ``PLUGIN: auto`` infers the map from ``model`` at run time (required then) and logs the rules it used.
+    """
     oc = cfg.MODEL.OPENTRANS
     if oc.NAME_MAP:
         return NameMap.parse(oc.NAME_MAP)
+    if oc.PLUGIN == "auto":
+        if model is None:
+            raise OpenTransError("MODEL.OPENTRANS.PLUGIN 'auto' infers the name map from the model: pass the model")
+        return _plugin("auto").map_for(oc.ARCH, model)
     if oc.PLUGIN:
         return _plugin(oc.PLUGIN).name_map(oc.ARCH)
     prefix = tower_prefix_from_cfg(cfg)
@@ -119,7 +135,7 @@ def imp_runner_from_cfg(cfg: Any, model: nn.Module,
                        min_density=float(ic.MIN_DENSITY))
     out_dir = ic.OUTPUT_DIR or os.path.join(cfg.OUTPUT_DIR, "opentrans_imp")
     return IMPRunner(model, rate=float(ic.RATE), rounds=int(ic.ROUNDS), period=int(ic.PERIOD), start=int(ic.START),
-                     scope=scope, prefix=tower_prefix_from_cfg(cfg), arch=oc.ARCH,
+                     scope=scope, prefix=tower_prefix_from_cfg(cfg, model), arch=oc.ARCH,
                      rewind=None if ic.REWIND < 0 else int(ic.REWIND),
                      out_dir=out_dir, encoding=ic.ENCODING, on_round=on_round)
 
@@ -134,7 +150,7 @@ def build_schedule_from_cfg(cfg: Any, model: nn.Module, save: Callable[[str], An
     if "OPENTRANS" not in cfg.MODEL:
         raise OpenTransError("cfg has no MODEL.OPENTRANS: call add_opentrans_config(cfg) first")
     oc = cfg.MODEL.OPENTRANS
-    name_map = name_map_from_cfg(cfg)
+    name_map = name_map_from_cfg(cfg, model)
     on_bake = None
     if oc.BAKE_AT >= 0 and save is not None:
         def on_bake(iteration: int) -> None:

@@ -1,0 +1,83 @@
+"""Small open_clip towers with the real block structure (RN50: 3-4-6-3; ViT-B/16: 12 blocks), for inference tests.
+
+The architectures are registered with open_clip as ordinary model configs (``RN50-oth-tiny``,
+``ViT-B-16-oth-tiny``, ``convnext-oth-tiny``: timm's ConvNeXt-atto trunk), so ``open_clip/RN50-oth-tiny`` builds
+through the same code as ``open_clip/RN50``: the towers are open_clip's own ModifiedResNet, VisionTransformer and
+TimmModel classes, at reduced width.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RN_TINY = "open_clip/RN50-oth-tiny"
+VIT_TINY = "open_clip/ViT-B-16-oth-tiny"
+CONVNEXT_TINY = "open_clip/convnext-oth-tiny"
+_TEXT = {"context_length": 77, "vocab_size": 64, "width": 64, "heads": 2, "layers": 1}
+CONFIGS = {
+    "RN50-oth-tiny": {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [3, 4, 6, 3], "width": 16,
+                                                      "patch_size": None}, "text_cfg": _TEXT},
+    "ViT-B-16-oth-tiny": {"embed_dim": 48, "vision_cfg": {"image_size": 32, "layers": 12, "width": 64,
+                                                          "patch_size": 16, "head_width": 32, "mlp_ratio": 2.0},
+                          "text_cfg": _TEXT},
+    "convnext-oth-tiny": {"embed_dim": 32, "vision_cfg": {"timm_model_name": "convnext_atto", "timm_pool": "",
+                                                          "timm_model_pretrained": False, "timm_proj": "linear",
+                                                          "image_size": 64}, "text_cfg": _TEXT},
+    "ViT-B-16-oth-square": {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 12, "width": 64,
+                                                            "patch_size": 16, "head_width": 32, "mlp_ratio": 2.0},
+                            "text_cfg": _TEXT},
+}
+
+
+def register() -> Path:
+    """Write the configs to a folder and register it with open_clip (idempotent); returns the folder."""
+    import open_clip
+
+    folder = Path(tempfile.gettempdir()) / "oth-tiny-configs"
+    folder.mkdir(exist_ok=True)
+    for name, config in CONFIGS.items():
+        (folder / f"{name}.json").write_text(json.dumps(config))
+    if not set(CONFIGS) <= set(open_clip.list_models()):
+        open_clip.add_model_config(folder)
+    return folder
+
+
+def nonzero_init(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights and buffers without exact zeros or constants (every tensor is distinguishable by values)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.is_floating_point():
+                t.copy_((torch.rand(t.shape, generator=gen) + 0.5) * torch.where(
+                    torch.rand(t.shape, generator=gen) < 0.5, -1.0, 1.0))
+                if name.endswith("running_var"):
+                    t.abs_()
+    return module
+
+
+def tower(arch: str, seed: int = 0) -> nn.Module:
+    from opentrans_hub.backbones import build_visual
+
+    register()
+    torch.manual_seed(seed)
+    return nonzero_init(build_visual(arch), seed=seed)
+
+
+class Box(nn.Module):
+    """An empty container, so attribute paths read like a framework's (``backbone.clip_model``)."""
+
+
+def place(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    node = root
+    parts = path.split(".")
+    for part in parts[:-1]:
+        if not hasattr(node, part):
+            setattr(node, part, Box())
+        node = getattr(node, part)
+    setattr(node, parts[-1], module)
+    return root
