@@ -59,6 +59,11 @@ def test_selection_identity_covers_the_arch(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(data))
     with pytest.raises(OpenTransError, match="hash mismatch"):
         LayerSelection.load(tmp_path / "s.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(OpenTransError, match="a JSON list, not an opentrans-hub layer selection"):
+        LayerSelection.load(tmp_path / "list.json")
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + sel.to_bytes())  # a byte-order mark is harmless
+    assert LayerSelection.load(tmp_path / "bom.json").sha256 == sel.sha256
 
 
 @pytest.mark.parametrize("bad", ["layer1\x1b[2J.weight", "a\nopentrans-hub: ok", "w\x00", "x y", "caf\u00e9\u200b",
