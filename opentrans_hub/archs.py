@@ -46,37 +46,26 @@ def check_arch(arch: object, *, path: str | None = None) -> str:
     return arch
 
 
-_CANONICAL: dict[str, dict[str, torch.Tensor] | None] = {}
-
-
 def canonical_tensors(arch: str) -> dict[str, torch.Tensor]:
     """Canonical parameter name -> a meta tensor of its shape, for the open_clip tower of ``arch``."""
-    tensors = known_canonical_tensors(arch)
-    if tensors is None:
-        raise OpenTransError(f"canonical names are known for open_clip architectures only, not {arch!r}")
-    return tensors
+    from .backbones import canonical_shapes
+
+    return canonical_shapes(arch)
+
+
+_UNKNOWN: set[str] = set()
 
 
 def known_canonical_tensors(arch: str) -> dict[str, torch.Tensor] | None:
     """Like :func:`canonical_tensors`, but None for an id whose tower is not known (``unknown``, another family,
     a model open_clip does not have)."""
-    if arch not in _CANONICAL:
-        from .backbones import open_clip_visual, parse_arch
-
-        try:
-            family, name = parse_arch(arch)
-        except OpenTransError:
-            family, name = "", ""
-        tensors = None
-        if family == "open_clip" and arch != "unknown":
-            try:
-                visual = open_clip_visual(name, device="meta")
-            except (OpenTransError, RuntimeError, ValueError):
-                visual = None
-            if visual is not None:
-                tensors = dict(visual.named_parameters())
-        _CANONICAL[arch] = tensors
-    return _CANONICAL[arch]
+    if arch == "unknown" or arch in _UNKNOWN:
+        return None
+    try:
+        return canonical_tensors(arch)
+    except (OpenTransError, RuntimeError, ValueError):
+        _UNKNOWN.add(arch)
+        return None
 
 
 def noncanonical(shapes: Mapping[str, Iterable[int]] | Iterable[str], arch: str) -> list[str] | None:

@@ -56,6 +56,43 @@ def open_clip_visual(name: str, pretrained: str | None = None, device: str = "cp
 
 BUILDERS["open_clip"] = open_clip_visual
 
+_CANONICAL_CACHE: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def canonical_shapes(arch: str) -> dict[str, torch.Tensor]:
+    """Canonical parameter name -> a meta tensor of its shape, for the tower of ``arch`` (no weights)."""
+    if arch not in _CANONICAL_CACHE:
+        family, name = parse_arch(arch)
+        if family != "open_clip":
+            raise OpenTransError(f"canonical names are known for open_clip architectures only, not {arch!r}")
+        visual = open_clip_visual(name, device="meta")
+        _CANONICAL_CACHE[arch] = {k: v for k, v in visual.named_parameters()}
+    return _CANONICAL_CACHE[arch]
+
+
+def check_canonical_scope(selected: Mapping[str, tuple[str, torch.Tensor]], arch: str, prefix: str) -> None:
+    """Refuse a prune scope whose canonical names or shapes are not those of ``arch``'s tower.
+
+    A prefix that does not point at the tower (``backbone.`` on a model holding it at
+    ``backbone.clip_model.visual.``) would write rounds named ``clip_model.visual.conv2.weight`` under
+    ``open_clip/RN50``. Checked for open_clip architectures (their canonical tower is built on the meta
+    device); other families and ``"unknown"`` have no canonical tower to compare with.
+    """
+    if arch == "unknown" or parse_arch(arch)[0] != "open_clip":
+        return
+    canonical = canonical_shapes(arch)
+    for name, (full, param) in selected.items():
+        expected = canonical.get(name)
+        if expected is None:
+            fits = [c for c in canonical if full.endswith("." + c)]
+            hint = f"; the tower seems to sit at prefix {full[:-len(max(fits, key=len))]!r}" if fits else ""
+            raise OpenTransError(f"IMP prefix {prefix!r} does not point at the {arch} tower: {full!r} would be "
+                                 f"saved as {name!r}, which is not a canonical {arch} name{hint}")
+        if tuple(expected.shape) != tuple(param.shape):
+            raise OpenTransError(f"IMP prefix {prefix!r}: {full!r} has shape {tuple(param.shape)} but {arch}'s "
+                                 f"{name!r} is {tuple(expected.shape)}: the tower there is not {arch}")
+
+
 # timm's CLIP ResNets (ByobNet) hold the same tensors as open_clip's ModifiedResNet under other names;
 # these rules carry each canonical name to timm's, so a timm tower is rebuilt with canonical names.
 _TIMM_CLIP_RESNETS = {"resnet50_clip": "RN50", "resnet101_clip": "RN101", "resnet50x4_clip": "RN50x4",

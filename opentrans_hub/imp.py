@@ -28,6 +28,7 @@ from torch import nn
 
 from ._atomic import atomic_write_bytes, atomic_write_text
 from ._shard import full_mask, is_dtensor, local, shard_like
+from .backbones import check_canonical_scope  # noqa: F401  (IMPRunner checks its scope; re-exported)
 from .errors import OpenTransError
 from .magnitude import RANKINGS, magnitude_masks
 from .sparsity import apply_masks, enforce, masked_parameters, unwrap
@@ -352,13 +353,15 @@ class IMPRunner:
         return state
 
     def before_train(self, start_iter: int | None = None) -> None:
-        """Record the base weights, capture rewind weights at iteration 0, resume from ``out_dir``.
+        """Check the scope against ``arch``'s canonical tower, record the base weights, capture rewind weights
+        at iteration 0, resume from ``out_dir``.
 
         ``start_iter`` is the first iteration this process will run after a framework's own resume: only
         rounds finished before it are restored. ``None`` restores every committed round (plain loops then
         reload the checkpoint they saved in ``on_round`` and continue at :attr:`resume_iteration`).
         """
         self._started = True
+        check_canonical_scope(self.scope.select(self.model, self.prefix), self.arch, self.prefix)
         state = self.read_state(self.out_dir) if self.out_dir is not None else None
         if state is not None:
             self._resume(state, start_iter)

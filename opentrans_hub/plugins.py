@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backbones import canonical_shapes  # noqa: F401  (re-exported: it lived here)
 from .checkpoints import LoadedCheckpoint, load_checkpoint  # noqa: F401  (LoadedCheckpoint re-exported)
 from .errors import OpenTransError
 from .mapping import MappingReport, NameMap
@@ -315,14 +316,7 @@ class Plugin:
                 "source": self.source}
 
 
-# ---------------------------------------------------------------------- canonical tower shapes
-def canonical_shapes(arch: str) -> dict[str, torch.Tensor]:
-    """Canonical parameter name -> a meta tensor of its shape, for the tower of ``arch`` (no weights)."""
-    from .archs import canonical_tensors
-
-    return canonical_tensors(arch)
-
-
+# ---------------------------------------------------------------------- plugin ranking
 def rank_plugins(targets: Any, names: list[str], arch: str) -> list[tuple[str, int]]:
     """(plugin name, how many of ``names`` reach ``targets``) for every installed plugin covering ``arch``, best
     first; a DDP ``module.`` prefix on every target is looked through. What a "wrong plugin" error suggests."""

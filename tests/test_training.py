@@ -122,3 +122,160 @@ def test_layer_selection_freezes_what_it_says(tmp_path):
         assert torch.equal(params[full], before[full]) != layer["trainable"], full
     assert params["head.weight"].requires_grad  # outside the tower: untouched
     assert not torch.equal(params["head.weight"], before["head.weight"])
+
+
+def _alternate_selection(model) -> LayerSelection:
+    names = list(PruneScope(exclude_first=False).select(model.backbone.visual))
+    return LayerSelection([{"name": n, "trainable": i % 2 == 0} for i, n in enumerate(names)], arch="tiny/RN",
+                          policy={"name": "alternate"})
+
+
+def _freeze_tower(model) -> None:
+    for param in model.backbone.visual.parameters():
+        param.requires_grad_(False)
+
+
+def test_selection_refuses_parameters_the_optimizer_does_not_hold():
+    """The optimizer was built over the head only (tower frozen): unfreezing tower layers would train nothing."""
+    model = TinyClassifier()
+    _freeze_tower(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    selection = _alternate_selection(model)
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    schedule = OpenTransSchedule(model, selection=selection, selection_map=NameMap.prefix(PREFIX), optimizer=optimizer)
+    with pytest.raises(OpenTransError,
+                       match=r"first backbone\.visual\.conv1\.weight\) trainable that the optimizer does not hold"):
+        schedule.before_train()
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before  # nothing half-applied
+
+    # built-time application (what opentrans_build_model does): the optimizer built afterwards holds them
+    from opentrans_hub.training import apply_layer_selection, mark_built
+
+    report = apply_layer_selection(model, selection, NameMap.prefix(PREFIX))
+    mark_built(model, "selection", selection.sha256, report)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=1e-3)
+    messages = []
+    schedule = OpenTransSchedule(model, selection=selection, selection_map=NameMap.prefix(PREFIX),
+                                 optimizer=optimizer, log=messages.append)
+    schedule.before_train()
+    assert schedule.selection_result is report  # used, not repeated
+    assert any("applied when the model was built" in m for m in messages)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    train_step(model, optimizer, 0)
+    schedule.after_step(0)
+    params = dict(model.named_parameters())
+    for layer in selection.layers:
+        full = PREFIX + layer["name"]
+        assert torch.equal(params[full], before[full]) != layer["trainable"], full
+    assert schedule.trained_params == schedule.trainable_params > 0
+    # an optimizer that lost a parameter after the build is caught too
+    short = torch.optim.SGD([params["head.weight"]], lr=0.1)
+    with pytest.raises(OpenTransError, match="optimizer does not hold"):
+        OpenTransSchedule(model, selection=selection, selection_map=NameMap.prefix(PREFIX),
+                          optimizer=short).before_train()
+
+
+class _NoGradTower(TinyClassifier):
+    """FC-CLIP's pattern: the CLIP tower runs under torch.no_grad, only the head learns."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            features = self.backbone.visual(x)
+        return self.head(features)
+
+
+def test_selection_on_a_tower_run_without_gradients_is_reported():
+    model = _NoGradTower()
+    selection = _alternate_selection(model)
+    schedule = OpenTransSchedule(model, selection=selection, selection_map=NameMap.prefix(PREFIX))
+    optimizer = make_optimizer(model)
+    schedule.before_train()
+    train_step(model, optimizer, 0)
+    with pytest.warns(UserWarning, match=r"got no gradient in iteration 0, so they do not train: .*torch.no_grad"):
+        schedule.after_step(0)
+    assert schedule.trainable_params > 0 and schedule.trained_params == 0
+    scalars = schedule.scalars()
+    assert scalars["opentrans/trainable_params"] == schedule.trainable_params
+    assert scalars["opentrans/trained_params"] == 0.0
+    train_step(model, optimizer, 1)
+    schedule.after_step(1)  # said once, not every step
+
+    trained = TinyClassifier()  # the same selection on a tower that does get gradients: no warning
+    warned = []
+    schedule = OpenTransSchedule(trained, selection=_alternate_selection(trained), selection_map=NameMap.prefix(PREFIX),
+                                 warn=warned.append)
+    optimizer = make_optimizer(trained)
+    schedule.before_train()
+    train_step(trained, optimizer, 0)
+    schedule.after_step(0)
+    assert warned == [] and schedule.trained_params == schedule.trainable_params
+
+
+def test_log_lines_say_when_things_ran_and_scalars_follow(subnetwork, tmp_path):
+    messages = []
+    model = TinyClassifier()
+    OpenTransSchedule(model, subnetwork=subnetwork, name_map=NameMap.prefix(PREFIX), log=messages.append).before_train()
+    resumed = OpenTransSchedule(TinyClassifier(), subnetwork=subnetwork, name_map=NameMap.prefix(PREFIX), apply_at=1,
+                                log=messages.append)
+    resumed.before_train(start_iter=3)
+    late = OpenTransSchedule(TinyClassifier(), subnetwork=subnetwork, name_map=NameMap.prefix(PREFIX), apply_at=1,
+                             bake_at=2, on_bake=lambda it: None, log=messages.append)
+    late.before_train()
+    assert late.scalars() == {}  # nothing applied yet
+    late.after_step(0)
+    late.after_step(1)
+    late.after_step(2)
+    assert messages[0].endswith("%) before training") and "at 0" not in messages[0]
+    assert messages[1].endswith("%) before iteration 3 (resumed)")
+    assert messages[2].endswith("after iteration 1") and messages[3] == "opentrans: baked masks after iteration 2"
+    assert late.scalars() == {"opentrans/sparsity": subnetwork.sparsity}
+
+    imp_model = TinyClassifier()
+    imp = IMPRunner(imp_model, rate=0.5, rounds=2, period=2, prefix=PREFIX, arch="tiny/RN", out_dir=tmp_path)
+    schedule = OpenTransSchedule(imp_model, imp=imp, log=messages.append)
+    schedule.before_train()
+    assert schedule.scalars() == {"opentrans/imp_round": 0.0, "opentrans/sparsity": 0.0}
+    schedule.after_step(0)
+    schedule.after_step(1)
+    assert messages[-1] == "opentrans: IMP round 1 of 2 after iteration 1, sparsity 50.00%"
+    assert schedule.scalars() == {"opentrans/imp_round": 1.0, "opentrans/sparsity": imp.last.sparsity}
+    resumed = IMPRunner(imp_model, rate=0.5, rounds=2, period=2, prefix=PREFIX, arch="tiny/RN", out_dir=tmp_path)
+    OpenTransSchedule(imp_model, imp=resumed, log=messages.append).before_train(start_iter=2)
+    assert messages[-1] == f"opentrans: IMP resumed from {tmp_path}: round 1 of 2 restored (sparsity 50.00%)"
+
+
+_DDP_SELECTION = """
+import sys, torch, torch.distributed as dist
+from imp_worker import PREFIX, TinyClassifier
+from test_training import _alternate_selection
+from opentrans_hub import NameMap, OpenTransError
+from opentrans_hub.training import OpenTransSchedule
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+model = TinyClassifier()
+selection = _alternate_selection(model)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+try:
+    OpenTransSchedule(ddp, selection=selection, selection_map=NameMap.prefix(PREFIX)).before_train()
+except OpenTransError as exc:
+    print("refused:", exc, "| all trainable:", all(p.requires_grad for p in model.parameters()))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_selection_after_the_ddp_wrapper_is_refused():
+    """DDP reduces the gradients of what was trainable when it was built: a selection after it must not pass."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hubserver import free_port
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(tests), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _DDP_SELECTION, str(free_port())], cwd=tests, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "refused: the layer selection must be applied before the DistributedDataParallel wrapper" in done.stdout
+    assert "| all trainable: True" in done.stdout  # nothing changed
