@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .archs import known_canonical_tensors
 from .errors import OpenTransError
-from .mapping import MappingReport, NameMap
+from .mapping import MappingReport, NameMap, common_module_prefix
 
 #: an apply that maps less than this share of what the layout promises is refused (a wrong plugin or prefix)
 MIN_MAPPED_SHARE = 0.5
@@ -36,23 +36,10 @@ def require_mapped(report: MappingReport, total: int, *, promised: int | None = 
                              f"reached the target ({len(report.unmapped)} unmapped){hint}", path=source)
 
 
-def _common_prefix(names: Sequence[str]) -> str:
-    parts = [name.split(".")[:-1] for name in names]
-    if not parts:
-        return ""
-    common = parts[0]
-    for p in parts[1:]:
-        k = 0
-        while k < min(len(common), len(p)) and common[k] == p[k]:
-            k += 1
-        common = common[:k]
-    return ".".join(common) + "." if common else ""
-
-
 def default_scope(destinations: Sequence[str]) -> tuple[str, ...]:
     """Where the tower sits, from the names a subnetwork reached: their deepest common module, else (a tower at
     the top level, or split over several modules) the top-level modules they reach."""
-    common = _common_prefix(destinations)
+    common = common_module_prefix(destinations)
     if common:
         return (common,)
     return tuple(sorted({dest.split(".")[0] + "." for dest in destinations if "." in dest}))

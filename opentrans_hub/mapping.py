@@ -82,6 +82,17 @@ def _guard_holds(guard: tuple[tuple[int, str, int], ...], match: re.Match) -> bo
     return True
 
 
+def common_module_prefix(names: Iterable[str]) -> str:
+    """The deepest module holding every tensor in ``names``: their longest common dotted prefix without the
+    attribute, ending with ``.`` (``""`` when they share none, or there are no names)."""
+    common: list[str] = []
+    for tokens in zip(*(name.split(".")[:-1] for name in names)):
+        if len(set(tokens)) != 1:
+            break
+        common.append(tokens[0])
+    return ".".join(common) + "." if common else ""
+
+
 class Unmapped(str):
     """The reason an ``unmap`` rule gives: :meth:`NameMap.map` returns it like a drop reason."""
 

@@ -312,19 +312,6 @@ def _bias_name(weight_name: str) -> str | None:
     return None
 
 
-def _common_scope(names: Iterable[str]) -> str:
-    parts = [name.split(".")[:-1] for name in names]
-    if not parts:
-        return ""
-    common = parts[0]
-    for p in parts[1:]:
-        k = 0
-        while k < min(len(common), len(p)) and common[k] == p[k]:
-            k += 1
-        common = common[:k]
-    return ".".join(common) + "." if common else ""
-
-
 def apply_selection(selection: LayerSelection, model: nn.Module, name_map: NameMap | None = None,
                     biases: str = "follow", norms: str = "freeze", others: str = "freeze",
                     scope: str | None = None, strict: bool = False) -> SelectionReport:
@@ -339,7 +326,7 @@ def apply_selection(selection: LayerSelection, model: nn.Module, name_map: NameM
     """
     from torch import nn as _nn
 
-    from .mapping import NameMap
+    from .mapping import NameMap, common_module_prefix
 
     for option, value in (("biases", biases), ("norms", norms), ("others", others)):
         if value not in _CHOICES[option]:
@@ -360,7 +347,7 @@ def apply_selection(selection: LayerSelection, model: nn.Module, name_map: NameM
     if not flags:
         raise OpenTransError("no layer of the selection matched a parameter of the model; nothing was changed "
                              f"({len(report.unmapped)} unmapped, {len(report.dropped)} dropped)")
-    report.scope = _common_scope(flags) if scope is None else scope
+    report.scope = common_module_prefix(flags) if scope is None else scope
     norm_types = (_nn.modules.batchnorm._NormBase, _nn.LayerNorm, _nn.GroupNorm, _nn.LocalResponseNorm)
     norm_params = {f"{module_name}.{attr}" if module_name else attr
                    for module_name, module in model.named_modules() if isinstance(module, norm_types)
