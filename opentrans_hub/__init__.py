@@ -5,7 +5,7 @@ The public API is kept small; everything here is documented in the README.
 
 __version__ = "0.1.0"
 
-from .errors import OpenTransError  # noqa: E402
+from .errors import OpenTransError, OpenTransWarning  # noqa: E402
 from .hub import load_backbone, pull, push  # noqa: E402
 from .imp import IMPRunner, PruneScope, magnitude_masks, magnitude_prune, prune_round  # noqa: E402
 from .importers import from_torch_prune, from_zeros, import_pruned_checkpoint  # noqa: E402
@@ -18,9 +18,8 @@ from .report import count_flops, parameter_counts, plot_alpha, plot_sparsity, sp
 from .selection import LayerSelection, SelectionReport, select_layers  # noqa: E402
 from .sparsity import (  # noqa: E402
     apply_masks,
-    apply_subnetwork,
-    apply_subnetwork_to_state_dict,
     bake,
+    count_zeros,
     enforce,
     masked_parameters,
     model_sparsity,
@@ -29,6 +28,7 @@ from .sparsity import (  # noqa: E402
 from .spectral import LayerMetrics, compute_metrics  # noqa: E402
 from .subnetwork import Subnetwork  # noqa: E402
 from .training import OpenTransSchedule  # noqa: E402
+from .transfer import apply_selection, apply_subnetwork, apply_subnetwork_to_state_dict  # noqa: E402
 from .verify import export_subnetwork, verify_exact  # noqa: E402
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "MappingReport",
     "NameMap",
     "OpenTransError",
+    "OpenTransWarning",
     "OpenTransSchedule",
     "Plugin",
     "PruneScope",
@@ -48,11 +49,13 @@ __all__ = [
     "Subnetwork",
     "__version__",
     "apply_masks",
+    "apply_selection",
     "apply_subnetwork",
     "apply_subnetwork_to_state_dict",
     "bake",
     "compute_metrics",
     "count_flops",
+    "count_zeros",
     "enforce",
     "export_subnetwork",
     "from_torch_prune",

@@ -64,11 +64,16 @@ def encode(obj: Artefact) -> bytes:
     return obj.to_bytes()
 
 
+def looks_like_json(data: bytes) -> bool:
+    """JSON text (an object or a list, after a byte-order mark and blanks), not a safetensors file."""
+    return data.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"[")
+
+
 def decode(data: bytes, source: str, kind: str | None = None, expected_sha256: str | None = None) -> Artefact:
-    """Decode registry bytes; the kind is sniffed (JSON starts with ``{``; a packed file declares its format)
+    """Decode registry bytes; the kind is sniffed (JSON text: a selection; a packed file declares its format)
     unless given. Hashes verified."""
     if kind is None:
-        kind = ("selection" if data.lstrip()[:1] == b"{" else
+        kind = ("selection" if looks_like_json(data) else
                 "packed" if sniff(data) == PACKED_FORMAT else "subnetwork")
     codec = {"subnetwork": Subnetwork, "selection": LayerSelection, "packed": PackedFile}.get(kind)
     if codec is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,17 +23,49 @@ from .errors import OpenTransError
 NESTING_KEYS = ("model", "state_dict", "module", "backbone")
 
 
+#: safetensors files of our own formats that hold a whole checkpoint: header ``format`` -> reader(path) giving
+#: (checkpoint dict, the safetensors metadata the dense file had). ``sparsefile`` registers packed files here
+#: (a table, so this module imports nothing above it).
+FORMAT_READERS: dict[str, Callable[[Path], tuple[Any, dict[str, str] | None]]] = {}
+
+
+def declared_format(path: str | os.PathLike) -> str | None:
+    """The ``format`` a safetensors file declares in its header metadata (reads the header only), or None."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            if not 0 < length <= 256 * 1024 * 1024:
+                return None
+            value = json.loads(handle.read(length)).get("__metadata__", {}).get("format")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError, RecursionError, struct.error):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _format_reader(path: Path) -> Callable[[Path], tuple[Any, dict[str, str] | None]] | None:
+    fmt = declared_format(path)
+    if fmt in FORMAT_READERS:
+        return FORMAT_READERS[fmt]
+    if fmt is not None and fmt.startswith("opentrans-hub/"):  # ours, but not a checkpoint (a subnetwork file)
+        raise OpenTransError(f"this is an {fmt} file, not a checkpoint", path=path)
+    return None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint file as a dict: ``.safetensors`` directly, anything else via weights_only."""
     path = Path(path)
+    if path.is_dir():
+        raise OpenTransError("is a directory, expected a checkpoint file", path=path)
     if not path.is_file():
         raise OpenTransError("no such file", path=path)
     if path.suffix == ".safetensors":
-        from .sparsefile import open_packed
-
-        reader = open_packed(path, required=False)
-        if reader is not None:  # a packed sparse checkpoint: decoded dense, verified
-            obj = reader.checkpoint()
+        reader = _format_reader(path)
+        if reader is not None:  # e.g. a packed sparse checkpoint: decoded dense, verified
+            obj = reader(path)[0]
             if not isinstance(obj, Mapping):
                 raise OpenTransError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors", path=path)
             return dict(obj)
@@ -65,7 +97,7 @@ def find_state_dict(obj: Mapping[str, Any], path: str | os.PathLike | None = Non
     current: Mapping[str, Any] = obj
     for _ in range(4):
         if any(isinstance(v, torch.Tensor) for v in current.values()):
-            return dict(current), ".".join(trail)
+            return _checked_tensors(dict(current), path), ".".join(trail)
         for key in NESTING_KEYS:
             if isinstance(current.get(key), Mapping):
                 trail.append(key)
@@ -87,6 +119,22 @@ def find_prefixes(keys: Any, names: Any) -> list[str]:
     candidates = {key[: len(key) - len(first)] for key in keys
                   if key.endswith(first) and (len(key) == len(first) or key[-len(first) - 1] == ".")}
     return sorted((p for p in candidates if all(p + name in keys for name in names)), key=len)
+
+
+def _checked_tensors(state: dict[Any, Any], path: str | os.PathLike | None) -> dict[str, Any]:
+    """Refuse what every reader would trip over later: non-string names, and tensors that are not plain
+    strided ones (sparse, quantized, nested), which cannot be masked or compared element by element."""
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise OpenTransError(f"state-dict key {key!r} is a {type(key).__name__}, not a string name", path=path)
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided:
+                raise OpenTransError(f"tensor has layout {value.layout}; only dense tensors are read (save it with "
+                                     ".to_dense())", path=path, tensor=key)
+            if value.is_quantized:
+                raise OpenTransError(f"quantized tensor ({value.dtype}); only plain tensors are read", path=path,
+                                     tensor=key)
+    return state
 
 
 def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -162,11 +210,9 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        from .sparsefile import open_packed
-
-        reader = open_packed(path, required=False)
+        reader = _format_reader(path)
         if reader is not None:  # what the dense file had, not the packed file's own header
-            metadata = reader._json("source_metadata", (dict,)) or None
+            metadata = reader(path)[1]
             return LoadedCheckpoint(path, obj, tuple(k for k in trail.split(".") if k), state, ddp, metadata)
 
         with safe_open(str(path), framework="pt") as handle:

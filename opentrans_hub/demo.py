@@ -29,6 +29,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._atomic import atomic_write_text
+from .errors import OpenTransError
+
 ARCH = "open_clip/RN50"
 SUBNETWORK_NAME = "demo-rn50-imp"
 SELECTION_NAME = "demo-rn50-median"
@@ -113,7 +116,13 @@ def run_demo(out_dir: str | os.PathLike = "opentrans-demo", weights: str | os.Pa
 
     size = QUICK if quick else FULL
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OpenTransError("exists and is not a folder; the demo writes a folder (registry, plots, summary.json)",
+                             path=out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OpenTransError(f"cannot create the output folder ({exc.strerror or exc})", path=out) from None
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -229,7 +238,7 @@ def run_demo(out_dir: str | os.PathLike = "opentrans-demo", weights: str | os.Pa
         "hub": hub, "frameworks": frameworks, "plots": plots, "timings": timings,
         "registry": str(registry.root),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 

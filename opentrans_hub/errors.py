@@ -22,3 +22,8 @@ class OpenTransError(Exception):
             where.append(f"tensor {tensor!r}")
         self.detail = message
         super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+class OpenTransWarning(UserWarning):
+    """Something worked but is likely not what the user meant (a file that does not match its architecture,
+    layers pruned away entirely): shown by default, never silent."""

@@ -76,7 +76,6 @@ def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None =
     card names ``base_model`` (given, else from the mask's provenance) and how the repo relates to it.
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     check_repo_id(repo_id)
     if revision is not None and not _REVISION.fullmatch(revision):
@@ -86,6 +85,11 @@ def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None =
     else:
         obj, _ = (registry or default_registry()).resolve(ref)
         name = os.fspath(ref) if re.fullmatch(r"[a-z0-9][a-z0-9._-]*", os.fspath(ref)) else None
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise OpenTransError(f"push to {repo_id}: HF_HUB_OFFLINE is set, and publishing needs the network "
+                             "(unset HF_HUB_OFFLINE to push)")
     api = HfApi(endpoint=_endpoint(endpoint))
     with tempfile.TemporaryDirectory(prefix="opentrans-hub-push-") as tmp:
         manifest = export_folder(obj, tmp, name=name, license=license, base_model=base_model, repo_id=repo_id)
@@ -96,8 +100,10 @@ def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None =
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
                                      commit_message=commit_message or f"opentrans-hub: {name or manifest['kind']} "
                                                                       f"{manifest['sha256'][:12]}")
-        except HfHubHTTPError as exc:
-            raise _hub_error(exc, f"push to {repo_id}") from None
+        except Exception as exc:  # HTTP errors, refused or unreachable endpoints, a missing token: whatever the
+            # HTTP client raises (huggingface_hub's transport has changed clients before), one line naming the
+            # repo and the endpoint, never a traceback
+            raise _hub_error(exc, f"push to {repo_id} at {api.endpoint}") from None
     return {"repo_id": repo_id, "revision": revision or "main", "commit": info.oid, "commit_url": info.commit_url,
             "ref": f"hf://{repo_id}@{info.oid}", **manifest}
 
@@ -137,10 +143,25 @@ def _pretrained_file(pretrained: str | os.PathLike | None, registry: Registry | 
     return weights_file(pretrained)
 
 
+def _check_same_arch(tower_arch: str, sub_arch: str, allow_partial: bool) -> None:
+    """Two open_clip ids that differ are two architectures (RN50 and RN101 share their first blocks' shapes)."""
+    from .backbones import parse_arch
+
+    if sub_arch == "unknown":
+        return
+    try:
+        tower, sub = parse_arch(tower_arch), parse_arch(sub_arch)
+    except OpenTransError:
+        return
+    if tower[0] == sub[0] == "open_clip" and tower != sub and not allow_partial:
+        raise OpenTransError(f"the subnetwork is for {sub_arch}, the tower is open_clip/{tower[1]}; nothing was "
+                             "applied (allow_partial=True applies what fits and leaves the rest dense)")
+
+
 def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = None,
                   subnetwork: str | os.PathLike | Subnetwork | None = None,
                   selection: str | os.PathLike | LayerSelection | None = None, exact: bool | None = None,
-                  strict: bool = True, registry: Registry | None = None) -> nn.Module:
+                  strict: bool = True, registry: Registry | None = None, allow_partial: bool = False) -> nn.Module:
     """A CLIP visual tower (canonical open_clip names) with an optional subnetwork and layer selection.
 
     ``arch``: ``RN50`` / ``open_clip/ViT-B-16`` / ``timm/resnet50_clip``. ``pretrained``: a tag (``openai``),
@@ -150,6 +171,8 @@ def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = Non
     training; ``exact=False`` leaves plain weights holding the zeros (inference); the default is exact for a
     packed backbone (its masks re-applied) and baked for a ``subnetwork`` on dense weights. A selection sets
     ``requires_grad`` through :meth:`LayerSelection.apply` (biases follow their weight, norms freeze).
+    A subnetwork of another architecture (an RN50 one on an RN101 tower, whose extra blocks it cannot cover) is
+    refused unless ``allow_partial`` (then ``tower.opentrans_subnetwork["dense"]`` lists what stays dense).
     """
     from .backbones import build_visual
     from .packing import tower_masks
@@ -170,12 +193,15 @@ def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = Non
                                   "subnetwork": reader.subnetwork(verify=False).sha256 if masks else None}
     if subnetwork is not None:
         sub = load_subnetwork(subnetwork, registry)
-        apply_subnetwork(tower, sub, strict=strict)
+        _check_same_arch(arch, sub.arch, allow_partial)
+        report = apply_subnetwork(tower, sub, strict=strict, allow_partial=allow_partial, scope="")
         if not exact:
             bake(tower)
-        tower.opentrans_subnetwork = {"sha256": sub.sha256, "arch": sub.arch, "sparsity": sub.sparsity}
+        tower.opentrans_subnetwork = {"sha256": sub.sha256, "arch": sub.arch, "sparsity": sub.sparsity,
+                                      "dense": list(report.uncovered)}
     if selection is not None:
         chosen = load_selection(selection, registry)
+        _check_same_arch(arch, chosen.arch, allow_partial)
         report = chosen.apply(tower, strict=strict)  # listed layers as selected; norms and the rest frozen
         tower.opentrans_selection = {"sha256": chosen.sha256, "trainable": len(report.trainable)}
     return tower

@@ -144,7 +144,9 @@ def magnitude_prune(model: nn.Module, *, sparsity: float | None = None, rate: fl
     Masks already on the model are respected (the result is nested in them). With ``apply`` the masks go
     onto the model through :func:`~opentrans_hub.sparsity.apply_masks` and stay exact while training.
     On a model sharded by ``fully_shard`` this is collective (call it on every rank); each rank keeps its
-    own mask rows, and the returned Subnetwork holds the whole masks (gathered as bool).
+    own mask rows, and the returned Subnetwork holds the whole masks (gathered as bool). Layers pruned away
+    entirely (global ranking of untrained weights empties some) are warned about
+    (:class:`~opentrans_hub.errors.OpenTransWarning`), as the CLI does.
     """
     scope = scope or PruneScope()
     selected = scope.select(model, prefix)
@@ -159,6 +161,15 @@ def magnitude_prune(model: nn.Module, *, sparsity: float | None = None, rate: fl
     settings.update({"sparsity": sparsity} if sparsity is not None else {"rate": rate})
     prov = default_provenance("magnitude", **settings)
     prov.update(provenance or {})
+    empty = [name for name, mask in masks.items() if not bool(mask.any())]
+    if empty:
+        import warnings
+
+        from .errors import OpenTransWarning
+
+        warnings.warn(f"{len(empty)} of {len(masks)} layer(s) pruned away entirely (e.g. {empty[0]}); the tower "
+                      "cannot pass a signal through them: consider PruneScope(min_density=...) or layer-wise ranking",
+                      OpenTransWarning, stacklevel=2)
     return Subnetwork(masks, arch=arch, provenance=prov)
 
 

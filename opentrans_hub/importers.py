@@ -89,7 +89,10 @@ def from_zeros(weights: nn.Module | Mapping[str, torch.Tensor], arch: str = "unk
     For a module, every weight of ``layer_types`` (default Conv2d) that has at least one zero is taken; for a
     state dict, every 4-D tensor named ``*.weight`` with a zero. ``include`` (regex) narrows either.
     """
-    pattern = re.compile(include) if include else None
+    try:
+        pattern = re.compile(include) if include else None
+    except re.error as exc:
+        raise OpenTransError(f"include pattern {include!r} is not a valid regular expression ({exc})") from None
     if isinstance(weights, nn.Module):
         items = [(f"{name}.weight" if name else "weight", m.weight) for name, m in weights.named_modules()
                  if isinstance(m, layer_types) and isinstance(getattr(m, "weight", None), torch.Tensor)]

@@ -54,17 +54,6 @@ def _is_int(token: str) -> bool:
     return token.isdigit()
 
 
-def _common_prefix(names: list[str]) -> str:
-    """The longest common dotted prefix, ending with ``.`` (or ``""``)."""
-    split = [n.split(".")[:-1] for n in names]
-    common: list[str] = []
-    for tokens in zip(*split):
-        if len(set(tokens)) != 1:
-            break
-        common.append(tokens[0])
-    return ".".join(common) + "." if common else ""
-
-
 def find_blocks(names: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(tensor -> its block, run -> its blocks in index order).
 

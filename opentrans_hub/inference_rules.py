@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from .errors import OpenTransError
-from .inference_match import _common_prefix, find_blocks
-from .mapping import NameMap, Rule
+from .inference_match import find_blocks
+from .mapping import NameMap, Rule, common_module_prefix
 
 _DIGITS = re.compile(r"\d+")
 
@@ -285,7 +285,7 @@ def _unmaps(names: set[str], canonical: Mapping[str, Any], expected: dict[str, l
 def compact_rules(report: Any, canonical: Mapping[str, torch.Tensor],
                   target_shapes: Mapping[str, tuple[int, ...]]) -> NameMap:
     """The fewest rules (by pattern) that carry every inferred pair and nothing else; verified."""
-    prefix = _common_prefix([t for info in report.tensors.values() for t in info.targets])
+    prefix = common_module_prefix([t for info in report.tensors.values() for t in info.targets])
     owner, _ = find_blocks(list(canonical))
     expected = {s: list(t.targets) for s, t in report.tensors.items()}
     names = list(canonical)

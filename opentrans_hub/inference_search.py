@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import OpenTransError
-from .inference_match import _T, _common_prefix, _Pair, find_blocks, match_scope
+from .inference_match import _T, _Pair, find_blocks, match_scope
 from .inference_report import (
     AmbiguousTowerError,
     InferenceReport,
@@ -25,7 +25,7 @@ from .inference_report import (
     canonical_state,
     log,
 )
-from .mapping import NameMap
+from .mapping import NameMap, common_module_prefix
 
 _MAX_SOLUTIONS = 5000
 
@@ -44,7 +44,7 @@ class _Candidate:
         """Where the tower sits: the common prefix of its pairs (tensors found elsewhere by values aside)."""
         names = [name for p in self.pairs for name in (p.t.parts or (p.t.name,))
                  if "found by values outside the tower's level" not in p.evidence]
-        return _common_prefix(names) if names else self.level
+        return common_module_prefix(names) if names else self.level
 
     def value_hits(self) -> tuple[int, int]:
         hits = sum(1 for p in self.pairs if p.evidence and p.evidence[0].startswith("values: ")
@@ -63,7 +63,7 @@ def _level(runs: tuple[str, ...]) -> str:
     if len(runs) == 1:
         parent = runs[0].rpartition(".")[0]
         return parent + "." if parent else ""
-    return _common_prefix([r + ".x" for r in runs])
+    return common_module_prefix([r + ".x" for r in runs])
 
 
 def _solutions(sequence: list[int], runs: dict[str, list[int]], extra: float = 0.0) -> list[tuple[str, ...]]:

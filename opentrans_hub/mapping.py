@@ -82,6 +82,17 @@ def _guard_holds(guard: tuple[tuple[int, str, int], ...], match: re.Match) -> bo
     return True
 
 
+def common_module_prefix(names: Iterable[str]) -> str:
+    """The deepest module holding every tensor in ``names``: their longest common dotted prefix without the
+    attribute, ending with ``.`` (``""`` when they share none, or there are no names)."""
+    common: list[str] = []
+    for tokens in zip(*(name.split(".")[:-1] for name in names)):
+        if len(set(tokens)) != 1:
+            break
+        common.append(tokens[0])
+    return ".".join(common) + "." if common else ""
+
+
 class Unmapped(str):
     """The reason an ``unmap`` rule gives: :meth:`NameMap.map` returns it like a drop reason."""
 
@@ -203,6 +214,8 @@ class MappingReport:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     unmapped: list[tuple[str, str]] = field(default_factory=list)
     mismatched: list[tuple[str, str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    #: target weights of the tower that the subnetwork's architecture has no counterpart for (left dense)
+    uncovered: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -215,8 +228,9 @@ class MappingReport:
             "unmapped": [{"source": s, "reason": r} for s, r in self.unmapped],
             "mismatched": [{"source": s, "target": t, "expected": list(e), "got": list(g)}
                            for s, t, e, g in self.mismatched],
+            "uncovered": list(self.uncovered),
             "counts": {"mapped": len(self.mapped), "dropped": len(self.dropped), "unmapped": len(self.unmapped),
-                       "mismatched": len(self.mismatched)},
+                       "mismatched": len(self.mismatched), "uncovered": len(self.uncovered)},
         }
 
     def summary(self) -> str:
@@ -226,6 +240,7 @@ class MappingReport:
         lines += [f"  unmapped  {s}: {r}" for s, r in self.unmapped]
         lines += [f"  MISMATCH  {s} -> {t}: mask shape {tuple(e)} vs target {tuple(g)}"
                   for s, t, e, g in self.mismatched]
+        lines += [f"  dense     {name}: no counterpart in the subnetwork's architecture" for name in self.uncovered]
         return "\n".join(lines)
 
     def check(self, strict: bool = False, source: str | None = None) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from . import sparsefile as sf
 from ._atomic import atomic_write_bytes
+from ._atomic import check_output as check_safe_output
 from .checkpoints import find_prefixes, find_state_dict, read_checkpoint
 from .ckpt_tree import decode_tree, encode_tree
 from .errors import OpenTransError
@@ -36,19 +37,17 @@ __all__ = ["load_sparse", "pack_checkpoint", "unpack"]
 
 
 # ----------------------------------------------------------------------------------------- small helpers
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
 def check_output(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
-    """Refuse an output path that is one of the inputs (a pack or unpack never overwrites its input)."""
-    out = Path(out)
+    """Refuse an output that is one of the inputs (hard links included) or not a regular file (the library's
+    safe-write rules): a pack or unpack never writes over what it reads."""
+    out = check_safe_output(out, inputs=inputs)
     for src in inputs:
-        if src is not None and _same_file(Path(src), out):
-            raise OpenTransError("refusing to write over the input; choose another --out", path=out)
+        try:
+            same = src is not None and out.exists() and os.path.samefile(src, out)
+        except OSError:
+            same = False
+        if same:
+            raise OpenTransError("output is also an input (the same file); write to another file", path=out)
     return out
 
 

@@ -115,29 +115,75 @@ class Plugin:
 
     # ------------------------------------------------------------------ live models (run-time mode)
     def apply(self, model: nn.Module, subnetwork: Subnetwork | str | os.PathLike, strict: bool = False,
-              arch: str | None = None) -> MappingReport:
+              arch: str | None = None, allow_partial: bool = False) -> MappingReport:
         """Zero ``subnetwork``'s pruned weights in ``model`` and keep them zero while training.
 
         ``model`` is the whole framework model (names as in its state dict; DDP wrappers are looked
         through); ``subnetwork`` may be a registry name or file; ``arch`` overrides the subnetwork's
-        architecture id. All-or-nothing.
+        architecture id. All-or-nothing: nothing changes when a shape disagrees, when (far) fewer names map
+        than this plugin's layout promises (the error names the installed plugin that fits), or when the tower
+        holds Conv/Linear weights the architecture has no counterpart for (another architecture) unless
+        ``allow_partial`` (then listed in ``report.uncovered``, left dense).
         """
-        from .sparsity import apply_subnetwork
+        from .sparsity import apply_masks
 
         subnetwork = load_subnetwork(subnetwork)
         model = unwrap(model)
-        return apply_subnetwork(model, subnetwork, self.map_for(arch or subnetwork.arch, model), strict=strict)
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+        masks, report = self._resolve(subnetwork, shapes, arch, strict, allow_partial, "", None, model)
+        apply_masks(model, masks)
+        return report
+
+    def _scope(self) -> str | None:
+        if self.tower_path is None:
+            return None
+        return f"{self.tower_path}." if self.tower_path else ""
+
+    def _resolve(self, subnetwork: Subnetwork, shapes: Mapping[str, tuple[int, ...]], arch: str | None, strict: bool,
+                 allow_partial: bool, ddp: str, source: str | None, target: Any
+                 ) -> tuple[dict[str, torch.Tensor], MappingReport]:
+        """Masks at their destinations, after every check an apply makes (shapes, mapped share, coverage)."""
+        from .coverage import check_coverage, require_mapped
+
+        arch = arch or subnetwork.arch
+        name_map = self.map_for(arch, target)
+        if ddp:
+            name_map = name_map.then(NameMap.prefix(ddp))
+        masks, report = name_map.resolve(subnetwork.masks, shapes)
+        report.check(strict=strict, source=source)
+        promised = sum(1 for name in subnetwork if not isinstance(name_map.map_name(name), str))
+        require_mapped(report, len(subnetwork), promised=promised, source=source,
+                       hint=lambda: self._hint(shapes, list(subnetwork), arch))
+        scope = self._scope()
+        scope = None if scope is None else ddp + scope
+        check_coverage(arch, name_map, shapes, report, scope=scope, allow_partial=allow_partial, source=source)
+        return masks, report
+
+    def _hint(self, targets: Any, names: list[str], arch: str) -> str:
+        """``; it fits plugin 'X' (n of m names)`` for the installed plugin that maps most of ``names``."""
+        ranked = rank_plugins(targets, names, arch)
+        best = [(p, n) for p, n in ranked if p != self.name and n > 0]
+        if best:
+            return f"; the target fits plugin {best[0][0]!r} ({best[0][1]} of {len(names)} names map)"
+        return "; no installed plugin maps it either (see 'opentrans-hub plugins check')"
 
     def map_selection(self, selection: LayerSelection, target_names: Any,
                       arch: str | None = None) -> tuple[dict[str, bool], MappingReport]:
         """Framework parameter name -> trainable, for every selected layer that has a destination.
 
         ``target_names`` is any collection of the framework's tensor names (a state dict, a list). Only the
-        selected layers themselves are listed (what a trainer that freezes by name needs).
+        selected layers themselves are listed (what a trainer that freezes by name needs). Nothing mapped, or
+        far fewer than the layout promises, is an error naming the installed plugin that fits.
         """
+        from .coverage import require_mapped
+
         wanted = selection.params
+        targets = set(target_names)
         name_map = self.map_for(arch or selection.arch, target_names)
-        report = name_map.resolve_names(wanted, set(target_names))
+        report = name_map.resolve_names(wanted, targets)
+        promised = sum(1 for name in wanted if not isinstance(name_map.map_name(name), str))
+        require_mapped(report, len(wanted), promised=promised, what="selection",
+                       hint=lambda: self._hint(targets, list(wanted), arch or selection.arch))
         out: dict[str, bool] = {}
         for source, dest in report.mapped:
             out[dest] = out.get(dest, False) or wanted[source]
@@ -171,25 +217,30 @@ class Plugin:
 
     # ------------------------------------------------------------------ checkpoints
     def apply_checkpoint(self, path_in: str | os.PathLike, subnetwork: Subnetwork | str | os.PathLike,
-                         path_out: str | os.PathLike, strict: bool = False, arch: str | None = None) -> MappingReport:
+                         path_out: str | os.PathLike, strict: bool = False, arch: str | None = None,
+                         allow_partial: bool = False) -> MappingReport:
         """Rewrite a framework checkpoint with ``subnetwork``'s pruned weights zeroed.
 
         Nesting (``model``/``state_dict``...), a DDP ``module.`` prefix and every other entry are kept; every
-        tensor the subnetwork does not touch is written bit-identical. The output is written atomically,
-        and nothing is written when a shape disagrees (or, with ``strict``, a name finds no destination).
+        tensor the subnetwork does not touch is written bit-identical. The output is written atomically (never
+        over ``path_in``), and nothing is written when :meth:`apply` would refuse (shapes, nothing or too little
+        mapped, another architecture) or, with ``strict``, a name finds no destination.
         """
-        from .sparsity import apply_subnetwork_to_state_dict
+        from ._atomic import check_output
+        from .sparsity import check_mask_target
 
+        check_output(path_out, inputs=(path_in,))
         subnetwork = load_subnetwork(subnetwork)
         loaded = load_checkpoint(path_in)
-        name_map = self.map_for(arch or subnetwork.arch, path_in)
-        if loaded.ddp_prefix:
-            name_map = name_map.then(NameMap.prefix(loaded.ddp_prefix))
         tensors = {k: v for k, v in loaded.state.items() if isinstance(v, torch.Tensor)}
-        new_tensors, report = apply_subnetwork_to_state_dict(tensors, subnetwork, name_map, strict=strict,
-                                                             source=os.fspath(path_in))
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        masks, report = self._resolve(subnetwork, shapes, arch, strict, allow_partial, loaded.ddp_prefix,
+                                      os.fspath(path_in), path_in)
         state = dict(loaded.state)
-        state.update(new_tensors)
+        for name in masks:
+            check_mask_target(tensors[name], name, os.fspath(path_in))
+        for name, mask in masks.items():
+            state[name] = tensors[name].masked_fill(~mask.to(tensors[name].device), 0)
         loaded.write(path_out, state)
         return report
 
@@ -265,6 +316,24 @@ class Plugin:
                 "source": self.source}
 
 
+# ---------------------------------------------------------------------- plugin ranking
+def rank_plugins(targets: Any, names: list[str], arch: str) -> list[tuple[str, int]]:
+    """(plugin name, how many of ``names`` reach ``targets``) for every installed plugin covering ``arch``, best
+    first; a DDP ``module.`` prefix on every target is looked through. What a "wrong plugin" error suggests."""
+    targets = set(targets)
+    ddp = NameMap.prefix("module.") if targets and all(t.startswith("module.") for t in targets) else None
+    ranked = []
+    for plugin in list_plugins()[0]:
+        if not plugin.covers(arch):
+            continue
+        name_map = plugin.name_map(arch)
+        if ddp is not None:
+            name_map = name_map.then(ddp)
+        report = name_map.resolve_names(names, targets)
+        ranked.append((plugin.name, len({s for s, _ in report.mapped})))
+    return sorted(ranked, key=lambda item: -item[1])
+
+
 # ---------------------------------------------------------------------- discovery
 @dataclass(frozen=True)
 class PluginError:
@@ -303,6 +372,7 @@ def discover(refresh: bool = False) -> tuple[dict[str, Plugin], list[PluginError
 
     plugins: dict[str, Plugin] = {}
     errors: list[PluginError] = []
+    claims: dict[str, list[tuple[Plugin, str]]] = {}
     for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.name, ep.value)):
         dist = getattr(entry_point, "dist", None)
         source = f"{dist.metadata['Name']} {dist.version}" if dist is not None else ""
@@ -313,14 +383,18 @@ def discover(refresh: bool = False) -> tuple[dict[str, Plugin], list[PluginError
             errors.append(PluginError(entry_point.name, entry_point.value, f"{type(exc).__name__}: {message}"[:500],
                                       source))
             continue
-        if plugin.name in plugins:
-            errors.append(PluginError(entry_point.name, entry_point.value,
-                                      f"duplicate plugin name (already given by {plugins[plugin.name].source})",
-                                      source))
-            continue
         plugin.source = source
-        plugins[plugin.name] = plugin
-    _CACHE = (plugins, errors)
+        claims.setdefault(plugin.name, []).append((plugin, entry_point.value))
+    for name, claimants in claims.items():
+        if len(claimants) == 1:
+            plugins[name] = claimants[0][0]
+            continue
+        # two distributions claim one name: using either would be a silent choice, so the name is unusable
+        everyone = " and ".join(f"{p.source or '?'} ({value})" for p, value in claimants)
+        for plugin, value in claimants:
+            errors.append(PluginError(name, value, f"duplicate plugin name: registered by {everyone}; uninstall "
+                                      "one of them", plugin.source))
+    _CACHE = (plugins, sorted(errors, key=lambda e: (e.name, e.value)))
     return _CACHE
 
 
@@ -339,6 +413,8 @@ def get_plugin(name: str) -> Plugin:
         return AutoPlugin()
     for error in errors:
         if error.name == name:
+            if error.error.startswith("duplicate plugin name"):
+                raise OpenTransError(f"plugin {name!r}: {error.error}")
             raise OpenTransError(f"plugin {name!r} failed to load from {error.value}: {error.error}")
     known = ", ".join(sorted(plugins)) or "none installed"
     raise OpenTransError(f"no plugin named {name!r} (installed: {known}); plugins are found through the "

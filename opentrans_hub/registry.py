@@ -331,6 +331,9 @@ class Registry:
                 self.materialise(text, weights=weights)
                 return self.load(text), f"registry:{text}"
         path = Path(text).expanduser()
+        if path.is_dir():
+            raise OpenTransError("is a directory, expected a subnetwork (.safetensors) or selection (.json) file",
+                                 path=text)
         if path.is_file():
             return read_artefact(path), f"file:{path}"
         if NAME_PATTERN.fullmatch(text):

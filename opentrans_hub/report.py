@@ -254,11 +254,24 @@ def plot_sparsity(subnetwork: Any, path: str | os.PathLike, title: str | None = 
     return _save(fig, path)
 
 
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+def check_plot_path(path: str | os.PathLike) -> str:
+    """The image format for ``path`` from its extension; anything but .png/.svg/.pdf is refused."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise OpenTransError(f"cannot tell the image format from the extension {Path(path).suffix or '(none)'!r}; "
+                             f"use one of {', '.join('.' + f for f in PLOT_FORMATS)}", path=path)
+    return suffix
+
+
 def _save(fig: Any, path: str | os.PathLike) -> Path:
     import io
 
     from ._atomic import atomic_write_bytes
 
+    fmt = check_plot_path(path)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)  # a bare Figure: no pyplot state, no GUI backend
+    fig.savefig(buffer, format=fmt, dpi=120)  # a bare Figure: no pyplot state, no GUI backend
     return atomic_write_bytes(path, buffer.getvalue())

@@ -2,8 +2,8 @@
 
 A selection is data: per-layer metrics (alpha, D, ...) in network order, a ``trainable`` flag per layer,
 the policy that set the flags, the architecture id and the sha256 of the weights it was measured on. It
-is stored as a small JSON manifest; its identity (sha256) covers the layer names and their flags only, so
-recomputing metrics or re-wording provenance never changes which selection it is.
+is stored as a small JSON manifest; its identity (sha256) covers the architecture id, the layer names and their
+flags only, so recomputing metrics or re-wording provenance never changes which selection it is.
 
 :func:`select_layers` derives a selection from metrics (``opentrans_hub.spectral.compute_metrics``) with a
 policy (``median`` as in the paper, ``fraction``, ``count``, ``budget``); :meth:`LayerSelection.apply` sets
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._atomic import atomic_write_text, read_bytes
+from .archs import check_arch, check_tensor_name
 from .errors import OpenTransError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,10 +42,12 @@ class LayerSelection:
                  provenance: Mapping[str, Any] | None = None):
         self.layers: list[dict[str, Any]] = []
         seen = set()
+        check_arch(arch)
         for layer in layers:
             name = layer.get("name")
-            if not isinstance(name, str) or not name:
-                raise OpenTransError(f"every layer needs a non-empty 'name', got {name!r}")
+            check_tensor_name(name, part=True)
+            if layer.get("param") is not None:
+                check_tensor_name(layer["param"])
             if name in seen:
                 raise OpenTransError("layer listed twice", tensor=name)
             if not isinstance(layer.get("trainable"), bool):
@@ -73,9 +76,23 @@ class LayerSelection:
 
     @property
     def sha256(self) -> str:
+        """sha256 over the architecture id and the layer names with their flags (not metrics or provenance)."""
+        return self._hash(self.arch)
+
+    def _hash(self, arch: str | None) -> str:
         canonical = json.dumps(sorted([layer["name"], layer["trainable"]] for layer in self.layers),
                                separators=(",", ":"))
-        return hashlib.sha256(b"opentrans-hub/layer-selection/v1\0" + canonical.encode()).hexdigest()
+        if arch is None:  # opentrans-hub 0.1: the architecture was not part of the identity
+            return hashlib.sha256(b"opentrans-hub/layer-selection/v1\0" + canonical.encode()).hexdigest()
+        head = b"opentrans-hub/layer-selection/v2\0" + arch.encode("utf-8") + b"\0"
+        return hashlib.sha256(head + canonical.encode()).hexdigest()
+
+    def noncanonical(self, source: str | None = None, warn: bool = False) -> list[str] | None:
+        """Layer names the tower of :attr:`arch` does not have; None when that tower is not known."""
+        from .archs import noncanonical, warn_noncanonical
+
+        names = [layer.get("param") or layer["name"] for layer in self.layers]
+        return warn_noncanonical(names, self.arch, "layer", source) if warn else noncanonical(names, self.arch)
 
     def __repr__(self) -> str:
         return (f"LayerSelection(arch={self.arch!r}, layers={len(self.layers)}, trainable={len(self.trainable)}, "
@@ -100,15 +117,24 @@ class LayerSelection:
     def from_bytes(cls, data: bytes, source: str = "<bytes>", verify: bool = True) -> LayerSelection:
         """Decode a manifest written by :meth:`to_bytes`; any defect raises :class:`OpenTransError`."""
         try:
-            payload = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            payload = json.loads(data.decode("utf-8-sig"))  # a byte-order mark some editors add is harmless
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise OpenTransError("not valid JSON", path=source) from None
         return cls.from_dict(payload, source=source, verify=verify)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>", verify: bool = True) -> LayerSelection:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise OpenTransError("not an opentrans-hub layer selection", path=source)
+        if not isinstance(data, dict):
+            raise OpenTransError(f"a JSON {type(data).__name__}, not an opentrans-hub layer selection (a JSON object "
+                                 f"with format {FORMAT!r})", path=source)
+        if data.get("format") != FORMAT:
+            raise OpenTransError(f"not an opentrans-hub layer selection (format={data.get('format')!r})", path=source)
+        for key, kinds, what in (("policy", (dict, type(None)), "an object"), ("provenance", (dict, type(None)),
+                                 "an object"), ("arch", (str, type(None)), "a string"),
+                                 ("weights_sha256", (str, type(None)), "a string or null")):
+            if not isinstance(data.get(key), kinds):
+                raise OpenTransError(f"field {key!r} must be {what}, got the {type(data.get(key)).__name__} "
+                                     f"{str(data.get(key))[:40]!r}", path=source)
         version = data.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise OpenTransError(f"format version {version!r} is not one this library reads ({FORMAT_VERSION})",
@@ -117,11 +143,14 @@ class LayerSelection:
         if not isinstance(layers, list) or not all(isinstance(layer, dict) for layer in layers):
             raise OpenTransError("'layers' must be a list of objects", path=source)
         try:
-            selection = cls(layers, arch=str(data.get("arch") or "unknown"), policy=data.get("policy") or {},
+            selection = cls(layers, arch=data.get("arch") or "unknown", policy=data.get("policy") or {},
                             weights_sha256=data.get("weights_sha256"), provenance=data.get("provenance") or {})
         except OpenTransError as exc:
             raise OpenTransError(exc.detail, path=source, tensor=exc.tensor) from None
         if verify and data.get("sha256") != selection.sha256:
+            if data.get("sha256") == selection._hash(None):
+                raise OpenTransError("written by opentrans-hub 0.1, whose hash did not cover the architecture: "
+                                     "load it with verify=False, check its arch, and save it again", path=source)
             raise OpenTransError(f"content hash mismatch: file says {str(data.get('sha256'))[:16]}..., content is "
                                  f"{selection.sha256[:16]}...", path=source)
         return selection
@@ -132,6 +161,7 @@ class LayerSelection:
         selection = cls.from_bytes(read_bytes(path), source=str(path), verify=verify)
         if expected_sha256 is not None and selection.sha256 != expected_sha256:
             raise OpenTransError(f"sha256 {selection.sha256} is not the expected {expected_sha256}", path=path)
+        selection.noncanonical(source=str(path), warn=True)
         return selection
 
     # ----------------------------------------------------------------- policies and apply
@@ -282,19 +312,6 @@ def _bias_name(weight_name: str) -> str | None:
     return None
 
 
-def _common_scope(names: Iterable[str]) -> str:
-    parts = [name.split(".")[:-1] for name in names]
-    if not parts:
-        return ""
-    common = parts[0]
-    for p in parts[1:]:
-        k = 0
-        while k < min(len(common), len(p)) and common[k] == p[k]:
-            k += 1
-        common = common[:k]
-    return ".".join(common) + "." if common else ""
-
-
 def apply_selection(selection: LayerSelection, model: nn.Module, name_map: NameMap | None = None,
                     biases: str = "follow", norms: str = "freeze", others: str = "freeze",
                     scope: str | None = None, strict: bool = False) -> SelectionReport:
@@ -309,7 +326,7 @@ def apply_selection(selection: LayerSelection, model: nn.Module, name_map: NameM
     """
     from torch import nn as _nn
 
-    from .mapping import NameMap
+    from .mapping import NameMap, common_module_prefix
 
     for option, value in (("biases", biases), ("norms", norms), ("others", others)):
         if value not in _CHOICES[option]:
@@ -330,7 +347,7 @@ def apply_selection(selection: LayerSelection, model: nn.Module, name_map: NameM
     if not flags:
         raise OpenTransError("no layer of the selection matched a parameter of the model; nothing was changed "
                              f"({len(report.unmapped)} unmapped, {len(report.dropped)} dropped)")
-    report.scope = _common_scope(flags) if scope is None else scope
+    report.scope = common_module_prefix(flags) if scope is None else scope
     norm_types = (_nn.modules.batchnorm._NormBase, _nn.LayerNorm, _nn.GroupNorm, _nn.LocalResponseNorm)
     norm_params = {f"{module_name}.{attr}" if module_name else attr
                    for module_name, module in model.named_modules() if isinstance(module, norm_types)

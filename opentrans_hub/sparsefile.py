@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from .checkpoints import FORMAT_READERS
 from .ckpt_tree import decode_tree
 from .errors import OpenTransError
 from .subnetwork import CONTAINERS, Subnetwork
@@ -480,5 +481,12 @@ def _embedded_subnetwork(data: bytes, source: str, verify: bool) -> Subnetwork:
     return PackedReader(data, source).subnetwork(verify=verify)
 
 
-# ``Subnetwork.load``/``from_bytes`` on a packed file give its embedded mask (a table, so no import cycle)
+def _as_checkpoint(path: Path) -> tuple[Any, dict[str, str] | None]:
+    reader = open_packed(path)
+    return reader.checkpoint(), reader._json("source_metadata", (dict,)) if "source_metadata" in reader.meta else None
+
+
+# ``Subnetwork.load``/``from_bytes`` on a packed file give its embedded mask, and every checkpoint reader reads it
+# dense (tables in the lower modules, so no import cycle)
 CONTAINERS[FORMAT] = _embedded_subnetwork
+FORMAT_READERS[FORMAT] = _as_checkpoint

@@ -32,7 +32,7 @@ proves the zeros on demand.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -298,6 +298,17 @@ def _split_name(name: str) -> tuple[str, str]:
     return module_name, attr
 
 
+def check_mask_target(tensor: torch.Tensor, name: str, source: str | None = None) -> None:
+    """A mask belongs on a real floating-point Conv/Linear weight (2-D and up, non-empty): not on a norm, a bias,
+    a scalar, a complex or an integer tensor."""
+    if not tensor.is_floating_point() or tensor.is_complex():
+        raise OpenTransError(f"target is {tensor.dtype}: masks apply to real floating-point weights; nothing was "
+                             "applied", path=source, tensor=name)
+    if tensor.dim() < 2 or tensor.numel() == 0:
+        raise OpenTransError(f"target of shape {tuple(tensor.shape)} is not a Conv/Linear weight (masks need 2-D and "
+                             "up, non-empty); nothing was applied", path=source, tensor=name)
+
+
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Mask parameters of ``model`` by their full names (keep-mask True = kept). All-or-nothing.
 
@@ -315,6 +326,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
                                  "nothing was applied", tensor=name)
         if mask.dtype != torch.bool:
             raise OpenTransError(f"mask dtype {mask.dtype}, expected bool; nothing was applied", tensor=name)
+        check_mask_target(params[name], name)
         if is_dtensor(mask) and not is_dtensor(params[name]):
             raise OpenTransError("mask is a DTensor but the parameter is not sharded; nothing was applied",
                                  tensor=name)
@@ -353,28 +365,47 @@ def _narrow(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 
 def apply_subnetwork(model: nn.Module, subnetwork: Subnetwork, name_map: NameMap | None = None,
-                     strict: bool = False) -> MappingReport:
-    """Map ``subnetwork`` onto ``model`` through ``name_map`` and keep its zeros exact while training.
+                     strict: bool = False, allow_partial: bool = False,
+                     scope: str | Sequence[str] | None = None) -> MappingReport:
+    """Map ``subnetwork`` onto ``model`` through ``name_map`` and keep its zeros exact while training
+    (``opentrans_hub.apply_subnetwork`` also takes a name, ``hf://`` reference or file).
 
-    Every destination is resolved by name and shape-checked first; on any mismatch (or, with ``strict``,
-    any unmapped name) nothing is changed and :class:`OpenTransError` is raised.
+    Every destination is resolved by name and shape-checked first; nothing is changed and
+    :class:`OpenTransError` is raised on any mismatch, when no name is mapped (or, with ``strict``, any name is
+    unmapped), and when the tower (``scope``: a name prefix, by default where the mapped names sit) holds
+    Conv/Linear weights the subnetwork's architecture has no counterpart for, unless ``allow_partial``; those
+    are then listed in ``report.uncovered`` (they stay dense).
     """
+    from .coverage import check_coverage, require_mapped
+
     name_map = name_map or NameMap()
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     masks, report = name_map.resolve(subnetwork.masks, shapes)
     report.check(strict=strict)
+    require_mapped(report, len(subnetwork))
+    check_coverage(subnetwork.arch, name_map, shapes, report, scope=scope, allow_partial=allow_partial)
     apply_masks(model, masks)
     return report
 
 
 def apply_subnetwork_to_state_dict(state_dict: Mapping[str, torch.Tensor], subnetwork: Subnetwork,
                                    name_map: NameMap | None = None, strict: bool = False,
-                                   source: str | None = None) -> tuple[dict[str, torch.Tensor], MappingReport]:
-    """Return a new state dict with pruned weights zeroed (other tensors are the same objects)."""
+                                   source: str | None = None, allow_partial: bool = False,
+                                   scope: str | Sequence[str] | None = None
+                                   ) -> tuple[dict[str, torch.Tensor], MappingReport]:
+    """Return a new state dict with pruned weights zeroed (other tensors are the same objects); refuses what
+    :func:`apply_subnetwork` refuses."""
+    from .coverage import check_coverage, require_mapped
+
     name_map = name_map or NameMap()
     shapes = {name: tuple(t.shape) for name, t in state_dict.items() if isinstance(t, torch.Tensor)}
     masks, report = name_map.resolve(subnetwork.masks, shapes)
     report.check(strict=strict, source=source)
+    require_mapped(report, len(subnetwork), source=source)
+    check_coverage(subnetwork.arch, name_map, shapes, report, scope=scope, allow_partial=allow_partial,
+                   source=source)
+    for name in masks:
+        check_mask_target(state_dict[name], name, source)
     out = dict(state_dict)
     for name, mask in masks.items():
         tensor = state_dict[name]
@@ -453,14 +484,26 @@ def remove(model: nn.Module) -> nn.Module:
     return _detach_masks(model, zero=False)
 
 
-def model_sparsity(model: nn.Module, names: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Zeros over the masked parameters (or ``names``): what is really 0.0 in the weights right now.
+def model_sparsity(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """Exact zeros in the weights right now (it counts values, never masks): over ``names``, else over the
+    parameters ``model`` keeps masked, else, for a model without masks (a baked tower, a checkpoint loaded into a
+    plain model), over every weight tensor of 2 dims or more (Conv/Linear kernels; norms and biases left out).
 
-    On a model sharded by ``fully_shard`` each rank counts its own rows and the counts are summed over the
-    shards' process group (collective: call it on every rank).
+    Returns ``params``, ``zeros``, ``sparsity`` and ``scope`` (``"names"``, ``"masked"`` or ``"weights"``). On a
+    model sharded by ``fully_shard`` each rank counts its own rows and the counts are summed over the shards'
+    process group (collective: call it on every rank).
     """
     params = dict(model.named_parameters(remove_duplicate=False))
-    names = names if names is not None else masked_parameters(model)
+    if names is not None:
+        scope, names = "names", list(names)
+    else:
+        names = list(masked_parameters(model))
+        scope = "masked"
+        if not names:
+            scope, names = "weights", [n for n, p in params.items() if p.dim() >= 2 and p.is_floating_point()]
+    unknown = [name for name in names if name not in params]
+    if unknown:
+        raise OpenTransError(f"model has no parameter {unknown[0]!r}", tensor=unknown[0])
     total = zeros = 0
     sharded: list[torch.Tensor] = []
     for name in names:
@@ -476,4 +519,18 @@ def model_sparsity(model: nn.Module, names: Mapping[str, Any] | None = None) -> 
         counts = torch.tensor([sum(int((local(t) == 0).sum()) for t in sharded)])
         dist.all_reduce(counts, group=sharded[0].device_mesh.get_group())
         zeros += int(counts[0])
-    return {"params": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0}
+    return {"params": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0, "scope": scope}
+
+
+def count_zeros(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Exact zeros per weight tensor (2 dims or more) of a model or state dict, and overall: what a baked or
+    loaded checkpoint really holds, whatever masks exist or not (plain tensors; for a sharded model use
+    :func:`model_sparsity`)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False)) if isinstance(model, nn.Module) else dict(model)
+    layers = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.is_floating_point():
+            layers[name] = (int((tensor.detach() == 0).sum()), tensor.numel())
+    zeros, total = sum(z for z, _ in layers.values()), sum(n for _, n in layers.values())
+    return {"params": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0,
+            "layers": {name: {"zeros": z, "params": n, "sparsity": z / n} for name, (z, n) in layers.items()}}

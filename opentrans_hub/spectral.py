@@ -408,10 +408,15 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 
 def default_cache_dir() -> Path:
-    """Where metrics are cached on disk: ``$OPENTRANS_HUB_CACHE/spectral`` or the user cache dir."""
+    """Where metrics are cached on disk: ``$OPENTRANS_HUB_CACHE/spectral``, else ``$OPENTRANS_HUB_HOME/cache/spectral``
+    (a user who moved the registry elsewhere gets nothing written under ``~/.cache``), else the platform's user
+    cache folder."""
     root = os.environ.get("OPENTRANS_HUB_CACHE")
     if root:
-        return Path(root) / "spectral"
+        return Path(root).expanduser() / "spectral"
+    home = os.environ.get("OPENTRANS_HUB_HOME")
+    if home:
+        return Path(home).expanduser() / "cache" / "spectral"
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("opentrans-hub")) / "spectral"
@@ -469,9 +474,10 @@ def compute_metrics(source: nn.Module | Mapping[str, torch.Tensor], xmin: str = 
     """
     if xmin not in XMIN_METHODS:
         raise OpenTransError(f"unknown x_min method {xmin!r}; choose one of {', '.join(XMIN_METHODS)}")
-    if conv_norm <= 0:
-        raise OpenTransError(f"conv_norm must be positive, got {conv_norm}")
+    check_settings(conv_norm=conv_norm, device=device, max_aspect=max_aspect)
     matrices = collect_matrices(source, max_aspect=max_aspect, split_qkv=split_qkv)
+    if not matrices:
+        raise OpenTransError(_nothing_to_measure(source))
     settings = {"xmin": xmin, "conv_norm": conv_norm, "max_aspect": max_aspect, "evals_thresh": evals_thresh,
                 "bins": bins, "split_qkv": split_qkv}
     settings_key = json.dumps(settings, sort_keys=True)
@@ -515,6 +521,13 @@ def compute_metrics(source: nn.Module | Mapping[str, torch.Tensor], xmin: str = 
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="spectra", unit="layer", leave=False, disable=None)  # off without a TTY
+    checked: set[int] = set()
+    for i in todo:
+        weight = matrices[i].source
+        if id(weight) not in checked:
+            checked.add(id(weight))
+            if not bool(torch.isfinite(weight.detach()).all()):
+                raise OpenTransError("weight holds NaN or inf values: no spectrum to measure", tensor=matrices[i].param)
     with _thread_limit(threads):
         for i in todo:
             spectra[i] = eigenvalues(matrices[i].stack(conv_norm), device=device)
@@ -525,6 +538,8 @@ def compute_metrics(source: nn.Module | Mapping[str, torch.Tensor], xmin: str = 
     for i in todo:
         if keys[i] is not None and len(_EIGS_BY_CONTENT) < _EIGS_LIMIT:
             _EIGS_BY_CONTENT[keys[i]] = spectra[i]
+    if todo and all(not bool((spectra[i] > 0).any()) for i in range(len(matrices))):
+        raise OpenTransError(f"every one of the {len(matrices)} weights to measure is all zeros: no spectrum to fit")
     with _thread_limit(threads):
         fits = fit_power_laws(spectra, xmin=xmin, bins=bins, evals_thresh=evals_thresh)
     metrics = []
@@ -547,6 +562,41 @@ def _remember(ident: tuple, matrices: list[_Matrix], metrics: list[LayerMetrics]
     if len(_IDENTITY_MEMO) > 64:
         _IDENTITY_MEMO.pop(next(iter(_IDENTITY_MEMO)))
     _IDENTITY_MEMO[ident] = ([weakref.ref(m.source) for m in matrices], [LayerMetrics(**vars(x)) for x in metrics])
+
+
+def check_settings(conv_norm: float = CONV_NORM, device: torch.device | str | None = None,
+                   max_aspect: float | None = MAX_ASPECT) -> None:
+    """Refuse settings that would fail late or silently: a non-positive or NaN ``conv_norm``, a negative
+    ``max_aspect``, a device torch does not know or that is not available here."""
+    if not isinstance(conv_norm, (int, float)) or not math.isfinite(conv_norm) or conv_norm <= 0:
+        raise OpenTransError(f"conv_norm must be a positive number, got {conv_norm}")
+    if max_aspect is not None and (not math.isfinite(max_aspect) or max_aspect <= 0):
+        raise OpenTransError(f"max_aspect must be positive (or None to keep every Linear layer), got {max_aspect}")
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OpenTransError(f"unknown device {str(device)!r}; use cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OpenTransError(f"device {str(device)!r}: CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OpenTransError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda"):
+        raise OpenTransError(f"device {str(device)!r}: spectra are computed on cpu or cuda only")
+
+
+def _nothing_to_measure(source: Any) -> str:
+    """Why a source holds no weight to measure (integer tensors, no Conv/Linear, an empty dict)."""
+    if isinstance(source, Mapping):
+        tensors = {k: v for k, v in source.items() if isinstance(v, torch.Tensor)}
+        weights = [k for k in tensors if k.endswith("weight") and tensors[k].dim() in (2, 3, 4)]
+        non_float = [k for k in weights if not tensors[k].is_floating_point()]
+        if non_float:
+            return (f"no floating-point Conv/Linear weight to measure: {len(non_float)} weight(s) of dtype "
+                    f"{tensors[non_float[0]].dtype} (e.g. {non_float[0]!r})")
+        return f"no Conv/Linear weight (a 2-D to 4-D tensor named *weight) among {len(tensors)} tensor(s)"
+    return f"no Conv/Linear weight found in the {type(source).__name__}"
 
 
 def metrics_settings(xmin: str = "peak", conv_norm: float = CONV_NORM, max_aspect: float | None = MAX_ASPECT,

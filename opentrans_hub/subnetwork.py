@@ -5,8 +5,9 @@ to boolean keep-masks, plus the architecture id it was found on and its provenan
 safetensors file whose tensors are the bit-packed masks (``packbits``: 1 bit per weight) or zstd over
 those bits (``zstd``), with shapes and provenance in the header metadata.
 
-Identity is the sha256 over canonical content (sorted names, shapes and bits), so re-encoding a mask or
-changing its provenance never changes its hash.
+Identity is the sha256 over canonical content (the architecture id, sorted names, shapes and bits), so
+re-encoding a mask or changing its provenance never changes its hash, and declaring the same masks for another
+architecture does.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from ._atomic import atomic_write_bytes, read_bytes
+from .archs import check_arch, check_tensor_name
 from .errors import OpenTransError
 
 FORMAT = "opentrans-hub/subnetwork"
@@ -90,12 +92,10 @@ class Subnetwork:
 
     def __init__(self, masks: Mapping[str, torch.Tensor | np.ndarray], arch: str = "unknown",
                  provenance: Mapping[str, Any] | None = None):
-        if not isinstance(arch, str) or not arch:
-            raise OpenTransError(f"architecture id must be a non-empty string, got {arch!r}")
+        check_arch(arch)
         checked: dict[str, torch.Tensor] = {}
         for name, mask in masks.items():
-            if not isinstance(name, str) or not name:
-                raise OpenTransError(f"mask names must be non-empty strings, got {name!r}")
+            check_tensor_name(name)
             if isinstance(mask, np.ndarray):
                 if mask.dtype != np.bool_:
                     raise OpenTransError(f"mask must have dtype bool, got numpy {mask.dtype}", tensor=name)
@@ -104,6 +104,9 @@ class Subnetwork:
                 raise OpenTransError(f"mask must be a tensor, got {type(mask).__name__}", tensor=name)
             if mask.dtype != torch.bool:
                 raise OpenTransError(f"mask must have dtype bool, got {mask.dtype}", tensor=name)
+            if mask.dim() < 2 or mask.numel() == 0:
+                raise OpenTransError(f"mask of shape {tuple(mask.shape)}: masks cover Conv/Linear weights, which are "
+                                     "non-empty and at least 2-D (not biases, norms or scalars)", tensor=name)
             checked[name] = mask.detach().to("cpu").contiguous()
         self._masks = dict(sorted(checked.items()))
         self.arch = arch
@@ -130,9 +133,10 @@ class Subnetwork:
 
     @property
     def sha256(self) -> str:
-        """sha256 over sorted names, shapes and packed bits: the same for any encoding or metadata."""
+        """sha256 over the architecture id and the sorted names, shapes and packed bits: the same for any
+        encoding or provenance, different for the same masks declared for another architecture."""
         if self._sha256 is None:
-            self._sha256 = _content_hash((name, tuple(mask.shape), _pack(mask)) for name, mask in self._masks.items())
+            self._sha256 = _content_hash(self.arch, ((n, tuple(m.shape), _pack(m)) for n, m in self._masks.items()))
         return self._sha256
 
     def layers(self) -> list[LayerStats]:
@@ -245,6 +249,12 @@ class Subnetwork:
         shapes = _json_field(metadata, "shapes", dict, source)
         provenance = _json_field(metadata, "provenance", dict, source)
         arch = metadata.get("arch") or "unknown"
+        try:
+            check_arch(arch)
+            for name in tensors:
+                check_tensor_name(name)
+        except OpenTransError as exc:
+            raise OpenTransError(exc.detail, path=source) from None
         if set(shapes) != set(tensors):
             missing = sorted(set(shapes) ^ set(tensors))[:3]
             raise OpenTransError(f"header shapes and stored tensors disagree (e.g. {missing})", path=source)
@@ -282,14 +292,20 @@ class Subnetwork:
                                      tensor=name)
             unpacked = np.unpackbits(bits, count=numel).astype(bool, copy=False)
             masks[name] = torch.from_numpy(unpacked.reshape(shape))
-        sub = cls(masks, arch=arch, provenance=provenance)
+        try:
+            sub = cls(masks, arch=arch, provenance=provenance)
+        except OpenTransError as exc:
+            raise OpenTransError(exc.detail, path=source, tensor=exc.tensor) from None
         expected = metadata.get("sha256")
         if verify:
             if not expected:
                 raise OpenTransError("no sha256 in the header", path=source)
             if sub.sha256 != expected:
+                if expected == _content_hash(None, ((n, tuple(m.shape), _pack(m)) for n, m in sub._masks.items())):
+                    raise OpenTransError("written by opentrans-hub 0.1, whose hash did not cover the architecture: "
+                                         "load it with verify=False, check its arch, and save it again", path=source)
                 raise OpenTransError(f"content hash mismatch: header says {expected[:16]}..., "
-                                     f"content is {sub.sha256[:16]}...", path=source)
+                                     f"content is {sub.sha256[:16]}... (masks, shapes or arch changed)", path=source)
         return sub
 
     @classmethod
@@ -299,7 +315,21 @@ class Subnetwork:
         sub = cls.from_bytes(read_bytes(path), source=str(path), verify=verify)
         if expected_sha256 is not None and sub.sha256 != expected_sha256:
             raise OpenTransError(f"sha256 {sub.sha256} is not the expected {expected_sha256}", path=path)
+        sub.noncanonical(source=str(path), warn=True)
         return sub
+
+    def noncanonical(self, source: str | None = None, warn: bool = False) -> list[str] | None:
+        """Mask names (or shapes) the tower of :attr:`arch` does not have; None when that tower is not known.
+
+        A subnetwork whose names are not those of its architecture (a prefix left on, another model's masks)
+        fails only later, at apply time; ``warn`` says so now (what ``load`` and ``inspect`` do).
+        """
+        from .archs import noncanonical, warn_noncanonical
+
+        shapes = {name: tuple(mask.shape) for name, mask in self._masks.items()}
+        if warn:
+            return warn_noncanonical(shapes, self.arch, "mask", source)
+        return noncanonical(shapes, self.arch)
 
 
 # --------------------------------------------------------------------- helpers
@@ -321,8 +351,14 @@ def _pack(mask: torch.Tensor) -> bytes:
     return np.packbits(mask.reshape(-1).numpy()).tobytes()
 
 
-def _content_hash(items) -> str:
-    digest = hashlib.sha256(b"opentrans-hub/subnetwork/v1\0")
+def _content_hash(arch: str | None, items) -> str:
+    """sha256 over ``arch`` and (name, shape, packed bits) items; ``arch=None`` is the 0.1 hash (no arch)."""
+    if arch is None:
+        digest = hashlib.sha256(b"opentrans-hub/subnetwork/v1\0")
+    else:
+        digest = hashlib.sha256(b"opentrans-hub/subnetwork/v2\0")
+        encoded = arch.encode("utf-8")
+        digest.update(struct.pack("<Q", len(encoded)) + encoded)
     for name, shape, packed in items:
         encoded = name.encode("utf-8")
         digest.update(struct.pack("<Q", len(encoded)) + encoded)
@@ -374,6 +410,16 @@ def _read_safetensors_u8(data: bytes, source: str) -> tuple[dict[str, str], dict
     Parsing the small header ourselves gives one error type with the file and tensor named for every
     defect (truncation, overlaps, wrong dtypes) instead of whatever the backend raises.
     """
+    head = data[:64].removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+    if head in (b"{", b"["):
+        try:
+            json.loads(data.decode("utf-8-sig"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            pass
+        else:
+            what = ("a layer selection manifest (JSON)" if b'"opentrans-hub/layer-selection"' in data
+                    else "a JSON file")
+            raise OpenTransError(f"is {what}, not a subnetwork (.safetensors)", path=source)
     if len(data) < 8:
         raise OpenTransError(f"truncated: {len(data)} bytes is too short for a safetensors file", path=source)
     (header_len,) = struct.unpack("<Q", data[:8])

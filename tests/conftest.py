@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
+# The suite must not depend on the user's environment (HF_HUB_OFFLINE=1, a token, a mirror endpoint, a registry
+# folder) nor write into their caches. huggingface_hub reads its variables once, at import, so this happens
+# here, before any test module imports it; subprocesses inherit the cleaned environment. Tests that need a
+# variable set it themselves (monkeypatch, or an explicit env for a subprocess).
+_USER_PREFIXES = ("HF_", "HUGGING_FACE_", "HUGGINGFACE_", "OPENTRANS_HUB_")
+for _key in [k for k in os.environ if k.startswith(_USER_PREFIXES)]:
+    del os.environ[_key]
+_SCRATCH = tempfile.mkdtemp(prefix="opentrans-hub-tests-")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+os.environ.update({"HF_HOME": os.path.join(_SCRATCH, "hf"), "OPENTRANS_HUB_HOME": os.path.join(_SCRATCH, "home"),
+                   "OPENTRANS_HUB_CACHE": os.path.join(_SCRATCH, "cache"), "HF_HUB_DISABLE_TELEMETRY": "1"})
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _private_registry_and_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own registry folder and caches (tests may still point them elsewhere)."""
+    root = tmp_path_factory.mktemp("env")
+    monkeypatch.setenv("OPENTRANS_HUB_HOME", str(root / "home"))
+    monkeypatch.setenv("OPENTRANS_HUB_CACHE", str(root / "cache"))
 
 
 def make_tiny_resnet(seed: int = 0, width: int = 16, image_size: int = 64) -> torch.nn.Module:

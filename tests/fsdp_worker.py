@@ -367,7 +367,7 @@ def run_vit(result: dict, rank: int, mesh, out: Path) -> None:
             current = {canon[n]: m.full_tensor() for n, m in masked_parameters(imp_model).items()}
             expected = Subnetwork(magnitude_masks({canon[n]: w for n, w in whole.items()}, current or None,
                                                   sparsity=1 - 0.75 ** (runner.rounds_done + 1),
-                                                  min_density=0.3))
+                                                  min_density=0.3), arch="tiny/ViT")  # the arch is identity
         sub = runner.after_step(iteration)
         if expected is not None:
             equal.append(sub is not None and sub.sha256 == expected.sha256)
@@ -386,7 +386,7 @@ def run_vit(result: dict, rank: int, mesh, out: Path) -> None:
                         out_dir=out / "imp")
     resumed.before_train()
     result["resume_rounds"] = resumed.rounds_done
-    result["resume_equal"] = export_subnetwork(resumed_model).sha256 == runner.last.sha256
+    result["resume_equal"] = export_subnetwork(resumed_model, arch="tiny/ViT").sha256 == runner.last.sha256
     before = local_snapshot(resumed_model)
     remove(resumed_model)  # masks gone, weights untouched
     result["remove_ok"] = masked_parameters(resumed_model) == {} and all(

@@ -170,8 +170,14 @@ def test_split_transpose_unsqueeze_on_a_real_target():
     masks = {n: torch.rand(params[n].shape, generator=gen) > 0.5 for n in sources}
     assert masks["proj"].shape == (16, 8) and masks["class_embedding"].shape == (16,)
     before = {n: p.detach().clone() for n, p in target.named_parameters()}
-    report = apply_subnetwork(target, Subnetwork(masks), NameMap.parse(VIT_MAP), strict=True)
-    assert len(report.mapped) == 3 * 2 + 1 + 1
+    with pytest.raises(OpenTransError, match="at least 2-D"):  # an embedding is not a Conv/Linear weight
+        Subnetwork(masks)
+    shapes = {n: tuple(p.shape) for n, p in target.named_parameters()}
+    resolved, _ = NameMap.parse(VIT_MAP).resolve({"class_embedding": masks["class_embedding"]}, shapes)
+    assert torch.equal(resolved["cls_token"], masks["class_embedding"].view(1, 1, 16))  # unsqueeze as a rule
+    weights = {n: m for n, m in masks.items() if m.dim() >= 2}
+    report = apply_subnetwork(target, Subnetwork(weights), NameMap.parse(VIT_MAP), strict=True)
+    assert len(report.mapped) == 3 * 2 + 1
     got = dict(target.named_parameters())
     for i in range(2):
         q, k, v = masks[f"transformer.resblocks.{i}.attn.in_proj_weight"].chunk(3, dim=0)
@@ -179,7 +185,7 @@ def test_split_transpose_unsqueeze_on_a_real_target():
             name = f"vision_model.encoder.layers.{i}.self_attn.{proj}.weight"
             assert torch.equal(got[name].detach(), before[name] * part), name
     assert torch.equal(got["visual_projection.weight"].detach(), before["visual_projection.weight"] * masks["proj"].t())
-    assert torch.equal(got["cls_token"].detach(), before["cls_token"] * masks["class_embedding"].view(1, 1, 16))
+    assert torch.equal(got["cls_token"].detach(), before["cls_token"])
     # biases were never named: untouched
     assert torch.equal(got["vision_model.encoder.layers.0.self_attn.q_proj.bias"],
                        before["vision_model.encoder.layers.0.self_attn.q_proj.bias"])
@@ -217,7 +223,7 @@ def test_strict_unmapped_and_report(tower):
     assert isinstance(report, MappingReport) and report.ok
     assert report.unmapped == [("visual.extra.weight", "no tensor 'backbone.visual.extra.weight' in the target")]
     counts = report.to_dict()["counts"]
-    assert counts == {"mapped": len(masks) - 1, "dropped": 0, "unmapped": 1, "mismatched": 0}
+    assert counts == {"mapped": len(masks) - 1, "dropped": 0, "unmapped": 1, "mismatched": 0, "uncovered": 0}
     assert "unmapped  visual.extra.weight" in report.summary()
 
 

@@ -168,9 +168,9 @@ def sf_bits(tensor: torch.Tensor) -> torch.Tensor:
 def test_pack_refusals(packed, tmp_path):
     folder, checkpoint, sub, _ = packed
     src = folder / "model_final.pth"
-    with pytest.raises(OpenTransError, match="over the input"):
+    with pytest.raises(OpenTransError, match="also an input"):
         pack_checkpoint(src, src, subnetwork=sub)
-    with pytest.raises(OpenTransError, match="over the input"):
+    with pytest.raises(OpenTransError, match="also an input"):
         unpack(folder / "model.sparse.safetensors", folder / "model.sparse.safetensors")
     with pytest.raises(OpenTransError, match=r"name it \*\.safetensors"):
         pack_checkpoint(src, tmp_path / "x.pth", subnetwork=sub)

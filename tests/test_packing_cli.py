@@ -58,7 +58,7 @@ def test_refusals_are_one_line_exit_2(files):
     folder, checkpoint, sub = files
     before = (folder / "model_final.pth").read_bytes()
     over = cli("pack", "model_final.pth", "--zeros", "--out", "./model_final.pth", cwd=folder)
-    assert over.returncode == 2 and len(over.stderr.strip().splitlines()) == 1 and "over the input" in over.stderr
+    assert over.returncode == 2 and len(over.stderr.strip().splitlines()) == 1 and "also an input" in over.stderr
     assert (folder / "model_final.pth").read_bytes() == before
 
     key = "backbone.visual.layer2.0.conv2.weight"
@@ -77,4 +77,4 @@ def test_refusals_are_one_line_exit_2(files):
                  cwd=folder)
     assert exists.returncode == 2 and "pass --overwrite" in exists.stderr
     unpacked = cli("unpack", "d.safetensors", "--out", "d.safetensors", "--overwrite", cwd=folder)
-    assert unpacked.returncode == 2 and "over the input" in unpacked.stderr and "Traceback" not in unpacked.stderr
+    assert unpacked.returncode == 2 and "also an input" in unpacked.stderr and "Traceback" not in unpacked.stderr

@@ -68,7 +68,7 @@ def test_apply_rewrites_a_nested_ddp_checkpoint(tmp_path, capsys, tower):
                               "--checkpoint", str(src), "--out", str(out), "--strict", "--json")
     assert code == 0
     info = json.loads(stdout.strip().splitlines()[-1])
-    assert info["counts"] == {"mapped": len(sub), "dropped": 0, "unmapped": 0, "mismatched": 0}
+    assert info["counts"] == {"mapped": len(sub), "dropped": 0, "unmapped": 0, "mismatched": 0, "uncovered": 0}
 
     written = torch.load(out, weights_only=True)
     assert list(written) == list(checkpoint)

@@ -64,7 +64,8 @@ def test_spectrum_json_on_a_state_dict_file(weights, capsys, tmp_path, cache_dir
     assert (tmp_path / "alpha.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list(cache_dir.glob("spectral/*.json"))) == 1
     clear_cache()
-    assert run_json(capsys, "spectrum", str(weights), "--json", "--plot", str(tmp_path / "alpha.png")) == data
+    assert run_json(capsys, "spectrum", str(weights), "--json", "--plot", str(tmp_path / "alpha.png"),
+                    "--overwrite") == data  # an existing plot is replaced only when asked
 
 
 def test_spectrum_with_policy_and_xmin(weights, capsys):
@@ -83,7 +84,7 @@ def test_select_writes_a_selection_equal_to_the_python_api(weights, tmp_path, ca
     data = run_json(capsys, "select", str(weights), "--arch", "open_clip/RN50", "--out", str(out), "--json")
     selection = LayerSelection.load(out, expected_sha256=data["sha256"])
     state = make_tiny_resnet(seed=1).state_dict()
-    expected = select_layers(compute_metrics(state, cache=False), "median")
+    expected = select_layers(compute_metrics(state, cache=False), "median", arch="open_clip/RN50")
     assert selection.sha256 == expected.sha256 and selection.trainable == expected.trainable
     assert selection.arch == "open_clip/RN50" and selection.weights_sha256 == weights_sha256(state)
     assert selection.policy["name"] == "median"

@@ -66,23 +66,24 @@ def test_identity_ignores_metadata_and_encoding_but_not_content(tiny_sub):
     other_meta = tiny_sub.with_provenance(method="something else", base_sha256="0" * 64)
     assert other_meta.sha256 == tiny_sub.sha256 and other_meta.to_bytes() != packed
     relabelled = Subnetwork(dict(tiny_sub.masks), arch="open_clip/other")
-    assert relabelled.sha256 == tiny_sub.sha256
+    assert relabelled.sha256 != tiny_sub.sha256  # the architecture is part of the identity (issue 12)
+    arch = tiny_sub.arch
     # insertion order does not matter, the content does
-    assert Subnetwork(dict(reversed(list(tiny_sub.masks.items())))).sha256 == tiny_sub.sha256
+    assert Subnetwork(dict(reversed(list(tiny_sub.masks.items()))), arch=arch).sha256 == tiny_sub.sha256
     name = sorted(tiny_sub)[2]
     flipped = dict(tiny_sub.masks)
     flipped[name] = flipped[name].clone()
     flipped[name].view(-1)[17] ^= True
-    assert Subnetwork(flipped).sha256 != tiny_sub.sha256
+    assert Subnetwork(flipped, arch=arch).sha256 != tiny_sub.sha256
     reshaped = dict(tiny_sub.masks)
-    reshaped[name] = reshaped[name].reshape(-1)  # same bits, other shape
-    assert Subnetwork(reshaped).sha256 != tiny_sub.sha256
+    reshaped[name] = reshaped[name].reshape(1, -1)  # same bits, other shape
+    assert Subnetwork(reshaped, arch=arch).sha256 != tiny_sub.sha256
     renamed = dict(tiny_sub.masks)
     renamed["x." + name] = renamed.pop(name)
-    assert Subnetwork(renamed).sha256 != tiny_sub.sha256
+    assert Subnetwork(renamed, arch=arch).sha256 != tiny_sub.sha256
     fewer = dict(tiny_sub.masks)
     fewer.pop(name)
-    assert Subnetwork(fewer).sha256 != tiny_sub.sha256
+    assert Subnetwork(fewer, arch=arch).sha256 != tiny_sub.sha256
 
 
 def test_identity_independent_of_memory_layout():
@@ -137,8 +138,8 @@ def test_stats_match_independent_counts(tiny_sub):
         assert layer["kept"] == int(mask.sum()) and layer["masked"] == mask.size - int(mask.sum())
         assert layer["sparsity"] == pytest.approx(1 - mask.mean())
     json.dumps(stats)  # plain data
-    empty = Subnetwork({"w": torch.zeros(0, 3, dtype=torch.bool)})
-    assert empty.sparsity == 0.0 and empty.stats()["layers"][0]["sparsity"] == 0.0
+    with pytest.raises(OpenTransError, match="non-empty and at least 2-D"):
+        Subnetwork({"w": torch.zeros(0, 3, dtype=torch.bool)})
 
 
 def test_nested_in_for_imp_rounds():
@@ -162,7 +163,7 @@ def test_provenance_fields_and_base_sha256(tmp_path):
     loaded = Subnetwork.load(sub.save(tmp_path / "p.safetensors"))
     assert loaded.provenance == prov and loaded.base_sha256 == "ab" * 32
     assert prov["base_weights_sha256"] == "ab" * 32 and "base_weights_sha256" not in default_provenance("imp")
-    assert Subnetwork({"w": torch.ones(1, dtype=torch.bool)}).base_sha256 is None
+    assert Subnetwork({"w": torch.ones(1, 1, dtype=torch.bool)}).base_sha256 is None
 
 
 @pytest.mark.parametrize("encoding", ["packbits", "zstd"])
@@ -199,11 +200,11 @@ def test_constructor_refuses_bad_masks():
     with pytest.raises(OpenTransError, match="tensor"):
         Subnetwork({"w": [True, False]})
     with pytest.raises(OpenTransError):
-        Subnetwork({"": torch.ones(1, dtype=torch.bool)})
+        Subnetwork({"": torch.ones(1, 1, dtype=torch.bool)})
     with pytest.raises(OpenTransError):
-        Subnetwork({"w": torch.ones(1, dtype=torch.bool)}, arch="")
+        Subnetwork({"w": torch.ones(1, 1, dtype=torch.bool)}, arch="")
     with pytest.raises(OpenTransError, match="encoding"):
-        Subnetwork({"w": torch.ones(1, dtype=torch.bool)}).to_bytes("gzip")
+        Subnetwork({"w": torch.ones(1, 1, dtype=torch.bool)}).to_bytes("gzip")
 
 
 def test_save_is_atomic_on_failure(tmp_path, tiny_sub):
@@ -217,8 +218,8 @@ def test_save_is_atomic_on_failure(tmp_path, tiny_sub):
 # ----------------------------------------------------------------------------- bad input (requirement 7)
 def craft(tensors: dict[str, np.ndarray], **meta: str) -> bytes:
     """A safetensors file with our header, overridable field by field."""
-    base = {"format": "opentrans-hub/subnetwork", "format_version": "1", "encoding": "packbits", "arch": "a",
-            "provenance": "{}"}
+    base = {"format": "opentrans-hub/subnetwork", "format_version": "1", "encoding": "packbits",
+            "arch": "open_clip/tiny", "provenance": "{}"}
     base.update(meta)
     return st_save(tensors, metadata={k: v for k, v in base.items() if v is not None})
 
@@ -317,7 +318,7 @@ def test_unknown_versions_encodings_and_foreign_files(tmp_path, tiny_sub):
 
     expect_error(torch_save(make_tiny_resnet().state_dict()), tmp_path, "dtype|not an opentrans-hub")
     expect_error(b"\x00" * 64, tmp_path, "safetensors|JSON")
-    expect_error(json.dumps({"a": 1}).encode(), tmp_path, "header length|truncated")
+    expect_error(json.dumps({"a": 1}).encode(), tmp_path, "JSON file, not a subnetwork")
 
 
 def test_zstd_defects(tmp_path, tiny_sub):
@@ -347,8 +348,8 @@ def test_zstd_defects(tmp_path, tiny_sub):
 
 
 def test_missing_and_unreadable_files(tmp_path):
-    with pytest.raises(OpenTransError, match="cannot read") as info:
+    with pytest.raises(OpenTransError, match="no such file") as info:
         Subnetwork.load(tmp_path / "nope.safetensors")
     assert "nope.safetensors" in str(info.value)
-    with pytest.raises(OpenTransError, match="cannot read"):
-        Subnetwork.load(tmp_path)  # a directory
+    with pytest.raises(OpenTransError, match="is a directory"):
+        Subnetwork.load(tmp_path)  # a directory says so, not "no such file"

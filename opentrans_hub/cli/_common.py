@@ -6,10 +6,14 @@ import json
 import sys
 from typing import Any
 
+#: set once a command has printed its JSON object (an error then adds none: one object per run)
+STATE = {"json_printed": False}
+
 
 def print_json(obj: Any) -> None:
     """One JSON object on one line of stdout (what scripts parse)."""
     sys.stdout.write(json.dumps(obj, sort_keys=False, default=str) + "\n")
+    STATE["json_printed"] = True
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:
@@ -19,3 +23,25 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ANSI escapes, newlines, NUL) shown escaped: a crafted name in a file
+    must not clear a terminal or forge output lines."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def add_overwrite(parser: Any) -> None:
+    """``--overwrite``: every command that writes a file refuses an existing one without it."""
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def check_out(args: Any, path: Any, *inputs: Any) -> None:
+    """Refuse, before any work, an output that exists (without ``--overwrite``), is one of ``inputs``, or is not
+    a regular file (link, FIFO, device)."""
+    from .._atomic import check_output
+
+    if path is not None:
+        check_output(path, overwrite=bool(getattr(args, "overwrite", False)), inputs=inputs)

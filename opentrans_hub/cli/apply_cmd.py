@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from ..registry import load_selection, load_subnetwork
-from ._common import print_json
+from ._common import add_overwrite, check_out, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--arch", default=None, help="architecture id to map with (default: the subnetwork's or "
                         "selection's own, e.g. open_clip/RN50)")
     parser.add_argument("--strict", action="store_true", help="fail (write nothing) when a name finds no destination")
+    parser.add_argument("--allow-partial", action="store_true", help="apply even when the checkpoint's tower has "
+                        "Conv/Linear weights the subnetwork's architecture does not cover (they stay dense, listed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_overwrite(parser)
     parser.set_defaults(func=run)
 
 
@@ -40,6 +43,8 @@ def _print_report(report_dict: dict[str, Any], header: str) -> None:
         print(f"  dropped   {item['source']}: {item['reason']}")
     for item in report_dict["unmapped"]:
         print(f"  unmapped  {item['source']}: {item['reason']}")
+    for name in report_dict.get("uncovered", []):
+        print(f"  dense     {name}: no counterpart in the subnetwork's architecture (--allow-partial)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,10 +52,12 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import read_state_dict
     from ..plugins import get_plugin
 
+    check_out(args, args.out, args.checkpoint, args.subnetwork, args.selection)
     plugin = get_plugin(args.plugin)
     if args.subnetwork:
         subnetwork = load_subnetwork(args.subnetwork)
-        report = plugin.apply_checkpoint(args.checkpoint, subnetwork, args.out, strict=args.strict, arch=args.arch)
+        report = plugin.apply_checkpoint(args.checkpoint, subnetwork, args.out, strict=args.strict, arch=args.arch,
+                                         allow_partial=args.allow_partial)
         info = {"plugin": plugin.name, "arch": args.arch or subnetwork.arch, "subnetwork": subnetwork.sha256,
                 "sparsity": subnetwork.sparsity, "checkpoint": args.checkpoint, "out": args.out, **report.to_dict()}
         if args.json:

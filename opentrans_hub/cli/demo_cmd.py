@@ -10,7 +10,7 @@ from ._common import print_json
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run IMP + spectral selection + registry + 3 framework transfers "
-                                   "end to end (about 2 minutes on 2 CPU cores)")
+                                   "end to end (about 3 minutes of CPU time)")
     parser.add_argument("--out", default="opentrans-demo", help="output folder (registry, plots, summary.json)")
     parser.add_argument("--weights", default=None, help="real CLIP RN50 weights file (default: random init)")
     parser.add_argument("--quick", action="store_true", help="smaller images and fewer steps (tests, smoke runs)")

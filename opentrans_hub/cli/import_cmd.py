@@ -6,7 +6,7 @@ import argparse
 
 from ..checkpoints import read_state_dict
 from ..importers import from_zeros, import_pruned_checkpoint
-from ._common import print_json
+from ._common import add_overwrite, check_out, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,10 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--include", default=None, help="with --from-zeros: regex of tensor names to take")
     parser.add_argument("--encoding", choices=["packbits", "zstd"], default="packbits")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_overwrite(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out(args, args.out, args.checkpoint)
     if args.from_zeros:
         sub = from_zeros(read_state_dict(args.checkpoint), arch=args.arch, include=args.include, prefix=args.prefix)
     else:

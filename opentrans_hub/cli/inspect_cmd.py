@@ -8,7 +8,7 @@ import os
 from ..packing import packed_stats
 from ..sparsefile import is_packed, open_packed
 from ..subnetwork import Subnetwork
-from ._common import print_json, table
+from ._common import print_json, printable, table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def describe(path: str) -> dict:
     info = sub.stats()
     size = os.path.getsize(path)
     info.update({"path": path, "bytes": size, "bits_per_weight": 8 * size / max(sub.numel, 1),
-                 "provenance": sub.provenance})
+                 "provenance": sub.provenance, "noncanonical": sub.noncanonical()})
     return info
 
 
@@ -35,11 +35,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
         return 0
-    print(f"{info['path']}: {info['arch']}, sha256 {info['sha256'][:16]}")
+    print(f"{printable(info['path'])}: {info['arch']}, sha256 {info['sha256'][:16]}")
     print(f"sparsity {info['sparsity']:.2%}: {info['kept_params']:,} kept of {info['total_params']:,} weights in "
           f"{info['num_layers']} layers; {info['bytes']:,} bytes ({info['bits_per_weight']:.3f} bits/weight)")
     method = info["provenance"].get("method", "?")
-    print(f"method: {method} {info['provenance'].get('settings', '')}")
+    print(printable(f"method: {method} {info['provenance'].get('settings', '')}"))
     rows = [[layer["name"], "x".join(map(str, layer["shape"])), f"{layer['kept']:,}", f"{layer['sparsity']:.2%}"]
             for layer in info["layers"]]
     print(table(rows, ["layer", "shape", "kept", "sparsity"]))

@@ -7,11 +7,9 @@ checkpoint back bit-identical. Neither ever writes over its input.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..errors import OpenTransError
-from ..packing import check_output, pack_checkpoint, unpack
-from ._common import print_json
+from ..packing import pack_checkpoint, unpack
+from ._common import add_overwrite, check_out, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,27 +25,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", help="where the tower sits in the checkpoint's state dict (default: detected)")
     p.add_argument("--include", metavar="REGEX", help="with --zeros: only tensors whose name matches")
     p.add_argument("--arch", help="architecture id to record (--zeros) or to require (--subnetwork)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_overwrite(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_pack)
 
     p = subparsers.add_parser("unpack", help="write the dense checkpoint of a packed file (bit-identical)")
     p.add_argument("packed", metavar="FILE")
     p.add_argument("--out", required=True, metavar="CKPT", help=".pth (any checkpoint) or .safetensors (flat)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_overwrite(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_unpack)
 
 
-def _check_out(args: argparse.Namespace, *inputs: str) -> None:
-    """Before any work: the output is not an input, and an existing one is replaced only with --overwrite."""
-    check_output(args.out, *inputs)
-    if Path(args.out).exists() and not args.overwrite:
-        raise OpenTransError("output exists; pass --overwrite to replace it", path=args.out)
-
-
 def run_pack(args: argparse.Namespace) -> int:
-    _check_out(args, args.checkpoint)
+    check_out(args, args.out, args.checkpoint)
     info = pack_checkpoint(args.checkpoint, args.out, subnetwork=args.subnetwork, zeros=args.zeros, dtype=args.dtype,
                            force_zero=args.force_zero, encoding=args.encoding, prefix=args.prefix,
                            include=args.include, arch=args.arch)
@@ -64,7 +55,7 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_unpack(args: argparse.Namespace) -> int:
-    _check_out(args, args.packed)
+    check_out(args, args.out, args.packed)
     info = unpack(args.packed, args.out)
     if args.json:
         print_json(info)

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from ..errors import OpenTransError
-from ._common import print_json
+from ..errors import OpenTransError, OpenTransWarning
+from ._common import add_overwrite, check_out, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="where to rank the weights (cpu, cuda)")
     parser.add_argument("--encoding", choices=["packbits", "zstd"], default="packbits")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_overwrite(parser)
     parser.set_defaults(func=run)
 
 
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..backbones import build_visual, weights_sha256
     from ..imp import PruneScope, imp_sparsity, magnitude_prune
 
+    check_out(args, args.out, args.pretrained)
     if args.rounds is not None and args.rounds < 1:
         raise OpenTransError(f"--rounds must be >= 1, got {args.rounds}")
     if args.rounds is not None and not 0.0 < args.rate < 1.0:
@@ -71,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
     source = {"arch": args.arch, "pretrained": args.pretrained,
               "seed": args.seed if args.pretrained is None else None, "base_weights_sha256": base_sha}
     sub = None
-    with torch.no_grad():
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", OpenTransWarning)  # emptied layers: said once, after the summary line
         for k in range(1, rounds + 1):
             target = args.sparsity if args.rounds is None else imp_sparsity(args.rate, k)
             bar.set_postfix_str(f"round {k}/{rounds}" if args.rounds else "ranking")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..registry import Registry
-from ._common import print_json, table
+from ._common import print_json, printable, table
 
 
 def _registry(args: argparse.Namespace) -> Registry:
@@ -69,7 +69,7 @@ def run_info(args: argparse.Namespace) -> int:
         print_json(info)
         return 0
     for key, value in info.items():
-        print(f"{key}: {value}")
+        print(printable(f"{key}: {value}"))
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import print_json
+from ._common import add_overwrite, check_out, print_json
 from .spectrum_cmd import add_metric_options, add_policy_options, build_selection, measure
 
 
@@ -14,10 +14,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_policy_options(parser, required=False)
     parser.add_argument("--out", required=True, help="where to write the selection JSON")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_overwrite(parser)
     parser.set_defaults(func=run, policy="median")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out(args, args.out, args.target, args.weights)
     metrics, arch, sha = measure(args)
     selection = build_selection(args, metrics, arch, sha)
     path = selection.save(args.out)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OpenTransError
-from ._common import print_json, table
+from ._common import add_overwrite, check_out, print_json, table
 
 
 def add_metric_options(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_metric_options(parser)
     add_policy_options(parser, required=False)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--plot", metavar="PNG", help="write alpha per layer (median, selected layers) to PNG")
+    parser.add_argument("--plot", metavar="FILE", help="write alpha per layer (median, selected layers) to a PNG, "
+                        "SVG or PDF file")
+    add_overwrite(parser)
     parser.set_defaults(func=run)
 
 
@@ -54,6 +56,8 @@ def load_target(args: argparse.Namespace) -> tuple[Any, str, str | None]:
     from ..checkpoints import read_state_dict
 
     target = args.target
+    if Path(target).is_dir():
+        raise OpenTransError("is a directory, expected an architecture id or a state-dict file", path=target)
     if Path(target).is_file():
         if args.weights:
             raise OpenTransError("--weights goes with an architecture id; TARGET is already a weights file",
@@ -89,8 +93,11 @@ def _network_order(state: dict, arch: str | None) -> list[str]:
 
 
 def measure(args: argparse.Namespace) -> tuple[list, str, str | None]:
-    from ..spectral import compute_metrics, default_cache_dir
+    from ..spectral import check_settings, compute_metrics, default_cache_dir
 
+    if args.max_aspect is not None and (args.max_aspect != args.max_aspect or args.max_aspect < 0):
+        raise OpenTransError(f"--max-aspect must be >= 0 (0: keep every Linear layer), got {args.max_aspect}")
+    check_settings(conv_norm=args.conv_norm, device=args.device)  # before building or reading anything
     source, arch, sha = load_target(args)
     metrics = compute_metrics(source, args.xmin, conv_norm=args.conv_norm,
                               max_aspect=args.max_aspect if args.max_aspect and args.max_aspect > 0 else None,
@@ -116,6 +123,11 @@ def build_selection(args: argparse.Namespace, metrics: list, arch: str, sha: str
 def run(args: argparse.Namespace) -> int:
     from ..report import plot_alpha
 
+    if args.plot:
+        from ..report import check_plot_path
+
+        check_plot_path(args.plot)
+        check_out(args, args.plot, args.target, args.weights)
     metrics, arch, sha = measure(args)
     selection = build_selection(args, metrics, arch, sha) if args.policy else None
     rows = selection.layers if selection is not None else [m.to_dict() for m in metrics]
