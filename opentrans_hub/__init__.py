@@ -3,7 +3,7 @@
 The public API is kept small; everything here is documented in the README.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import OpenTransError, OpenTransWarning  # noqa: E402
 from .hub import load_backbone, pull, push  # noqa: E402

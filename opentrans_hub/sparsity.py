@@ -460,7 +460,7 @@ def _detach_masks(model: nn.Module, zero: bool) -> nn.Module:
         for param in store.params.values():
             _REGISTRY.pop(param, None)
         for hook_id in module.__dict__.get(_HOOKS_ATTR, []):
-            module._forward_pre_hooks.pop(hook_id, None)  # registered by versions before 0.1.0's compile fix
+            module._forward_pre_hooks.pop(hook_id, None)  # registered by 0.1.0, which masked in a forward pre-hook
             module._load_state_dict_post_hooks.pop(hook_id, None)
         store.params.clear()
         store.module = None
