@@ -56,18 +56,22 @@ def open_clip_visual(name: str, pretrained: str | None = None, device: str = "cp
 
 BUILDERS["open_clip"] = open_clip_visual
 
-_CANONICAL_CACHE: dict[str, dict[str, torch.Tensor]] = {}
+_CANONICAL_TOWERS: dict[str, nn.Module] = {}
+
+
+def canonical_tower(arch: str) -> nn.Module:
+    """The tower of ``arch`` on the meta device (names and shapes, no weights), built once per process."""
+    if arch not in _CANONICAL_TOWERS:
+        family, name = parse_arch(arch)
+        if family != "open_clip":
+            raise OpenTransError(f"canonical names are known for open_clip architectures only, not {arch!r}")
+        _CANONICAL_TOWERS[arch] = open_clip_visual(name, device="meta")
+    return _CANONICAL_TOWERS[arch]
 
 
 def canonical_shapes(arch: str) -> dict[str, torch.Tensor]:
     """Canonical parameter name -> a meta tensor of its shape, for the tower of ``arch`` (no weights)."""
-    if arch not in _CANONICAL_CACHE:
-        family, name = parse_arch(arch)
-        if family != "open_clip":
-            raise OpenTransError(f"canonical names are known for open_clip architectures only, not {arch!r}")
-        visual = open_clip_visual(name, device="meta")
-        _CANONICAL_CACHE[arch] = {k: v for k, v in visual.named_parameters()}
-    return _CANONICAL_CACHE[arch]
+    return dict(canonical_tower(arch).named_parameters())
 
 
 def check_canonical_scope(selected: Mapping[str, tuple[str, torch.Tensor]], arch: str, prefix: str) -> None:

@@ -218,3 +218,17 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
     return LoadedCheckpoint(path, obj, tuple(k for k in trail.split(".") if k), state, ddp, metadata)
+
+
+def target_state(target: Any) -> tuple[dict[str, Any], str | None]:
+    """(state, the file it came from) of a model, a state dict or a checkpoint path: a live model gives its
+    state dict with every parameter under each of its names (tied ones too), detached. Callers unwrap
+    DDP/compile wrappers first (``sparsity.unwrap``)."""
+    if isinstance(target, torch.nn.Module):
+        module = target
+        state = {k: v.detach() for k, v in module.state_dict(keep_vars=True).items()}
+        state.update({k: v.detach() for k, v in module.named_parameters(remove_duplicate=False)})
+        return state, None
+    if isinstance(target, Mapping):
+        return dict(target), None
+    return load_checkpoint(target).state, os.fspath(target)

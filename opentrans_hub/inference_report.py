@@ -86,23 +86,13 @@ class AmbiguousTowerError(OpenTransError):
 # ---------------------------------------------------------------------------------------------------- inputs
 def _target_tensors(target: Any) -> tuple[dict[str, torch.Tensor], str | None, str]:
     """(tensors, the file they came from, the DDP prefix every name had and that was taken off)."""
+    from .checkpoints import target_state
     from .sparsity import unwrap
 
-    source = None
-    if isinstance(target, nn.Module):
-        module = unwrap(target)
-        state = {k: v.detach() for k, v in module.state_dict(keep_vars=True).items()}
-        state.update({k: v.detach() for k, v in module.named_parameters(remove_duplicate=False)})
-    elif isinstance(target, Mapping):
-        state = dict(target)
-    elif isinstance(target, (str, os.PathLike)):
-        from .checkpoints import load_checkpoint
-
-        source = os.fspath(target)
-        state = load_checkpoint(target).state
-    else:
+    if not isinstance(target, (nn.Module, Mapping, str, os.PathLike)):
         raise OpenTransError(f"cannot infer a name map for a {type(target).__name__}: give a checkpoint path, "
                              "a state dict or an nn.Module")
+    state, source = target_state(unwrap(target) if isinstance(target, nn.Module) else target)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise OpenTransError("the target holds no tensors", path=source)
@@ -111,20 +101,13 @@ def _target_tensors(target: Any) -> tuple[dict[str, torch.Tensor], str | None, s
     return tensors, source, ""
 
 
-_CANONICAL: dict[str, dict[str, torch.Tensor]] = {}
-
-
 def canonical_state(arch: str) -> dict[str, torch.Tensor]:
     """The canonical tower's state dict (parameters and buffers) as meta tensors, in definition order."""
-    if arch not in _CANONICAL:
-        from .backbones import open_clip_visual, parse_arch
+    from .backbones import canonical_tower, parse_arch
 
-        family, name = parse_arch(arch)
-        if family != "open_clip":
-            raise OpenTransError(f"name maps are inferred for open_clip architectures only, not {arch!r}")
-        visual = open_clip_visual(name, device="meta")
-        _CANONICAL[arch] = {k: v for k, v in visual.state_dict(keep_vars=True).items()}
-    return _CANONICAL[arch]
+    if parse_arch(arch)[0] != "open_clip":
+        raise OpenTransError(f"name maps are inferred for open_clip architectures only, not {arch!r}")
+    return dict(canonical_tower(arch).state_dict(keep_vars=True))
 
 
 def _source_values(arch: str, weights: Any) -> dict[str, torch.Tensor] | None:

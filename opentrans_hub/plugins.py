@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .backbones import canonical_shapes  # noqa: F401  (re-exported: it lived here)
-from .checkpoints import LoadedCheckpoint, load_checkpoint  # noqa: F401  (LoadedCheckpoint re-exported)
+from .checkpoints import LoadedCheckpoint, load_checkpoint, target_state  # noqa: F401  (LoadedCheckpoint re-exported)
 from .errors import OpenTransError
 from .mapping import MappingReport, NameMap
 from .registry import load_selection, load_subnetwork
@@ -256,16 +256,8 @@ class Plugin:
         Without ``arch`` (and subnetwork) every declared architecture is tried and the best fit is reported
         (fewest shape mismatches, then most mapped, then fewest unmapped; ``arch_detected``).
         """
-        source = None
-        if isinstance(target, nn.Module):
-            target = unwrap(target)
-            state = {k: v.detach() for k, v in target.state_dict(keep_vars=True).items()}
-            state.update({k: v.detach() for k, v in target.named_parameters(remove_duplicate=False)})
-        elif isinstance(target, Mapping):
-            state = dict(target)
-        else:
-            source = os.fspath(target)
-            state = load_checkpoint(target).state
+        target = unwrap(target) if isinstance(target, nn.Module) else target  # the report names the inner model
+        state, source = target_state(target)
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         ddp = "module." if tensors and all(k.startswith("module.") for k in tensors) else ""
