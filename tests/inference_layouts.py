@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from layout_util import Box, place  # noqa: F401  (re-exported for tests importing them here)
 from torch import nn
 
 RN_TINY = "open_clip/RN50-oth-tiny"
@@ -68,16 +69,3 @@ def tower(arch: str, seed: int = 0) -> nn.Module:
     return nonzero_init(build_visual(arch), seed=seed)
 
 
-class Box(nn.Module):
-    """An empty container, so attribute paths read like a framework's (``backbone.clip_model``)."""
-
-
-def place(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
-    node = root
-    parts = path.split(".")
-    for part in parts[:-1]:
-        if not hasattr(node, part):
-            setattr(node, part, Box())
-        node = getattr(node, part)
-    setattr(node, parts[-1], module)
-    return root

@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 from conftest import make_tiny_resnet
+from layout_util import Box, place  # noqa: F401  (re-exported for tests importing them here)
 from torch import nn
 from torch.nn import functional as F
 
@@ -21,21 +22,7 @@ from opentrans_hub import OpenTransError, Subnetwork, apply_masks
 from opentrans_hub.plugins import get_plugin
 from opentrans_hub.selection import LayerSelection
 
-
 # ----------------------------------------------------------------------------- helpers
-class Box(nn.Module):
-    """An empty container, so attribute paths read like a framework's (``backbone.clip_model``)."""
-
-
-def place(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
-    parts = path.split(".")
-    node = root
-    for part in parts[:-1]:
-        if not hasattr(node, part):
-            setattr(node, part, Box())
-        node = getattr(node, part)
-    setattr(node, parts[-1], module)
-    return root
 
 
 def nonzero_init(module: nn.Module, seed: int = 0) -> nn.Module:
