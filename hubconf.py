@@ -5,7 +5,7 @@
                               subnetwork="rn50-openai-imp21", trust_repo=True)
     torch.hub.load("/path/to/checkout", "clip_backbone", source="local", arch="RN50", pretrained="weights.pt")
 
-Thin wrappers over the package (``opentrans_hub.hub.load_backbone`` and the registry); names resolve from
+Thin wrappers over the package (``opentrans_hub.zoo.hub.load_backbone`` and the registry); names resolve from
 the user registry, the built-in recipe index, ``hf://ORG/REPO[@REV]`` and plain paths.
 """
 
@@ -25,7 +25,7 @@ def clip_backbone(arch="RN50", pretrained=None, subnetwork=None, selection=None,
             default: exact for a packed backbone, baked for a subnetwork on dense weights.
         strict: every mask must find its tensor in the tower.
     """
-    from opentrans_hub.hub import load_backbone
+    from opentrans_hub.transfer.backbone import load_backbone
 
     return load_backbone(arch, pretrained=pretrained, subnetwork=subnetwork, selection=selection, exact=exact,
                          strict=strict)
@@ -33,13 +33,13 @@ def clip_backbone(arch="RN50", pretrained=None, subnetwork=None, selection=None,
 
 def subnetwork(name):
     """A verified ``opentrans_hub.Subnetwork`` by registry name, ``hf://ORG/REPO[@REV]`` or path."""
-    from opentrans_hub.registry import load_subnetwork
+    from opentrans_hub.zoo.registry import load_subnetwork
 
     return load_subnetwork(name)
 
 
 def layer_selection(name):
     """A verified ``opentrans_hub.LayerSelection`` by registry name, ``hf://ORG/REPO[@REV]`` or path."""
-    from opentrans_hub.registry import load_selection
+    from opentrans_hub.zoo.registry import load_selection
 
     return load_selection(name)

@@ -3,7 +3,7 @@
 Scope: every Conv2d weight but the first (23,473,152 weights). Each repeat prunes a fresh copy of the same
 randomly initialised tower (copying is not timed) with
 
-* ``opentrans_hub.imp.magnitude_prune(tower, rate=AMOUNT)`` (threshold by radix selection, masks applied
+* ``opentrans_hub.methods.imp.magnitude_prune(tower, rate=AMOUNT)`` (threshold by radix selection, masks applied
   in place with exact-zero hooks), and
 * ``torch.nn.utils.prune.global_unstructured(..., pruning_method=L1Unstructured, amount=AMOUNT)``,
 
@@ -27,7 +27,7 @@ from torch import nn
 
 
 def _tower(seed: int) -> nn.Module:
-    from opentrans_hub.backbones import build_visual
+    from opentrans_hub.towers.backbones import build_visual
 
     torch.manual_seed(seed)
     return build_visual("open_clip/RN50")
@@ -39,7 +39,7 @@ def _scope(tower: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 
 
 def run_ours(tower: nn.Module, amount: float) -> tuple[float, dict[str, torch.Tensor]]:
-    from opentrans_hub.imp import magnitude_prune
+    from opentrans_hub.methods.imp import magnitude_prune
 
     start = time.perf_counter()
     sub = magnitude_prune(tower, rate=amount)

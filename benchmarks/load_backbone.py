@@ -39,12 +39,13 @@ def main() -> int:
 
     from safetensors.torch import save_file
 
-    from opentrans_hub.backbones import build_visual
-    from opentrans_hub.hub import load_backbone
-    from opentrans_hub.imp import PruneScope, magnitude_masks
-    from opentrans_hub.registry import Registry
-    from opentrans_hub.sparsity import apply_subnetwork, bake
-    from opentrans_hub.subnetwork import Subnetwork, default_provenance
+    from opentrans_hub.formats.subnetwork import Subnetwork, default_provenance
+    from opentrans_hub.methods.imp import PruneScope, magnitude_masks
+    from opentrans_hub.sparsity.masks import bake
+    from opentrans_hub.towers.backbones import build_visual
+    from opentrans_hub.transfer.apply import apply_subnetwork
+    from opentrans_hub.transfer.backbone import load_backbone
+    from opentrans_hub.zoo.registry import Registry
 
     with tempfile.TemporaryDirectory(prefix="oth-bench-") as tmp:
         tmp = Path(tmp)

@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from opentrans_hub.inference import canonical_state, infer_name_map
+    from opentrans_hub.transfer.inference import canonical_state, infer_name_map
 
     arch = "open_clip/RN50"
     state, visual = build_checkpoint()

@@ -3,7 +3,7 @@
 The selection is the paper's: alpha per layer (``xmin`` peak), layers below the median frozen (biases follow,
 norms frozen). Both configurations run interleaved in one process, ``--repeats`` times after a warm-up step;
 the median step time is reported. FLOPs of one step (forward + backward) come from
-``torch.utils.flop_counter`` through ``opentrans_hub.report.selection_training_flops``: a frozen weight pays
+``torch.utils.flop_counter`` through ``opentrans_hub.methods.report.selection_training_flops``: a frozen weight pays
 no weight-gradient FLOPs, and no input gradient is computed below the lowest trainable layer. Random-init
 weights (no downloads here). The last line of stdout is one JSON object.
 """
@@ -39,10 +39,10 @@ def main() -> None:
     args = parser.parse_args()
     repeats, batch = (1, 2) if args.quick else (args.repeats, args.batch)
     logging.disable(logging.WARNING)
-    from opentrans_hub.backbones import build_visual
-    from opentrans_hub.report import parameter_counts, selection_training_flops
-    from opentrans_hub.selection import select_layers
-    from opentrans_hub.spectral import compute_metrics
+    from opentrans_hub.methods.costs import parameter_counts, selection_training_flops
+    from opentrans_hub.methods.select import select_layers
+    from opentrans_hub.methods.spectral import compute_metrics
+    from opentrans_hub.towers.backbones import build_visual
 
     torch.manual_seed(0)
     tower = build_visual("open_clip/RN50").train()

@@ -42,7 +42,7 @@ import ctypes, gc, sys, threading, time
 import torch
 torch.set_num_threads(1)
 from opentrans_hub import Subnetwork
-from opentrans_hub.packing import pack_checkpoint, unpack
+from opentrans_hub.zoo.packing import pack_checkpoint, unpack
 
 def anon():
     with open("/proc/self/status") as handle:
@@ -103,12 +103,12 @@ def main() -> int:
 
     from safetensors.torch import load_file, save_file
 
-    from opentrans_hub.backbones import build_visual
-    from opentrans_hub.hub import load_backbone
-    from opentrans_hub.imp import PruneScope, magnitude_masks
-    from opentrans_hub.packing import load_sparse, pack_checkpoint, packed_stats, unpack
-    from opentrans_hub.sparsefile import open_packed
-    from opentrans_hub.subnetwork import Subnetwork, default_provenance
+    from opentrans_hub.formats.packed import open_packed
+    from opentrans_hub.formats.subnetwork import Subnetwork, default_provenance
+    from opentrans_hub.methods.imp import PruneScope, magnitude_masks
+    from opentrans_hub.towers.backbones import build_visual
+    from opentrans_hub.transfer.backbone import load_backbone
+    from opentrans_hub.zoo.packing import load_sparse, pack_checkpoint, packed_stats, unpack
 
     with tempfile.TemporaryDirectory(prefix="oth-bench-pack-") as tmp:
         tmp = Path(tmp)

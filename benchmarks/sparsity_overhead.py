@@ -34,8 +34,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from opentrans_hub import Subnetwork, apply_masks, model_sparsity
-from opentrans_hub import sparsity as sparsity_mod
-from opentrans_hub.backbones import build_visual
+from opentrans_hub.sparsity import masks as sparsity_mod
+from opentrans_hub.towers.backbones import build_visual
 
 
 def l1_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:

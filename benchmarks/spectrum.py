@@ -96,8 +96,8 @@ def main() -> None:
 
         threadpool_limits(args.threads)
         torch.set_num_threads(args.threads)
-    from opentrans_hub.backbones import build_visual
-    from opentrans_hub.spectral import clear_cache, compute_metrics
+    from opentrans_hub.methods.spectral import clear_cache, compute_metrics
+    from opentrans_hub.towers.backbones import build_visual
 
     torch.manual_seed(0)
     tower = build_visual("open_clip/RN50")

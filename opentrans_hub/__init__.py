@@ -1,87 +1,63 @@
 """opentrans-hub: portable OpenTrans subnetworks and layer selections for open-vocabulary segmentation.
 
-The public API is kept small; everything here is documented in the README.
+The public API is this module's names, loaded on first use (``import opentrans_hub`` imports no torch):
+``oth.Subnetwork``, ``oth.apply_subnetwork(model, sub, ...)``, ``oth.load_backbone(...)``... Each name lives in
+the layer that owns it (see ``docs/design.md``); this table only says where.
 """
 
-__version__ = "0.2.0"
+from __future__ import annotations
 
-from .errors import OpenTransError, OpenTransWarning  # noqa: E402
-from .hub import load_backbone, pull, push  # noqa: E402
-from .imp import IMPRunner, PruneScope, magnitude_masks, magnitude_prune, prune_round  # noqa: E402
-from .importers import from_torch_prune, from_zeros, import_pruned_checkpoint  # noqa: E402
-from .inference import InferenceReport, infer_name_map  # noqa: E402
-from .mapping import MappingReport, NameMap, Rule  # noqa: E402
-from .packing import load_sparse, pack_checkpoint, unpack  # noqa: E402
-from .plugins import Plugin, get_plugin, list_plugins  # noqa: E402
-from .registry import Registry, load_selection, load_subnetwork  # noqa: E402
-from .report import count_flops, parameter_counts, plot_alpha, plot_sparsity, sparse_inference_flops  # noqa: E402
-from .selection import LayerSelection, SelectionReport, select_layers  # noqa: E402
-from .sparsity import (  # noqa: E402
-    apply_masks,
-    bake,
-    count_zeros,
-    enforce,
-    masked_parameters,
-    model_sparsity,
-    remove,
-)
-from .spectral import LayerMetrics, compute_metrics  # noqa: E402
-from .subnetwork import Subnetwork  # noqa: E402
-from .training import OpenTransSchedule  # noqa: E402
-from .transfer import apply_selection, apply_subnetwork, apply_subnetwork_to_state_dict  # noqa: E402
-from .verify import export_subnetwork, verify_exact  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "IMPRunner",
-    "InferenceReport",
-    "LayerMetrics",
-    "LayerSelection",
-    "MappingReport",
-    "NameMap",
-    "OpenTransError",
-    "OpenTransWarning",
-    "OpenTransSchedule",
-    "Plugin",
-    "PruneScope",
-    "Registry",
-    "Rule",
-    "SelectionReport",
-    "Subnetwork",
-    "__version__",
-    "apply_masks",
-    "apply_selection",
-    "apply_subnetwork",
-    "apply_subnetwork_to_state_dict",
-    "bake",
-    "compute_metrics",
-    "count_flops",
-    "count_zeros",
-    "enforce",
-    "export_subnetwork",
-    "from_torch_prune",
-    "from_zeros",
-    "get_plugin",
-    "import_pruned_checkpoint",
-    "infer_name_map",
-    "list_plugins",
-    "load_backbone",
-    "load_selection",
-    "load_sparse",
-    "load_subnetwork",
-    "magnitude_masks",
-    "magnitude_prune",
-    "masked_parameters",
-    "model_sparsity",
-    "pack_checkpoint",
-    "parameter_counts",
-    "plot_alpha",
-    "plot_sparsity",
-    "prune_round",
-    "pull",
-    "push",
-    "remove",
-    "select_layers",
-    "sparse_inference_flops",
-    "unpack",
-    "verify_exact",
-]
+from .version import __version__ as __version__
+
+#: public name -> the module (below this package) that defines it
+_PUBLIC = {
+    "OpenTransError": "errors", "OpenTransWarning": "errors",
+    "NameMap": "naming.namemap", "Rule": "naming.namemap", "MappingReport": "naming.namemap",
+    "TIMM_CLIP_RESNET_RULES": "towers.backbones",
+    "Subnetwork": "formats.subnetwork", "LayerSelection": "formats.selection",
+    "apply_masks": "sparsity.masks", "bake": "sparsity.masks", "enforce": "sparsity.masks",
+    "masked_parameters": "sparsity.masks", "remove": "sparsity.masks",
+    "count_zeros": "sparsity.stats", "model_sparsity": "sparsity.stats",
+    "export_subnetwork": "sparsity.verify", "verify_exact": "sparsity.verify",
+    "IMPRunner": "methods.imp", "PruneScope": "methods.imp", "magnitude_prune": "methods.imp",
+    "prune_round": "methods.imp", "magnitude_masks": "methods.magnitude",
+    "LayerMetrics": "methods.spectral", "compute_metrics": "methods.spectral",
+    "select_layers": "methods.select",
+    "from_torch_prune": "methods.importers", "from_zeros": "methods.importers",
+    "import_pruned_checkpoint": "methods.importers",
+    "count_flops": "methods.costs", "parameter_counts": "methods.costs", "sparse_inference_flops": "methods.costs",
+    "plot_alpha": "methods.plots", "plot_sparsity": "methods.plots",
+    "Registry": "zoo.registry", "load_selection": "zoo.registry", "load_subnetwork": "zoo.registry",
+    "load_sparse": "zoo.packing", "pack_checkpoint": "zoo.packing", "unpack": "zoo.packing",
+    "push": "zoo.hub", "pull": "zoo.hub", "load_backbone": "transfer.backbone",
+    "apply_subnetwork": "transfer.apply", "apply_subnetwork_to_state_dict": "transfer.apply",
+    "apply_selection": "transfer.apply", "SelectionReport": "transfer.selection",
+    "Plugin": "transfer.plugins", "get_plugin": "transfer.plugins", "list_plugins": "transfer.plugins",
+    "InferenceReport": "transfer.inference", "infer_name_map": "transfer.inference",
+    "OpenTransSchedule": "integrations.training",
+}
+
+__all__ = sorted([*_PUBLIC, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'opentrans_hub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .errors import OpenTransError, OpenTransWarning  # noqa: F401
+    from .formats.selection import LayerSelection  # noqa: F401
+    from .formats.subnetwork import Subnetwork  # noqa: F401
+    from .naming.namemap import MappingReport, NameMap, Rule  # noqa: F401

@@ -49,7 +49,7 @@ def tiny_resnet() -> torch.nn.Module:
 @pytest.fixture
 def rn50_visual() -> torch.nn.Module:
     """The full open_clip RN50 visual tower, random init (no downloads here)."""
-    from opentrans_hub.backbones import build_visual
+    from opentrans_hub.towers.backbones import build_visual
 
     torch.manual_seed(0)
     return build_visual("open_clip/RN50")

@@ -73,8 +73,8 @@ RESUME_SETTINGS = {"rate": 0.2, "rounds": 4, "period": 3}
 
 
 def run_resume(out_dir: str, steps: int, sleep_after_round: float) -> None:
-    from opentrans_hub.checkpoints import write_checkpoint
-    from opentrans_hub.imp import IMPRunner
+    from opentrans_hub.io.checkpoints import write_checkpoint
+    from opentrans_hub.methods.imp import IMPRunner
 
     model = TinyClassifier(seed=0)
     optimizer = make_optimizer(model)
@@ -109,8 +109,8 @@ DDP_SETTINGS = {"rate": 0.25, "rounds": 3, "period": 2}
 def run_ddp(out_dir: str, rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
 
-    from opentrans_hub.backbones import weights_sha256
-    from opentrans_hub.imp import IMPRunner
+    from opentrans_hub.methods.imp import IMPRunner
+    from opentrans_hub.towers.backbones import weights_sha256
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

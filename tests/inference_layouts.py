@@ -62,7 +62,7 @@ def nonzero_init(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def tower(arch: str, seed: int = 0) -> nn.Module:
-    from opentrans_hub.backbones import build_visual
+    from opentrans_hub.towers.backbones import build_visual
 
     register()
     torch.manual_seed(seed)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from opentrans_hub import Subnetwork
-from opentrans_hub.subnetwork import default_provenance
+from opentrans_hub.formats.subnetwork import default_provenance
 
 SCRIPT = Path(sys.executable).with_name("opentrans-hub")
 PREFIX = "backbone.clip_model.visual."

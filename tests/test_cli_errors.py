@@ -15,7 +15,7 @@ from cli_util import assert_refused, cli_env, command, run_cli
 from conftest import make_tiny_resnet
 
 from opentrans_hub import LayerSelection, Subnetwork
-from opentrans_hub.subnetwork import default_provenance
+from opentrans_hub.formats.subnetwork import default_provenance
 
 PREFIX = "backbone.clip_model.visual."
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from opentrans_hub.backbones import build_visual
-from opentrans_hub.registry import Registry
+from opentrans_hub.towers.backbones import build_visual
+from opentrans_hub.zoo.registry import Registry
 
 CLI = [sys.executable, "-m", "opentrans_hub"]
 

@@ -16,7 +16,6 @@ from torch import nn
 from yacs.config import CfgNode
 
 from opentrans_hub import OpenTransError
-from opentrans_hub.imp import IMPRunner, PruneScope, check_canonical_scope, magnitude_prune
 from opentrans_hub.integrations.detectron2 import (
     add_opentrans_config,
     build_schedule_from_cfg,
@@ -24,7 +23,8 @@ from opentrans_hub.integrations.detectron2 import (
     opentrans_build_model,
     opentrans_hook,
 )
-from opentrans_hub.sparsity import masked_parameters
+from opentrans_hub.methods.imp import IMPRunner, PruneScope, check_canonical_scope, magnitude_prune
+from opentrans_hub.sparsity.masks import masked_parameters
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PREFIX_FCCLIP = "backbone.clip_model.visual."
@@ -96,7 +96,7 @@ def test_fcclip_fragment_applies_then_bakes_and_saves(tmp_path):
     cfg = _cfg(tmp_path)
     cfg.merge_from_file(str(CONFIGS / "fcclip.yaml"))
     assert cfg.MODEL.OPENTRANS.SUBNETWORK == "rn50-openai-imp21"
-    from opentrans_hub.registry import default_registry
+    from opentrans_hub.zoo.registry import default_registry
 
     assert "rn50-openai-imp21" in default_registry().recipes()  # a built-in name
     tower = make_tiny_resnet()
@@ -157,7 +157,7 @@ def test_hanovs_fragment_runs_imp_rounds_into_the_output_dir_and_checkpoints(tmp
 
 def test_imp_prefix_that_misses_the_tower_is_refused_before_the_first_round(tmp_path):
     """configs/hanovs.yaml's backbone. on an FC-CLIP model (tower at backbone.clip_model.visual.)."""
-    from opentrans_hub.backbones import open_clip_visual
+    from opentrans_hub.towers.backbones import open_clip_visual
 
     cfg = _cfg(tmp_path)
     cfg.merge_from_file(str(CONFIGS / "hanovs.yaml"))
@@ -200,7 +200,7 @@ def test_build_model_helper_applies_the_selection_before_the_optimizer(tmp_path)
     """What a DefaultTrainer subclass's build_model does, then the hook's schedule with the trainer's optimizer."""
     from imp_worker import PREFIX, TinyClassifier, make_optimizer, train_step
 
-    from opentrans_hub.selection import LayerSelection
+    from opentrans_hub.formats.selection import LayerSelection
 
     def frozen_model():  # FC-CLIP freezes its CLIP tower when it builds the model
         model = TinyClassifier()

@@ -20,8 +20,8 @@ from hubserver import LoopbackHub, OlahServer
 from test_registry import tiny_selection, tiny_subnetwork
 
 from opentrans_hub import LayerSelection, OpenTransError, Subnetwork
-from opentrans_hub.hub import MANIFEST, parse_hf_ref, pull, push
-from opentrans_hub.registry import Registry
+from opentrans_hub.zoo.hub import MANIFEST, parse_hf_ref, pull, push
+from opentrans_hub.zoo.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 HF_ENV = {"HF_HUB_DISABLE_XET": "1", "HF_HUB_ENABLE_HF_TRANSFER": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -208,9 +208,9 @@ def test_backbone_weights_and_subnetwork_from_the_hub(hub, tmp_path, monkeypatch
     from huggingface_hub import HfApi
     from safetensors.torch import save_file
 
-    from opentrans_hub.backbones import BUILDERS
-    from opentrans_hub.hub import load_backbone
-    from opentrans_hub.imp import magnitude_prune
+    from opentrans_hub.methods.imp import magnitude_prune
+    from opentrans_hub.towers.backbones import BUILDERS
+    from opentrans_hub.transfer.backbone import load_backbone
 
     monkeypatch.setitem(BUILDERS, "tinytest", lambda name, pretrained: make_tiny_resnet(seed=99))
     tower = make_tiny_resnet(seed=4)
@@ -242,11 +242,11 @@ def test_packed_backbone_pack_push_pull_load_train(hub, tmp_path, monkeypatch):
     from huggingface_hub import hf_hub_download
     from test_packing_load import finetuned_pruned, train_and_check_exact
 
-    from opentrans_hub.backbones import BUILDERS
-    from opentrans_hub.hub import load_backbone
-    from opentrans_hub.packing import pack_checkpoint
-    from opentrans_hub.sparsefile import PackedFile
-    from opentrans_hub.sparsity import masked_parameters
+    from opentrans_hub.formats.packed import PackedFile
+    from opentrans_hub.sparsity.masks import masked_parameters
+    from opentrans_hub.towers.backbones import BUILDERS
+    from opentrans_hub.transfer.backbone import load_backbone
+    from opentrans_hub.zoo.packing import pack_checkpoint
 
     monkeypatch.setitem(BUILDERS, "tinytest", lambda name, pretrained: make_tiny_resnet(seed=99))
     tower, sub = finetuned_pruned(seed=7)
@@ -296,7 +296,7 @@ def test_subnetwork_card_is_an_adapter_and_packed_card_warns_without_base(hub, t
     from huggingface_hub import hf_hub_download
     from test_packing_load import finetuned_pruned
 
-    from opentrans_hub.packing import pack_checkpoint
+    from opentrans_hub.zoo.packing import pack_checkpoint
 
     sub = rn50_like_subnetwork(30)
     pushed = push(sub, "org/adapter-card", endpoint=hub.upload.url)

@@ -10,10 +10,10 @@ import torch
 from conftest import make_tiny_resnet
 
 from opentrans_hub import LayerSelection, OpenTransError
-from opentrans_hub.backbones import build_visual, timm_to_canonical
-from opentrans_hub.imp import magnitude_prune
-from opentrans_hub.registry import Registry
-from opentrans_hub.sparsity import masked_parameters
+from opentrans_hub.methods.imp import magnitude_prune
+from opentrans_hub.sparsity.masks import masked_parameters
+from opentrans_hub.towers.backbones import build_visual, timm_to_canonical
+from opentrans_hub.zoo.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRYPOINTS = ["clip_backbone", "layer_selection", "subnetwork"]

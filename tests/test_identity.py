@@ -40,7 +40,7 @@ def test_editing_the_arch_in_a_header_is_refused(tmp_path):
 
 
 def test_a_0_1_file_says_why_it_no_longer_verifies(tmp_path):
-    from opentrans_hub.subnetwork import _content_hash, _pack
+    from opentrans_hub.formats.subnetwork import _content_hash, _pack
 
     sub = _rn50_like_sub()
     old = _content_hash(None, ((n, tuple(m.shape), _pack(m)) for n, m in sub.masks.items()))

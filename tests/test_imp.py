@@ -17,8 +17,9 @@ from imp_worker import PREFIX, TinyClassifier, make_optimizer, run_resume, train
 from torch import nn
 
 from opentrans_hub import OpenTransError, Subnetwork
-from opentrans_hub.imp import IMPRunner, PruneScope, imp_sparsity, magnitude_masks, magnitude_prune
-from opentrans_hub.sparsity import masked_parameters, model_sparsity
+from opentrans_hub.methods.imp import IMPRunner, PruneScope, imp_sparsity, magnitude_masks, magnitude_prune
+from opentrans_hub.sparsity.masks import masked_parameters
+from opentrans_hub.sparsity.stats import model_sparsity
 
 WORKER = Path(__file__).with_name("imp_worker.py")
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from imp_worker import DDP_SETTINGS
 
 from opentrans_hub import Subnetwork
-from opentrans_hub.imp import IMPRunner, imp_sparsity
+from opentrans_hub.methods.imp import IMPRunner, imp_sparsity
 
 WORKER = Path(__file__).with_name("imp_worker.py")
 

@@ -21,8 +21,8 @@ from opentrans_hub import (
     from_zeros,
     import_pruned_checkpoint,
 )
-from opentrans_hub.checkpoints import read_state_dict
-from opentrans_hub.importers import from_pruned_state_dict
+from opentrans_hub.io.checkpoints import read_state_dict
+from opentrans_hub.methods.importers import from_pruned_state_dict
 
 PREFIX = "backbone.clip_model.visual."
 

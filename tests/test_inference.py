@@ -20,8 +20,8 @@ from test_plugins_frameworks import FeatureExtractor, RecWithAttnbiasHead, Split
 from torch import nn
 
 from opentrans_hub import NameMap, OpenTransError, infer_name_map
-from opentrans_hub.inference import AmbiguousTowerError, canonical_state
-from opentrans_hub.plugins import get_plugin
+from opentrans_hub.transfer.inference import AmbiguousTowerError, canonical_state
+from opentrans_hub.transfer.plugins import get_plugin
 
 register()
 PLUGIN_ARCH = {RN_TINY: "open_clip/RN50", VIT_TINY: "open_clip/ViT-B-16",
@@ -76,7 +76,7 @@ def convnext() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def rn50() -> nn.Module:
-    from opentrans_hub.backbones import build_visual
+    from opentrans_hub.towers.backbones import build_visual
 
     torch.manual_seed(0)
     return nonzero_init(build_visual("open_clip/RN50"), seed=5)

@@ -18,8 +18,8 @@ from inference_layouts import RN_TINY, register, tower
 from test_inference import d2_layout, finetuned, han_layout, resolved
 
 from opentrans_hub import Subnetwork
-from opentrans_hub.checkpoints import write_checkpoint
-from opentrans_hub.plugins import get_plugin
+from opentrans_hub.io.checkpoints import write_checkpoint
+from opentrans_hub.transfer.plugins import get_plugin
 
 SCRIPT = Path(sys.executable).with_name("opentrans-hub")
 TESTS = Path(__file__).resolve().parent

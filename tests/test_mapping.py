@@ -8,7 +8,7 @@ from conftest import make_tiny_resnet
 from torch import nn
 
 from opentrans_hub import MappingReport, NameMap, OpenTransError, Rule, Subnetwork, apply_subnetwork, masked_parameters
-from opentrans_hub.mapping import Unmapped
+from opentrans_hub.naming.namemap import Unmapped
 
 # detectron2 DeepLab ResNet names (ovs-backbones.md): 3-conv stem, layerN.i -> res{N+1}.i, downsample.0 -> shortcut
 D2_DEEPLAB = """

@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opentrans_hub import OpenTransError, Subnetwork
-from opentrans_hub.checkpoints import read_state_dict
-from opentrans_hub.imp import magnitude_prune
-from opentrans_hub.packing import load_sparse, pack_checkpoint, packed_stats, unpack
-from opentrans_hub.registry import Registry
-from opentrans_hub.sparsefile import PackedFile, open_packed
+from opentrans_hub.formats.packed import PackedFile, open_packed
+from opentrans_hub.io.checkpoints import read_state_dict
+from opentrans_hub.methods.imp import magnitude_prune
+from opentrans_hub.zoo.packing import load_sparse, pack_checkpoint, packed_stats, unpack
+from opentrans_hub.zoo.registry import Registry
 
 
 def same(a, b) -> bool:

@@ -9,13 +9,13 @@ import torch
 from conftest import make_tiny_resnet
 
 from opentrans_hub import OpenTransError
-from opentrans_hub.backbones import BUILDERS
-from opentrans_hub.hub import load_backbone
-from opentrans_hub.imp import magnitude_prune
-from opentrans_hub.packing import pack_checkpoint
-from opentrans_hub.plugins import get_plugin
-from opentrans_hub.registry import Registry
-from opentrans_hub.sparsity import masked_parameters
+from opentrans_hub.methods.imp import magnitude_prune
+from opentrans_hub.sparsity.masks import masked_parameters
+from opentrans_hub.towers.backbones import BUILDERS
+from opentrans_hub.transfer.backbone import load_backbone
+from opentrans_hub.transfer.plugins import get_plugin
+from opentrans_hub.zoo.packing import pack_checkpoint
+from opentrans_hub.zoo.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,7 @@ def test_registry_name_and_torch_hub(tmp_path, tiny_arch, monkeypatch):
 
 
 def _wrong_model_masks(packed: Path) -> None:
-    from opentrans_hub.packing import tower_masks
+    from opentrans_hub.zoo.packing import tower_masks
 
     tower_masks(packed, ["conv1.weight", "fc.weight"])
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from opentrans_hub import OpenTransError, Subnetwork
 from opentrans_hub.cli import main
-from opentrans_hub.plugins import get_plugin
-from opentrans_hub.selection import LayerSelection
+from opentrans_hub.formats.selection import LayerSelection
+from opentrans_hub.transfer.plugins import get_plugin
 
 
 def nonzero_init(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -179,7 +179,7 @@ def deeplab_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rn50_names():
-    from opentrans_hub.backbones import build_visual
+    from opentrans_hub.towers.backbones import build_visual
 
     torch.manual_seed(0)
     return build_visual("open_clip/RN50")

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from opentrans_hub import OpenTransError, Subnetwork, apply_masks
-from opentrans_hub.plugins import get_plugin
-from opentrans_hub.selection import LayerSelection
+from opentrans_hub.formats.selection import LayerSelection
+from opentrans_hub.transfer.plugins import get_plugin
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -74,7 +74,7 @@ def tiny_rn() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def rn50() -> nn.Module:
-    from opentrans_hub.backbones import build_visual
+    from opentrans_hub.towers.backbones import build_visual
 
     torch.manual_seed(0)
     return nonzero_init(build_visual("open_clip/RN50"), seed=5)

@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from opentrans_hub import NameMap, OpenTransError
-from opentrans_hub.mapping import Unmapped
-from opentrans_hub.plugins import get_plugin
+from opentrans_hub.naming.namemap import Unmapped
+from opentrans_hub.transfer.plugins import get_plugin
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from opentrans_hub import Subnetwork
-from opentrans_hub.backbones import build_visual, weights_sha256
 from opentrans_hub.cli import main
-from opentrans_hub.imp import imp_sparsity, magnitude_prune
+from opentrans_hub.methods.imp import imp_sparsity, magnitude_prune
+from opentrans_hub.towers.backbones import build_visual, weights_sha256
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_rounds_equal_one_shot_at_the_compounded_sparsity_and_zstd(rn50_file, tm
     assert sub.provenance["method"] == "imp-oneshot" and sub.provenance["settings"]["rounds"] == 3
     assert abs(sub.masked - imp_sparsity(0.1, 3) * sub.numel) <= 1
     # without retraining, compounding rounds rank the same fixed weights: one shot gives the same masks
-    from opentrans_hub.imp import PruneScope
+    from opentrans_hub.methods.imp import PruneScope
 
     one_shot = magnitude_prune(visual, sparsity=imp_sparsity(0.1, 3), apply=False, arch="open_clip/RN50",
                                scope=PruneScope(min_density=0.01))

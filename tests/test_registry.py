@@ -14,9 +14,9 @@ import torch
 from conftest import make_tiny_resnet
 
 from opentrans_hub import LayerSelection, OpenTransError, Subnetwork
-from opentrans_hub.backbones import BUILDERS
-from opentrans_hub.imp import magnitude_prune
-from opentrans_hub.registry import Registry, builtin_index_dir, check_name, file_sha256, load_index
+from opentrans_hub.methods.imp import magnitude_prune
+from opentrans_hub.towers.backbones import BUILDERS
+from opentrans_hub.zoo.registry import Registry, builtin_index_dir, check_name, file_sha256, load_index
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -156,7 +156,7 @@ def test_resolve_paths_and_unknowns(registry, tmp_path):
 
 def test_default_root_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENTRANS_HUB_HOME", str(tmp_path / "home"))
-    from opentrans_hub.registry import default_registry, load_subnetwork
+    from opentrans_hub.zoo.registry import default_registry, load_subnetwork
 
     Registry().add(tiny_subnetwork(), "env-sub")
     assert default_registry().root == tmp_path / "home"
@@ -167,7 +167,7 @@ def test_default_root_from_environment(tmp_path, monkeypatch):
 _WRITER = textwrap.dedent("""
     import sys
     from opentrans_hub import OpenTransError
-    from opentrans_hub.registry import Registry
+    from opentrans_hub.zoo.registry import Registry
     root, ready, worker, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     reg = Registry(root, index_dir=root + "/no-index")
     open(f"{ready}.{worker}", "w").close()
@@ -356,7 +356,7 @@ def test_wheel_ships_the_recipe_index(tmp_path):
     assert "opentrans_hub/masks/recipes/rn50-openai-imp21.json" in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    probe = subprocess.run([sys.executable, "-c", "import opentrans_hub.registry as r; print(r.__file__); "
+    probe = subprocess.run([sys.executable, "-c", "import opentrans_hub.zoo.registry as r; print(r.__file__); "
                             "print(r.builtin_index_dir()); print(sorted(r.load_index(r.builtin_index_dir())))"],
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(site)}, cwd=tmp_path,
                            timeout=300)
@@ -391,7 +391,7 @@ def test_recipe_reads_torchscript_base_weights(tmp_path, monkeypatch):
     torch.jit.trace(tower, torch.randn(1, 3, 64, 64)).save(str(archive))
     index = _write_index(tmp_path / "index", file_sha256(archive), rounds=2)
     sub = Registry(tmp_path / "reg", index_dir=index).get_subnetwork("tiny-imp", weights=archive)
-    from opentrans_hub.imp import magnitude_masks
+    from opentrans_hub.methods.imp import magnitude_masks
 
     params = {n: p.detach() for n, p in tower.named_parameters() if n in sub}
     masks = magnitude_masks(params, magnitude_masks(params, rate=0.1), rate=0.1)

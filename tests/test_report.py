@@ -8,18 +8,12 @@ from conftest import make_tiny_resnet
 from torch import nn
 
 from opentrans_hub.errors import OpenTransError
-from opentrans_hub.report import (
-    count_flops,
-    parameter_counts,
-    plot_alpha,
-    plot_sparsity,
-    selection_training_flops,
-    sparse_inference_flops,
-)
-from opentrans_hub.selection import select_layers
-from opentrans_hub.sparsity import apply_masks
-from opentrans_hub.spectral import compute_metrics
-from opentrans_hub.subnetwork import Subnetwork
+from opentrans_hub.formats.subnetwork import Subnetwork
+from opentrans_hub.methods.costs import count_flops, parameter_counts, selection_training_flops, sparse_inference_flops
+from opentrans_hub.methods.plots import plot_alpha, plot_sparsity
+from opentrans_hub.methods.select import select_layers
+from opentrans_hub.methods.spectral import compute_metrics
+from opentrans_hub.sparsity.masks import apply_masks
 
 
 def convnet() -> nn.Module:

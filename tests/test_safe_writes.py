@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from opentrans_hub import LayerSelection, OpenTransError, Subnetwork, get_plugin
-from opentrans_hub._atomic import atomic_write_bytes, check_output
+from opentrans_hub.io.atomic import atomic_write_bytes, check_output
 
 
 @pytest.fixture

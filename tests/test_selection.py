@@ -10,9 +10,10 @@ from conftest import make_tiny_resnet
 from torch import nn
 
 from opentrans_hub.errors import OpenTransError
-from opentrans_hub.mapping import NameMap
-from opentrans_hub.selection import LayerSelection, select_layers
-from opentrans_hub.spectral import compute_metrics
+from opentrans_hub.formats.selection import LayerSelection
+from opentrans_hub.methods.select import select_layers
+from opentrans_hub.methods.spectral import compute_metrics
+from opentrans_hub.naming.namemap import NameMap
 
 
 def layers(alphas, params=None):

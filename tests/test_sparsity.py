@@ -28,7 +28,7 @@ from opentrans_hub import (
     masked_parameters,
     model_sparsity,
 )
-from opentrans_hub import sparsity as sparsity_mod
+from opentrans_hub.sparsity import masks as sparsity_mod
 
 IMAGE = 64
 

@@ -12,7 +12,7 @@ from conftest import make_tiny_resnet
 from test_sparsity import OPTIMIZERS, assert_exact_zeros, batch, conv_masks, snapshot
 
 from opentrans_hub import apply_masks, verify_exact
-from opentrans_hub import sparsity as sparsity_mod
+from opentrans_hub.sparsity import masks as sparsity_mod
 
 STEPS = 7  # RAdam switches to its adaptive (sqrt + eps) update after 5 steps
 

@@ -16,8 +16,8 @@ from conftest import make_tiny_resnet
 from torch import nn
 
 from opentrans_hub.errors import OpenTransError
-from opentrans_hub.selection import select_layers
-from opentrans_hub.spectral import _peak_window, clear_cache, collect_matrices, compute_metrics, fit_power_laws
+from opentrans_hub.methods.select import select_layers
+from opentrans_hub.methods.spectral import _peak_window, clear_cache, collect_matrices, compute_metrics, fit_power_laws
 
 
 # ------------------------------------------------------------------------------------------- reference

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from opentrans_hub import OpenTransError, compute_metrics
-from opentrans_hub.spectral import check_settings, default_cache_dir
+from opentrans_hub.methods.spectral import check_settings, default_cache_dir
 
 
 def test_nan_integer_and_all_zero_weights_are_refused():

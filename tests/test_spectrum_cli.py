@@ -13,10 +13,11 @@ import torch
 from conftest import make_tiny_resnet
 from safetensors.torch import save_file
 
-from opentrans_hub.backbones import BUILDERS, weights_sha256
 from opentrans_hub.cli import main
-from opentrans_hub.selection import LayerSelection, select_layers
-from opentrans_hub.spectral import clear_cache, compute_metrics
+from opentrans_hub.formats.selection import LayerSelection
+from opentrans_hub.methods.select import select_layers
+from opentrans_hub.methods.spectral import clear_cache, compute_metrics
+from opentrans_hub.towers.backbones import BUILDERS, weights_sha256
 
 
 @pytest.fixture(autouse=True)

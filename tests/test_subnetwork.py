@@ -17,7 +17,7 @@ from torch import nn
 
 import opentrans_hub
 from opentrans_hub import OpenTransError, Subnetwork
-from opentrans_hub.subnetwork import default_provenance
+from opentrans_hub.formats.subnetwork import default_provenance
 
 
 def conv_masks(model: nn.Module, sparsity: float = 0.89, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -38,7 +38,7 @@ def tiny_sub() -> Subnetwork:
 @pytest.fixture(scope="module")
 def rn50_sub() -> Subnetwork:
     """A per-layer 89 % mask over the 54 RN50 conv weights after the first (the paper's target)."""
-    from opentrans_hub.backbones import build_visual
+    from opentrans_hub.towers.backbones import build_visual
 
     torch.manual_seed(0)
     return Subnetwork(conv_masks(build_visual("open_clip/RN50")), arch="open_clip/RN50",

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opentrans_hub import OpenTransError, Subnetwork
-from opentrans_hub.subnetwork import default_provenance
+from opentrans_hub.formats.subnetwork import default_provenance
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

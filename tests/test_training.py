@@ -7,10 +7,10 @@ import torch
 from imp_worker import PREFIX, TinyClassifier, make_optimizer, train_step
 
 from opentrans_hub import NameMap, OpenTransError, Subnetwork
-from opentrans_hub.imp import IMPRunner, PruneScope, imp_sparsity, magnitude_prune
-from opentrans_hub.selection import LayerSelection
-from opentrans_hub.sparsity import masked_parameters
-from opentrans_hub.training import OpenTransSchedule
+from opentrans_hub.formats.selection import LayerSelection
+from opentrans_hub.integrations.training import OpenTransSchedule
+from opentrans_hub.methods.imp import IMPRunner, PruneScope, imp_sparsity, magnitude_prune
+from opentrans_hub.sparsity.masks import masked_parameters
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def test_selection_refuses_parameters_the_optimizer_does_not_hold():
     assert {name: p.requires_grad for name, p in model.named_parameters()} == before  # nothing half-applied
 
     # built-time application (what opentrans_build_model does): the optimizer built afterwards holds them
-    from opentrans_hub.training import apply_layer_selection, mark_built
+    from opentrans_hub.integrations.training import apply_layer_selection, mark_built
 
     report = apply_layer_selection(model, selection, NameMap.prefix(PREFIX))
     mark_built(model, "selection", selection.sha256, report)
@@ -249,7 +249,7 @@ import sys, torch, torch.distributed as dist
 from imp_worker import PREFIX, TinyClassifier
 from test_training import _alternate_selection
 from opentrans_hub import NameMap, OpenTransError
-from opentrans_hub.training import OpenTransSchedule
+from opentrans_hub.integrations.training import OpenTransSchedule
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
 model = TinyClassifier()
 selection = _alternate_selection(model)

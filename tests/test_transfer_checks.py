@@ -14,8 +14,8 @@ from cli_util import assert_refused, cli_env, command
 from conftest import make_tiny_resnet
 
 from opentrans_hub import OpenTransError, Subnetwork, get_plugin, load_backbone, masked_parameters
-from opentrans_hub.archs import canonical_tensors
-from opentrans_hub.backbones import build_visual
+from opentrans_hub.towers.archs import canonical_tensors
+from opentrans_hub.towers.backbones import build_visual
 
 PREFIX = "backbone.clip_model.visual."
 FIXTURE = Path(__file__).parent / "fixtures" / "oth-dup-plugin"
@@ -88,7 +88,7 @@ def test_a_plugin_name_claimed_twice_is_an_error_wherever_it_is_used(dup_site, w
     assert listing.returncode == 0
     broken = [line for line in listing.stdout.splitlines() if line.startswith("BROKEN fcclip")]
     assert len(broken) == 2 and all("duplicate plugin name" in line for line in broken)
-    script = ("from opentrans_hub.plugins import get_plugin\n"
+    script = ("from opentrans_hub.transfer.plugins import get_plugin\n"
               "try:\n    get_plugin('fcclip')\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
     api = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env=cli_env(ws, **env))
@@ -158,4 +158,6 @@ def test_refs_are_accepted_wherever_an_object_is(ws):
     assert len(report.mapped) == len(Subnetwork.load(ws / "sub.safetensors"))
     _, report = apply_subnetwork_to_state_dict(make_tiny_resnet().state_dict(), ws / "sub.safetensors")
     assert report.mapped
-    assert apply_selection(ws / "sel.json", make_tiny_resnet()).trainable
+    assert apply_selection(make_tiny_resnet(), ws / "sel.json").trainable
+    with pytest.warns(DeprecationWarning, match="argument order"):  # the 0.2 order still works, with a word
+        assert apply_selection(ws / "sel.json", make_tiny_resnet()).trainable

@@ -11,7 +11,7 @@ from yacs.config import CfgNode
 
 from opentrans_hub import NameMap, OpenTransError, Subnetwork, apply_masks, bake, export_subnetwork, verify_exact
 from opentrans_hub.integrations.detectron2 import add_opentrans_config, build_schedule_from_cfg
-from opentrans_hub.training import OpenTransSchedule
+from opentrans_hub.integrations.training import OpenTransSchedule
 
 
 def test_verify_exact_counts_moved_and_nan_weights_and_refuses_unmasked_models():

@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     parser = _Parser(prog="opentrans-hub", description="Portable OpenTrans subnetworks and "
                      "layer selections for open-vocabulary segmentation.")

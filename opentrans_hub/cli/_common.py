@@ -41,7 +41,7 @@ def add_overwrite(parser: Any) -> None:
 def check_out(args: Any, path: Any, *inputs: Any) -> None:
     """Refuse, before any work, an output that exists (without ``--overwrite``), is one of ``inputs``, or is not
     a regular file (link, FIFO, device)."""
-    from .._atomic import check_output
+    from ..io.atomic import check_output
 
     if path is not None:
         check_output(path, overwrite=bool(getattr(args, "overwrite", False)), inputs=inputs)

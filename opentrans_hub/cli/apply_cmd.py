@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from ..registry import load_selection, load_subnetwork
+from ..zoo.registry import load_selection, load_subnetwork
 from ._common import add_overwrite, check_out, print_json
 
 
@@ -48,9 +48,9 @@ def _print_report(report_dict: dict[str, Any], header: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._atomic import atomic_write_text
-    from ..checkpoints import read_state_dict
-    from ..plugins import get_plugin
+    from ..io.atomic import atomic_write_text
+    from ..io.checkpoints import read_state_dict
+    from ..transfer.plugins import get_plugin
 
     check_out(args, args.out, args.checkpoint, args.subnetwork, args.selection)
     plugin = get_plugin(args.plugin)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..hub import pull, push
-from ..registry import Registry
+from ..zoo.hub import pull, push
+from ..zoo.registry import Registry
 from ._common import print_json
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoints import read_state_dict
-from ..importers import from_zeros, import_pruned_checkpoint
+from ..io.checkpoints import read_state_dict
+from ..methods.importers import from_zeros, import_pruned_checkpoint
 from ._common import add_overwrite, check_out, print_json
 
 

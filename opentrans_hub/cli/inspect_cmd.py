@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..packing import packed_stats
-from ..sparsefile import is_packed, open_packed
-from ..subnetwork import Subnetwork
+from ..formats.packed import is_packed, open_packed
+from ..formats.subnetwork import Subnetwork
+from ..zoo.packing import packed_stats
 from ._common import print_json, printable, table
 
 

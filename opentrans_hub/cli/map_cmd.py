@@ -30,9 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import OpenTransError
-    from ..inference import AmbiguousTowerError, infer_name_map
-    from ..inference_report import _target_tensors
-    from ..scaffold import rules_text, write_plugin
+    from ..transfer.inference import AmbiguousTowerError, infer_name_map
+    from ..transfer.inference.report import _target_tensors
+    from ..transfer.scaffold import rules_text, write_plugin
 
     if args.write_plugin and not args.name:
         raise OpenTransError("--write-plugin needs --name NAME (the plugin's name)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..packing import pack_checkpoint, unpack
+from ..zoo.packing import pack_checkpoint, unpack
 from ._common import add_overwrite, check_out, print_json
 
 

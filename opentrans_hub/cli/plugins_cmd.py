@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from ..plugins import list_plugins
+    from ..transfer.plugins import list_plugins
 
     plugins, errors = list_plugins()
     if args.json:
@@ -49,8 +49,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     from ..errors import OpenTransError
-    from ..plugins import get_plugin
-    from ..registry import load_subnetwork
+    from ..transfer.plugins import get_plugin
+    from ..zoo.registry import load_subnetwork
 
     plugin = get_plugin(args.plugin)
     subnetwork = load_subnetwork(args.subnetwork) if args.subnetwork else None

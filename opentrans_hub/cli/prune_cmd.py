@@ -45,8 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..backbones import build_visual, weights_sha256
-    from ..imp import PruneScope, imp_sparsity, magnitude_prune
+    from ..methods.imp import PruneScope, imp_sparsity, magnitude_prune
+    from ..towers.backbones import build_visual, weights_sha256
 
     check_out(args, args.out, args.pretrained)
     if args.rounds is not None and args.rounds < 1:

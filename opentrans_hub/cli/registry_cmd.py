@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..registry import Registry
+from ..zoo.registry import Registry
 from ._common import print_json, printable, table
 
 

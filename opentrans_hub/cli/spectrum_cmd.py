@@ -52,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_target(args: argparse.Namespace) -> tuple[Any, str, str | None]:
     """(module or state dict, arch id, weights sha256 or None) for the command's TARGET."""
-    from ..backbones import build_visual, weights_sha256
-    from ..checkpoints import read_state_dict
+    from ..io.checkpoints import read_state_dict
+    from ..towers.backbones import build_visual, weights_sha256
 
     target = args.target
     if Path(target).is_dir():
@@ -82,7 +82,7 @@ def _network_order(state: dict, arch: str | None) -> list[str]:
     """Names in the order the architecture's tower defines them (with ``--arch``), else natural order."""
     names = sorted(state, key=_natural_key)
     if arch:
-        from ..backbones import build_visual
+        from ..towers.backbones import build_visual
 
         try:
             order = {name: i for i, name in enumerate(build_visual(arch).state_dict())}
@@ -93,7 +93,7 @@ def _network_order(state: dict, arch: str | None) -> list[str]:
 
 
 def measure(args: argparse.Namespace) -> tuple[list, str, str | None]:
-    from ..spectral import check_settings, compute_metrics, default_cache_dir
+    from ..methods.spectral import check_settings, compute_metrics, default_cache_dir
 
     if args.max_aspect is not None and (args.max_aspect != args.max_aspect or args.max_aspect < 0):
         raise OpenTransError(f"--max-aspect must be >= 0 (0: keep every Linear layer), got {args.max_aspect}")
@@ -109,9 +109,9 @@ def measure(args: argparse.Namespace) -> tuple[list, str, str | None]:
 
 
 def build_selection(args: argparse.Namespace, metrics: list, arch: str, sha: str | None):
-    from .. import __version__
-    from ..selection import select_layers
-    from ..spectral import metrics_settings
+    from ..methods.select import select_layers
+    from ..methods.spectral import metrics_settings
+    from ..version import __version__
 
     provenance = {"method": "spectral", "library_version": __version__,
                   "settings": metrics_settings(args.xmin, args.conv_norm, args.max_aspect or None),
@@ -121,10 +121,10 @@ def build_selection(args: argparse.Namespace, metrics: list, arch: str, sha: str
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import plot_alpha
+    from ..methods.plots import plot_alpha
 
     if args.plot:
-        from ..report import check_plot_path
+        from ..methods.plots import check_plot_path
 
         check_plot_path(args.plot)
         check_out(args, args.plot, args.target, args.weights)

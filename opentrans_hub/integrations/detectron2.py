@@ -13,7 +13,7 @@ any yacs-style ``CfgNode``) import without it. Typical use in a detectron2 ``tra
     cfg = get_cfg(); add_opentrans_config(cfg); cfg.merge_from_file("configs/fcclip.yaml")
     trainer = Trainer(cfg); trainer.register_hooks([opentrans_hook(cfg)]); trainer.train()
 
-All behaviour lives in :mod:`opentrans_hub.training`; the hook forwards ``trainer.iter``, saves through the
+All behaviour lives in :mod:`opentrans_hub.integrations.training`; the hook forwards ``trainer.iter``, saves through the
 trainer's checkpointer, logs under the ``detectron2`` logger and puts ``opentrans/*`` scalars into the
 trainer's ``EventStorage`` (so they reach ``metrics.json`` and TensorBoard).
 """
@@ -29,11 +29,12 @@ from typing import Any
 from torch import nn
 
 from ..errors import OpenTransError
-from ..imp import IMPRunner, PruneScope
-from ..mapping import NameMap
-from ..registry import load_selection, load_subnetwork
-from ..sparsity import apply_subnetwork, unwrap
-from ..training import OpenTransSchedule, apply_layer_selection, mark_built
+from ..methods.imp import IMPRunner, PruneScope
+from ..naming.namemap import NameMap
+from ..sparsity.masks import unwrap
+from ..transfer.apply import apply_subnetwork
+from ..zoo.registry import load_selection, load_subnetwork
+from .training import OpenTransSchedule, apply_layer_selection, mark_built
 
 #: our lines go to a child of detectron2's logger, so ``default_setup``'s handlers (stdout, log.txt) show them
 LOGGER_NAME = "detectron2.opentrans_hub"
@@ -96,7 +97,7 @@ def add_opentrans_config(cfg: Any) -> Any:
 
 
 def _plugin(name: str) -> Any:
-    from ..plugins import get_plugin
+    from ..transfer.plugins import get_plugin
 
     return get_plugin(name)
 
@@ -236,7 +237,7 @@ class OpenTransHookLogic:
     """What the detectron2 hook does, on anything trainer-like (``model``, ``optimizer``, ``iter``, ``start_iter``,
     ``max_iter``, ``storage``, optionally ``checkpointer``); :func:`opentrans_hook` mixes it into ``HookBase``.
 
-    It forwards the loop to :class:`~opentrans_hub.training.OpenTransSchedule` with the trainer's optimizer
+    It forwards the loop to :class:`~opentrans_hub.integrations.training.OpenTransSchedule` with the trainer's optimizer
     (a selection it does not cover is refused), saves through the trainer's checkpointer (a plain trainer
     gets a ``DetectionCheckpointer`` on ``cfg.OUTPUT_DIR``), logs under detectron2's logger and puts the
     schedule's ``opentrans/*`` scalars into the trainer's ``EventStorage``.
@@ -326,7 +327,7 @@ def _hook_class() -> type:
                              f"(https://github.com/facebookresearch/detectron2): {exc}") from None
 
     class OpenTransHook(OpenTransHookLogic, HookBase):
-        """Forwards detectron2's training loop to :class:`~opentrans_hub.training.OpenTransSchedule`."""
+        """Forwards detectron2's training loop to :class:`~opentrans_hub.integrations.training.OpenTransSchedule`."""
 
     return OpenTransHook
 

@@ -6,7 +6,7 @@ fused ``in_proj_weight`` (3d x d, rows in q, k, v order); the bias stays fused. 
 is split the same way.
 """
 
-from opentrans_hub.plugins import Plugin
+from opentrans_hub import Plugin
 
 _MAP = """
 split \\.attn\\.in_proj_weight$ 0 -> .attn.q_proj_weight, .attn.k_proj_weight, .attn.v_proj_weight

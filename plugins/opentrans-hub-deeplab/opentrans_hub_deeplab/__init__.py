@@ -9,7 +9,7 @@
   is reported unmapped rather than forced onto it.
 """
 
-from opentrans_hub.plugins import Plugin
+from opentrans_hub import Plugin
 
 _NO_ATTNPOOL = "drop ^attnpool\\.  # DeepLab has no attention-pooling head\n"
 

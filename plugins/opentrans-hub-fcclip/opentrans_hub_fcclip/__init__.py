@@ -5,7 +5,7 @@ names under ``.visual.`` (ConvNeXt towers under ``.visual.trunk.``), next to the
 single prefix anchored at ``.visual.``.
 """
 
-from opentrans_hub.plugins import Plugin
+from opentrans_hub import Plugin
 
 _PREFIX = "prefix backbone.clip_model.visual."
 

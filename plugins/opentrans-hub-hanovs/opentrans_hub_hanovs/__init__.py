@@ -5,7 +5,7 @@ knowledge-distillation variant keeps a second, frozen copy of the tower at ``vis
 anchored by the ``backbone.`` prefix, so nothing ever lands on that copy.
 """
 
-from opentrans_hub.plugins import Plugin
+from opentrans_hub import Plugin
 
 # attnpool exists only with VISION_FEATURE=resAtten; its positional embedding is resized (50 -> 257 rows
 # for 512 px input) and is never masked or selected, so it is not carried over.

@@ -8,8 +8,7 @@ blocks) and ``clip_rec_head`` (the remaining blocks, ``ln_post``, ``proj``), bot
 
 from torch import nn
 
-from opentrans_hub.errors import OpenTransError
-from opentrans_hub.plugins import Plugin
+from opentrans_hub import OpenTransError, Plugin
 
 
 def _san_map(split: int) -> str:

@@ -6,8 +6,7 @@ shortcut ``shortcut.conv``, and attention pooling ``head`` (absent in the ``_gap
 are reported unmapped).
 """
 
-from opentrans_hub.backbones import TIMM_CLIP_RESNET_RULES
-from opentrans_hub.plugins import Plugin
+from opentrans_hub import TIMM_CLIP_RESNET_RULES, Plugin
 
 # the same rules build timm towers with canonical names in the core (backbones): one source of truth
 _MAP = TIMM_CLIP_RESNET_RULES

@@ -1,0 +1,102 @@
+"""``load_backbone``: a CLIP image encoder with weights, a subnetwork and a selection, by any reference."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import OpenTransError
+from ..formats.artefacts import NAME_PATTERN, kind_of
+from ..formats.packed import PackedFile
+from ..formats.selection import LayerSelection
+from ..formats.subnetwork import Subnetwork
+from ..zoo.registry import Registry, default_registry
+from ..zoo.remote import fetch, weights_file
+
+
+def _pretrained_file(pretrained: str | os.PathLike | None, registry: Registry | None) -> str | os.PathLike | None:
+    """Where ``pretrained`` weights come from: ``hf://ORG/REPO[@REV]/FILE`` is downloaded; ``hf://ORG/REPO[@REV]``
+    and registry names of packed checkpoints are fetched and verified (their local file is returned); tags
+    and paths pass through."""
+    if not isinstance(pretrained, str):
+        return pretrained
+    if pretrained.startswith("hf://") and re.fullmatch(r"hf://[^@/]+/[^@/]+(@[^/]+)?", pretrained):
+        obj, record = fetch(pretrained)
+        if not isinstance(obj, PackedFile):
+            raise OpenTransError(f"{pretrained} publishes a {kind_of(obj)}, not weights; pass it as "
+                                 f"{'subnetwork' if kind_of(obj) == 'subnetwork' else 'selection'}=")
+        return record["path"]
+    if NAME_PATTERN.fullmatch(pretrained) and not Path(pretrained).exists():
+        entry = (registry or default_registry()).entry(pretrained)
+        if entry is not None and entry.kind == "packed":
+            entry.load()  # verified (file and content hashes) before it is used
+            return entry.path
+    return weights_file(pretrained)
+
+
+def _check_same_arch(tower_arch: str, sub_arch: str, allow_partial: bool) -> None:
+    """Two open_clip ids that differ are two architectures (RN50 and RN101 share their first blocks' shapes)."""
+    from ..towers.backbones import parse_arch
+
+    if sub_arch == "unknown":
+        return
+    try:
+        tower, sub = parse_arch(tower_arch), parse_arch(sub_arch)
+    except OpenTransError:
+        return
+    if tower[0] == sub[0] == "open_clip" and tower != sub and not allow_partial:
+        raise OpenTransError(f"the subnetwork is for {sub_arch}, the tower is open_clip/{tower[1]}; nothing was "
+                             "applied (allow_partial=True applies what fits and leaves the rest dense)")
+
+
+def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = None,
+                  subnetwork: str | os.PathLike | Subnetwork | None = None,
+                  selection: str | os.PathLike | LayerSelection | None = None, exact: bool | None = None,
+                  strict: bool = True, registry: Registry | None = None, allow_partial: bool = False) -> nn.Module:
+    """A CLIP visual tower (canonical open_clip names) with an optional subnetwork and layer selection.
+
+    ``arch``: ``RN50`` / ``open_clip/ViT-B-16`` / ``timm/resnet50_clip``. ``pretrained``: a tag (``openai``),
+    a local weights file (a packed sparse file too), ``hf://ORG/REPO[@REV]/FILE``, or a packed backbone as
+    ``hf://ORG/REPO[@REV]`` or registry name. ``subnetwork`` / ``selection``: a registry name, ``hf://``
+    reference, path or object. ``exact=True`` keeps the masks so pruned weights stay exactly zero while
+    training; ``exact=False`` leaves plain weights holding the zeros (inference); the default is exact for a
+    packed backbone (its masks re-applied) and baked for a ``subnetwork`` on dense weights. A selection sets
+    ``requires_grad`` through :meth:`LayerSelection.apply` (biases follow their weight, norms freeze).
+    A subnetwork of another architecture (an RN50 one on an RN101 tower, whose extra blocks it cannot cover) is
+    refused unless ``allow_partial`` (then ``tower.opentrans_subnetwork["dense"]`` lists what stays dense).
+    """
+    from ..formats.packed import is_packed, open_packed
+    from ..sparsity.masks import apply_masks, bake
+    from ..towers.backbones import build_visual
+    from ..zoo.packing import tower_masks
+    from ..zoo.registry import load_selection, load_subnetwork
+    from .apply import apply_subnetwork
+
+    weights = _pretrained_file(pretrained, registry)
+    tower = build_visual(arch, weights)  # a bare name means open_clip
+    packed = weights is not None and Path(weights).is_file() and is_packed(weights)
+    exact = packed if exact is None else exact
+    if packed:
+        masks = tower_masks(weights, dict(tower.named_parameters()))
+        if exact:
+            apply_masks(tower, masks)  # exact from the first step: the zeros are in the weights already
+        reader = open_packed(weights)
+        tower.opentrans_packed = {"content_sha256": reader.content_sha256, "masked_tensors": len(masks),
+                                  "subnetwork": reader.subnetwork(verify=False).sha256 if masks else None}
+    if subnetwork is not None:
+        sub = load_subnetwork(subnetwork, registry)
+        _check_same_arch(arch, sub.arch, allow_partial)
+        report = apply_subnetwork(tower, sub, strict=strict, allow_partial=allow_partial, scope="")
+        if not exact:
+            bake(tower)
+        tower.opentrans_subnetwork = {"sha256": sub.sha256, "arch": sub.arch, "sparsity": sub.sparsity,
+                                      "dense": list(report.uncovered)}
+    if selection is not None:
+        chosen = load_selection(selection, registry)
+        _check_same_arch(arch, chosen.arch, allow_partial)
+        report = chosen.apply(tower, strict=strict)  # listed layers as selected; norms and the rest frozen
+        tower.opentrans_selection = {"sha256": chosen.sha256, "trainable": len(report.trainable)}
+    return tower

@@ -1,0 +1,372 @@
+"""Pack pruned checkpoints into compact sparse files and back: ``pack_checkpoint``, ``unpack``, ``load_sparse``.
+
+A pruned checkpoint saved densely is as large as the unpruned one. :func:`pack_checkpoint` stores each
+masked tensor as its keep-mask bits (the Subnetwork codec) plus its kept values, every other tensor and
+entry unchanged (format: :mod:`opentrans_hub.formats.packed`). The masks come from a Subnetwork (``subnetwork=``,
+whose pruned positions must already be zero unless ``force_zero``) or from the exact zeros of the weights
+(``zeros=True``). :func:`unpack` gives the dense checkpoint back bit-identical (``-0.0`` and NaN included);
+:func:`load_sparse` gives the dense state dict. Packed files are also read wherever a checkpoint or weights
+file is (``checkpoints.read_checkpoint``), so backbones, plugins and the registry take them as they are.
+
+Streaming: beyond the input checkpoint, packing holds the bool masks and one dense tensor at a time; the
+output is spooled to a temporary file and written through the library's atomic writer, never over the input.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import OpenTransError
+from ..formats import packed as sf
+from ..formats.subnetwork import ENCODINGS, Subnetwork, _read_safetensors_u8, default_provenance
+from ..io.atomic import atomic_write_bytes
+from ..io.atomic import check_output as check_safe_output
+from ..io.checkpoints import find_prefixes, find_state_dict, read_checkpoint
+from ..io.tree import decode_tree, encode_tree
+
+__all__ = ["load_sparse", "pack_checkpoint", "unpack"]
+
+
+# ----------------------------------------------------------------------------------------- small helpers
+def check_output(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+    """Refuse an output that is one of the inputs (hard links included) or not a regular file (the library's
+    safe-write rules): a pack or unpack never writes over what it reads."""
+    out = check_safe_output(out, inputs=inputs)
+    for src in inputs:
+        try:
+            same = src is not None and out.exists() and os.path.samefile(src, out)
+        except OSError:
+            same = False
+        if same:
+            raise OpenTransError("output is also an input (the same file); write to another file", path=out)
+    return out
+
+
+def _spool_to(out: Path, write) -> int:
+    """Run ``write(handle)`` into a nameless spool file next to ``out`` (same disk; gone on any failure), then
+    hand its mapped bytes to the library's atomic writer: readers see the old file or the whole new one."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spool = tempfile.TemporaryFile(prefix=f".{out.name}.", suffix=".spool", dir=out.parent)
+    except OSError as exc:
+        raise OpenTransError(f"cannot write ({exc.strerror or exc})", path=out) from None
+    with spool:
+        size = write(spool)
+        spool.flush()
+        with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            atomic_write_bytes(out, mapped)
+        return size
+
+
+# ----------------------------------------------------------------------------------------- masks
+def _savings(tensor: torch.Tensor, kept: int) -> bool:
+    """Whether bits + kept values are smaller than the dense tensor."""
+    return (tensor.numel() + 7) // 8 + kept * tensor.element_size() < tensor.numel() * tensor.element_size()
+
+
+def _masks_from_zeros(state: Mapping[str, torch.Tensor], include: str | None) -> dict[str, torch.Tensor]:
+    """Keep-masks from exact (+0.0 bitwise) zeros, for every floating 2-D+ weight that packing makes smaller."""
+    import re
+
+    pattern = re.compile(include) if include else None
+    masks = {}
+    for key, tensor in state.items():
+        if (not tensor.is_floating_point() or tensor.dim() < 2 or not key.endswith("weight")
+                or (pattern is not None and not pattern.search(key))):
+            continue
+        keep = (sf.bits(tensor) != 0).reshape(tensor.shape)
+        if _savings(tensor, sf.count(keep)):
+            masks[key] = keep
+    return masks
+
+
+def _locate(sub: Subnetwork, state: Mapping[str, torch.Tensor], prefix: str | None, source: str) -> dict[str, str]:
+    """Subnetwork name -> state key: ``prefix + name``; without a prefix, the one prefix under which every
+    mask finds a tensor of its shape (the bare tower, ``visual.``, ``module.``, a framework's tower path)."""
+    names = list(sub.masks)
+    if prefix is None:
+        first = names[0]
+        fits = find_prefixes(state, names)
+        if not fits:
+            raise OpenTransError(f"the subnetwork's tensors are not in the checkpoint under any one prefix "
+                                 f"(first: {first!r}); pass prefix= (--prefix) naming where the tower sits",
+                                 path=source, tensor=first)
+        if len(fits) > 1:
+            raise OpenTransError(f"the subnetwork fits the checkpoint under several prefixes ({fits[:3]}); "
+                                 "pass prefix= (--prefix) to choose one", path=source)
+        prefix = fits[0]
+    located = {}
+    for name, mask in sub.masks.items():
+        key = prefix + name
+        tensor = state.get(key)
+        if tensor is None:
+            raise OpenTransError(f"checkpoint has no tensor {key!r} for this mask; nothing was written",
+                                 path=source, tensor=name)
+        if tuple(tensor.shape) != tuple(mask.shape):
+            raise OpenTransError(f"mask shape {tuple(mask.shape)} != tensor shape {tuple(tensor.shape)}; "
+                                 "nothing was written", path=source, tensor=key)
+        if not tensor.is_floating_point():
+            raise OpenTransError(f"masks apply to floating tensors, this one is {tensor.dtype}", path=source,
+                                 tensor=key)
+        located[name] = key
+    return located
+
+
+# ----------------------------------------------------------------------------------------- pack
+def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str | os.PathLike, *,
+                    subnetwork: str | os.PathLike | Subnetwork | None = None, zeros: bool = False,
+                    dtype: str | None = None, force_zero: bool = False, encoding: str = "packbits",
+                    prefix: str | None = None, include: str | None = None, arch: str | None = None,
+                    registry: Any = None) -> dict[str, Any]:
+    """Write ``checkpoint`` (a file or an in-memory dict) as a packed sparse file at ``out``.
+
+    Exactly one of ``subnetwork`` (registry name, ``hf://`` reference, path or object; its pruned positions
+    must be zero in the checkpoint, else the first offending tensor is named, unless ``force_zero`` zeroes
+    them) or ``zeros=True`` (masks from exact zeros of floating ``*weight`` tensors of 2-D and up, where that
+    saves bytes; ``include`` narrows them by regex) picks the masks. ``dtype`` (``bf16``/``fp16``) casts the
+    kept values, recorded so unpacking restores the original dtype. ``encoding``: ``packbits`` or ``zstd``.
+    Returns a summary (bytes, ratio, hashes).
+    """
+    if (subnetwork is None) == (not zeros):
+        raise OpenTransError("choose the masks: a subnetwork or zeros=True (exactly one)")
+    if dtype is not None and dtype not in sf.CASTS:
+        raise OpenTransError(f"unknown dtype {dtype!r}; choose one of {', '.join(sf.CASTS)}")
+    if encoding not in ENCODINGS:
+        raise OpenTransError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    source = "<checkpoint>" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
+    out = check_output(out, None if isinstance(checkpoint, Mapping) else checkpoint)
+    if out.suffix != ".safetensors":
+        raise OpenTransError("a packed file is safetensors: name it *.safetensors (e.g. model.sparse.safetensors)",
+                             path=out)
+    obj = dict(checkpoint) if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
+    source_meta = None if isinstance(checkpoint, Mapping) else _safetensors_metadata(Path(checkpoint))
+    tensors: dict[str, torch.Tensor] = {}
+    tree = encode_tree(obj, tensors)
+    bad = next((k for k in tensors if "::" in k), None)
+    if bad is not None:
+        raise OpenTransError("tensor names with '::' cannot be packed", path=source, tensor=bad)
+    _, trail = find_state_dict(obj, source)
+    head = f"{trail}." if trail else ""
+    state = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+
+    if zeros:
+        masks = _masks_from_zeros(state, include)
+        if not masks:
+            raise OpenTransError("no weight tensor has enough exact zeros to pack (nothing looks pruned)",
+                                 path=source)
+        sub = Subnetwork(masks, arch=arch or "unknown",
+                         provenance=default_provenance("import", kind="zeros", include=include))
+        located = {name: name for name in masks}
+    else:
+        from .registry import load_subnetwork
+
+        sub = load_subnetwork(subnetwork, registry)
+        if arch is not None and arch != sub.arch:
+            raise OpenTransError(f"the subnetwork was found on {sub.arch!r}, not {arch!r}")
+        located = _locate(sub, state, prefix, source)
+        _check_zero(sub, located, state, force_zero, source)
+    key_of = {name: head + key for name, key in located.items()}  # subnetwork name -> tensor key
+    mask_names = {key: name for name, key in key_of.items()}
+    sub_meta, blobs = _read_safetensors_u8(sub.to_bytes(encoding), "<subnetwork>")
+    cast = sf.CASTS.get(dtype) if dtype else None
+
+    specs, sizes, hashes = [], {}, {}
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        dtype_name = sf.dtype_name(tensor.dtype, key, source)
+        if key not in mask_names:
+            spec = sf.TensorSpec(key, dtype_name, tuple(tensor.shape))
+            sizes[key] = tensor.numel() * tensor.element_size()
+            hashes[key] = sf.tensor_hash(key, tensor.detach().cpu())
+        else:
+            name = mask_names[key]
+            keep = sub[name].reshape(-1)
+            stored = cast if cast is not None and cast != tensor.dtype else None
+            spec = sf.TensorSpec(key, dtype_name, tuple(tensor.shape), sf.count(keep),
+                                 sf.dtype_name(stored, key) if stored is not None else None)
+            sizes[key + sf.KEPT_SUFFIX] = spec.kept * (stored or tensor.dtype).itemsize
+            sizes[key + sf.MASK_SUFFIX] = len(blobs[name])
+            zero_already = stored is None and (zeros or not force_zero)  # pruned positions are +0.0 bitwise
+            hashes[key] = sf.tensor_hash(key, tensor.detach().cpu() if zero_already else _dense(tensor, keep, stored))
+        specs.append(spec)
+    content_sha256 = sf.content_sha256(hashes, tree)
+
+    def parts(spec: sf.TensorSpec):
+        tensor = tensors[spec.key].detach().cpu()
+        if not spec.masked:
+            yield _bytes(tensor)
+            return
+        name = mask_names[spec.key]
+        values = sf.bits(tensor)[sub[name].reshape(-1)].view(tensor.dtype)
+        if spec.stored:
+            values = values.to(sf._BY_NAME[spec.stored])
+        yield _bytes(values)
+        yield blobs[name]
+
+    from ..version import __version__
+
+    metadata = {"format": sf.FORMAT, "format_version": str(sf.FORMAT_VERSION), "content_sha256": content_sha256,
+                "state": trail, "arch": sub.arch, "cast": dtype or "", "library": f"opentrans-hub {__version__}",
+                "masks": json.dumps(mask_names), "subnetwork": json.dumps(sub_meta),
+                "source_metadata": json.dumps(source_meta or {}), "method": "zeros" if zeros else "subnetwork"}
+    size = _spool_to(out, lambda handle: sf.write(handle, specs, parts, sizes, metadata, tree=tree))
+    dense = sum(s.dense_bytes for s in specs)
+    masked = [s for s in specs if s.masked]
+    return {"out": str(out), "content_sha256": content_sha256, "subnetwork_sha256": sub.sha256, "arch": sub.arch,
+            "dense_bytes": dense, "packed_bytes": size, "ratio": size / dense if dense else 0.0,
+            "masked_tensors": len(masked), "sparsity": sub.sparsity, "dtype": dtype, "encoding": encoding,
+            "forced_zero": bool(force_zero and not zeros)}
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str] | None:
+    if path.suffix != ".safetensors" or sf.is_packed(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
+
+
+def _dense(tensor: torch.Tensor, keep: torch.Tensor, stored: torch.dtype | None) -> torch.Tensor:
+    """What unpacking will give for a masked tensor: kept values (through the cast) and +0.0 elsewhere."""
+    tensor = tensor.detach().cpu()
+    source = sf.bits(tensor)
+    out = torch.zeros_like(source)
+    values = source[keep]
+    if stored is not None:
+        values = sf.bits(values.view(tensor.dtype).to(stored).to(tensor.dtype))
+    out.masked_scatter_(keep, values)
+    return out.view(tensor.dtype).reshape(tensor.shape)
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    if not tensor.numel():
+        return memoryview(b"")
+    return memoryview(sf.bits(tensor.contiguous()).numpy()).cast("B")
+
+
+def _check_zero(sub: Subnetwork, located: Mapping[str, str], state: Mapping[str, torch.Tensor], force_zero: bool,
+                source: str) -> None:
+    """Refuse (before writing anything) a checkpoint whose pruned positions are not exactly +0.0."""
+    offenders = []
+    for name, key in located.items():
+        pruned = ~sub[name].reshape(-1)
+        count = int((sf.bits(state[key])[pruned] != 0).sum())
+        if count:
+            offenders.append((key, count))
+    if offenders and not force_zero:
+        key, count = offenders[0]
+        total = sum(c for _, c in offenders)
+        raise OpenTransError(f"{count:,} pruned positions are not zero (in {len(offenders)} tensor(s), {total:,} in "
+                             "all): this checkpoint was not trained with this subnetwork's masks; pass force_zero "
+                             "(--force-zero) to zero them", path=source, tensor=key)
+
+
+def packed_stats(reader: sf.PackedReader) -> dict[str, Any]:
+    """Dense vs packed bytes and per-tensor sparsity (what ``inspect`` prints)."""
+    layers = []
+    for key in reader.mask_names:
+        spec = reader.specs[key]
+        packed = sum(reader.entries[n][3] - reader.entries[n][2] for n, _, _ in sf.stored_names(spec))
+        layers.append({"name": key, "shape": list(spec.shape), "numel": spec.numel, "kept": spec.kept,
+                       "sparsity": 1 - spec.kept / spec.numel if spec.numel else 0.0,
+                       "dense_bytes": spec.dense_bytes, "packed_bytes": packed,
+                       "stored": spec.stored or spec.dtype})
+    dense = sum(s.dense_bytes for s in reader.specs.values())
+    masked_dense = sum(layer["dense_bytes"] for layer in layers)
+    masked_packed = sum(layer["packed_bytes"] for layer in layers)
+    return {"path": reader.source, "content_sha256": reader.content_sha256, "file_bytes": reader.size,
+            "dense_bytes": dense, "ratio": reader.size / dense if dense else 0.0, "tensors": len(reader.specs),
+            "masked_tensors": len(layers), "masked_dense_bytes": masked_dense,
+            "masked_packed_bytes": masked_packed,
+            "masked_sparsity": (1 - sum(x["kept"] for x in layers) / max(sum(x["numel"] for x in layers), 1)),
+            "encoding": reader.sub_meta.get("encoding"), "arch": reader.meta.get("arch", "unknown"),
+            "cast": reader.meta.get("cast") or None, "state": reader.state_trail, "layers": layers}
+
+
+def tower_masks(path: str | os.PathLike, names: Any) -> dict[str, torch.Tensor]:
+    """The packed file's keep-masks keyed by a model's parameter ``names``: the file holds the model under
+    one prefix (the state trail, ``visual.``, a tower path: where every name is found), and the masks under
+    it are the model's; masks of other modules in the file (a pruned decoder) are not."""
+    reader = sf.open_packed(path)
+    names = set(names)
+    prefixes = find_prefixes(reader.specs, names)
+    if len(prefixes) != 1:
+        what = "no" if not prefixes else f"{len(prefixes)} ({prefixes[:3]})"
+        raise OpenTransError(f"the packed file's masks do not fit the model: {what} prefix holds every one of its "
+                             f"{len(names)} parameters", path=path)
+    prefix = prefixes[0]
+    return {key[len(prefix):]: reader.mask(key).reshape(reader.specs[key].shape) for key in reader.mask_names
+            if key.startswith(prefix) and key[len(prefix):] in names}
+
+
+# ----------------------------------------------------------------------------------------- unpack / load
+def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The dense model state dict (zeros at pruned positions) of a packed file, verified."""
+    reader = sf.open_packed(path)
+    obj = reader.checkpoint()
+    state, _ = find_state_dict(obj, path) if isinstance(obj, Mapping) else ({}, "")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+    """Write the dense checkpoint of a packed file to ``out`` (``.safetensors`` when it is a flat tensor dict,
+    else ``torch.save``), bit-identical to what was packed; verified before anything is written."""
+    out = check_output(out, path)
+    reader = sf.open_packed(path)
+    if out.suffix == ".safetensors":
+        flat = reader.tree.get("d") if isinstance(reader.tree, dict) else None
+        if not isinstance(flat, list) or not all(isinstance(v, dict) and "t" in v and k == {"s": v["t"]}
+                                                 for k, v in flat):
+            raise OpenTransError("this checkpoint nests entries beyond a flat tensor dict; unpack it to a .pth "
+                                 "file (safetensors holds only a flat dict of tensors)", path=out)
+        size = _spool_to(out, lambda handle: _write_dense_safetensors(handle, reader))
+    else:
+        size = _spool_to(out, lambda handle: _torch_save(handle, reader, out.parent))
+    return {"out": str(out), "bytes": size, "content_sha256": reader.content_sha256,
+            "tensors": len(reader.specs), "masked_tensors": len(reader.mask_names)}
+
+
+def _write_dense_safetensors(handle, reader: sf.PackedReader) -> int:
+    dense = [sf.TensorSpec(s.key, s.dtype, s.shape) for s in reader.specs.values()]
+    sizes = {s.key: s.dense_bytes for s in dense}
+    meta = reader._json("source_metadata", (dict,)) if "source_metadata" in reader.meta else {}
+    stream = reader.tensors(order=[s.key for s in sf.write_order(dense)])  # the writer's order: one at a time
+
+    def parts(spec: sf.TensorSpec):
+        key, tensor = next(stream)
+        assert key == spec.key
+        yield _bytes(tensor)
+
+    written = sf.write(handle, dense, parts, sizes, meta)
+    for _ in stream:  # finish the hash check before the spool is committed
+        pass
+    return written
+
+
+def _torch_save(handle, reader: sf.PackedReader, folder: Path) -> int:
+    """torch.save the dense checkpoint, its tensors held in scratch files (page cache) instead of memory."""
+    with tempfile.TemporaryDirectory(prefix=".opentrans-hub-unpack-", dir=folder) as scratch:
+        dense: dict[str, torch.Tensor] = {}
+        for i, (key, tensor) in enumerate(reader.tensors()):
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes < (1 << 16):
+                dense[key] = tensor
+                continue
+            mapped = np.memmap(os.path.join(scratch, str(i)), dtype=np.uint8, mode="w+", shape=(nbytes,))
+            mapped[:] = _bytes(tensor)
+            dense[key] = torch.from_numpy(mapped).view(tensor.dtype).reshape(tensor.shape)
+            del tensor
+        obj = decode_tree(reader.tree, dense.__getitem__, reader.source)
+        start = handle.tell()
+        torch.save(obj, handle)
+        return handle.tell() - start
