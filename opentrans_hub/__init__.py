@@ -16,7 +16,7 @@ from .version import __version__ as __version__
 _PUBLIC = {
     "OpenTransError": "errors", "OpenTransWarning": "errors",
     "NameMap": "naming.namemap", "Rule": "naming.namemap", "MappingReport": "naming.namemap",
-    "TIMM_CLIP_RESNET_RULES": "towers.backbones",
+    "TIMM_CLIP_RESNET_RULES": "towers.timm_names",
     "Subnetwork": "formats.subnetwork", "LayerSelection": "formats.selection",
     "apply_masks": "sparsity.masks", "bake": "sparsity.masks", "enforce": "sparsity.masks",
     "masked_parameters": "sparsity.masks", "remove": "sparsity.masks",
