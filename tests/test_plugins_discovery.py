@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from opentrans_hub import NameMap, OpenTransError
-from opentrans_hub.transfer.plugins import Plugin, list_plugins
+from opentrans_hub.transfer.discovery import list_plugins
+from opentrans_hub.transfer.plugins import Plugin
 
 FIXTURE = Path(__file__).parent / "fixtures" / "oth-demo-plugin"
 FIRST_PARTY = {"fcclip", "hanovs", "deeplabv3-opentrans", "deeplabv3-d2", "deeplabv3-torchvision", "timm-clip-resnet",
@@ -110,7 +111,7 @@ def test_third_party_plugin_applies_a_subnetwork(third_party_site):
         sys.path.insert(0, sys.argv[1])
         from conftest import make_tiny_resnet
         import opentrans_hub as oth
-        from opentrans_hub.transfer.plugins import get_plugin
+        from opentrans_hub.transfer.discovery import get_plugin
 
         tower = make_tiny_resnet(seed=0)
         gen = torch.Generator().manual_seed(0)

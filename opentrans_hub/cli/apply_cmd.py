@@ -50,7 +50,7 @@ def _print_report(report_dict: dict[str, Any], header: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..io.atomic import atomic_write_text
     from ..io.checkpoints import read_state_dict
-    from ..transfer.plugins import get_plugin
+    from ..transfer.discovery import get_plugin
 
     check_out(args, args.out, args.checkpoint, args.subnetwork, args.selection)
     plugin = get_plugin(args.plugin)
