@@ -53,6 +53,23 @@ def test_core_imports_no_plugin_by_name():
         assert not any(package in text for package in packages), path
 
 
+def test_first_party_plugins_use_only_public_names():
+    """Plugins import ``opentrans_hub``'s public names (never its modules), so the core can move its insides."""
+    import ast
+
+    import opentrans_hub as oth
+
+    sources = list((REPO / "plugins").glob("*/opentrans_hub_*/*.py"))
+    assert len(sources) >= 6
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "opentrans_hub":
+                assert node.module == "opentrans_hub", (path, node.module)
+                assert {alias.name for alias in node.names} <= set(oth.__all__), path
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("opentrans_hub.") for a in node.names), path
+
+
 def test_plugin_declaration_errors_are_clear():
     with pytest.raises(OpenTransError, match="declares no architectures"):
         Plugin(name="x", frameworks=("X",), archs={})
