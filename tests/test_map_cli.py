@@ -19,7 +19,7 @@ from test_inference import d2_layout, finetuned, han_layout, resolved
 
 from opentrans_hub import Subnetwork
 from opentrans_hub.io.checkpoints import write_checkpoint
-from opentrans_hub.transfer.plugins import get_plugin
+from opentrans_hub.transfer.discovery import get_plugin
 
 SCRIPT = Path(sys.executable).with_name("opentrans-hub")
 TESTS = Path(__file__).resolve().parent
