@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import OpenTransError
 from ..formats.subnetwork import Subnetwork, default_provenance
 from ..io.atomic import atomic_write_bytes, atomic_write_text
+from ..io.checkpoints import read_safetensors
 from ..sparsity.masks import apply_masks, enforce, unwrap
 from ..sparsity.sharding import full_mask, is_dtensor, local, shard_like
 from ..towers.backbones import check_canonical_scope  # noqa: F401  (IMPRunner checks its scope; re-exported)
@@ -238,9 +239,7 @@ class IMPRunner:
         self.base_weights_sha256 = state.get("base_weights_sha256")
         rewind = state.get("rewind")
         if rewind:
-            from safetensors.torch import load_file
-
-            self._rewind_state = load_file(str(self.out_dir / rewind["file"]))
+            self._rewind_state = read_safetensors(self.out_dir / rewind["file"])
             self._rewind_sha256 = rewind["weights_sha256"]
         if not rounds:
             return
