@@ -67,7 +67,8 @@ def header_length(data: bytes | memoryview) -> int | None:
 
 
 def sniff(data: bytes | memoryview) -> Sniffed:
-    """What ``data`` (a whole file, or at least its safetensors header) holds; never raises."""
+    """What ``data`` (a whole file, or at least its safetensors header) holds; never raises. JSON text is parsed
+    up to 64 MiB (a manifest); longer text counts as ``text``."""
     if not len(data):
         return Sniffed("empty")
     length = header_length(data)
@@ -79,7 +80,7 @@ def sniff(data: bytes | memoryview) -> Sniffed:
             return Sniffed("safetensors", format_name(meta.get("format")) if meta else None, meta)
     head = bytes(data[:64]).removeprefix(_BOM).lstrip()[:1]
     if head in (b"{", b"["):
-        value = _json(bytes(data), bom=True)
+        value = _json(bytes(data), bom=True) if len(data) <= MAX_JSON_BYTES else _INVALID
         if value is _INVALID:
             return Sniffed("text")
         return Sniffed("json", format_name(value.get("format")) if isinstance(value, dict) else None)
