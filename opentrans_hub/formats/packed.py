@@ -77,7 +77,8 @@ class PackedFile:
     """A packed sparse checkpoint as a registry/Hub artefact: its bytes, verified on decode.
 
     ``sha256`` is the dense content hash; ``subnetwork`` the embedded mask (its own sha256); ``arch`` and
-    ``provenance`` come from that mask, so model cards can name the base model.
+    ``provenance`` come from that mask, so model cards can name the base model. Both hashes are checked on
+    construction unless ``verify=False`` (for forensics on a damaged file).
     """
 
     kind = "packed"
