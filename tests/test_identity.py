@@ -40,10 +40,11 @@ def test_editing_the_arch_in_a_header_is_refused(tmp_path):
 
 
 def test_a_0_1_file_says_why_it_no_longer_verifies(tmp_path):
-    from opentrans_hub.formats.subnetwork import _content_hash, _pack
+    from opentrans_hub.formats.subnetwork_codec import content_hash
+    from opentrans_hub.io.bitmask import pack_bits
 
     sub = _rn50_like_sub()
-    old = _content_hash(None, ((n, tuple(m.shape), _pack(m)) for n, m in sub.masks.items()))
+    old = content_hash(None, ((n, tuple(m.shape), pack_bits(m)) for n, m in sub.masks.items()))
     (tmp_path / "old.safetensors").write_bytes(_header_edit(sub.to_bytes(), sha256=old))
     with pytest.raises(OpenTransError, match="0.1, whose hash did not cover the architecture"):
         Subnetwork.load(tmp_path / "old.safetensors")

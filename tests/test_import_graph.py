@@ -167,3 +167,87 @@ def test_the_torch_check_can_fail():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"  # the mask codec needs torch, and the check above would see it
+
+
+# ---------------------------------------------------------------------------------------------------- private names
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _defined_private(tree: ast.AST) -> set[str]:
+    """Private names a module defines: functions, classes and module-level names, and ``self._x`` attributes."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, ast.Store):
+            if isinstance(node, ast.Name):
+                names.add(node.id)
+            elif isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                names.add(node.attr)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return {name for name in names if _private(name)}
+
+
+def _module_aliases(module: str, path: Path, tree: ast.AST, known: set[str]) -> set[str]:
+    """Local names bound to a package module (``from ..formats import packed as sf``, ``import opentrans_hub.x``)."""
+    package = (module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]) if module else []
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join([*package[: len(package) - node.level + 1], *([node.module] if node.module else [])])
+            elif node.module and node.module.split(".")[0] == "opentrans_hub":
+                base = node.module.partition(".")[2]
+            else:
+                continue
+            for alias in node.names:
+                if ".".join(p for p in (base, alias.name) if p) in known:
+                    aliases.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "opentrans_hub":
+                    aliases.add(alias.asname or alias.name.split(".")[0])
+    return aliases
+
+
+def private_uses(module: str, path: Path, known: set[str], owners: dict[str, set[str]]) -> list[str]:
+    """Where ``module`` reaches into another package module's private names: ``from X import _y``, ``x._y`` on a
+    module, and ``obj._y`` where ``_y`` is defined by another package module but not by this one."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    own = _defined_private(tree)
+    aliases = _module_aliases(module, path, tree, known)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("opentrans_hub")):
+            found += [f"{module}:{node.lineno} imports {a.name}" for a in node.names if _private(a.name)]
+        elif isinstance(node, ast.Attribute) and _private(node.attr):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in aliases:
+                found.append(f"{module}:{node.lineno} reads module attribute {node.attr}")
+            elif node.attr not in own and any(node.attr in names for other, names in owners.items() if other != module):
+                found.append(f"{module}:{node.lineno} reads {node.attr}, private to another module")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names():
+    modules = _modules()
+    owners = {module: _defined_private(ast.parse(path.read_text(encoding="utf-8"))) for module, path in modules.items()}
+    found = [use for module, path in modules.items() for use in private_uses(module, path, set(modules), owners)]
+    assert not found, "private names used across modules (give them a public name where they are owned):\n" + \
+        "\n".join(found)
+
+
+def test_a_private_name_used_across_modules_would_be_seen(tmp_path):
+    probe = tmp_path / "opentrans_hub" / "zoo" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text("from ..formats.subnetwork import _secret\nfrom ..formats import packed as sf\n"
+                     "def f(reader):\n    return sf._table, reader._hidden, reader._mine\n"
+                     "class Mine:\n    def g(self):\n        self._mine = 1\n")
+    known = set(_modules()) | {"zoo.probe"}
+    uses = private_uses("zoo.probe", probe, known, {"formats.packed": {"_hidden"}})
+    assert [use.split(" ", 1)[1] for use in uses] == [
+        "imports _secret", "reads module attribute _table", "reads _hidden, private to another module"]

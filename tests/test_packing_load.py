@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import pytest
 import torch
+from cli_util import run_cli
 from conftest import make_tiny_resnet
 
+import opentrans_hub as oth
 from opentrans_hub import OpenTransError
 from opentrans_hub.methods.imp import magnitude_prune
 from opentrans_hub.sparsity.masks import masked_parameters
 from opentrans_hub.towers.backbones import BUILDERS
 from opentrans_hub.transfer.backbone import load_backbone
 from opentrans_hub.transfer.discovery import get_plugin
-from opentrans_hub.zoo.packing import pack_checkpoint
+from opentrans_hub.zoo.packing import load_sparse, pack_checkpoint, tower_masks
 from opentrans_hub.zoo.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,8 +100,6 @@ def test_registry_name_and_torch_hub(tmp_path, tiny_arch, monkeypatch):
 
 
 def _wrong_model_masks(packed: Path) -> None:
-    from opentrans_hub.zoo.packing import tower_masks
-
     tower_masks(packed, ["conv1.weight", "fc.weight"])
 
 
@@ -134,3 +136,42 @@ def test_two_towers_in_one_file_are_refused(tmp_path, tiny_arch):
     pack_checkpoint(both, tmp_path / "ema.sparse.safetensors", zeros=True)
     with pytest.raises(OpenTransError, match="holds the tower 2 times"):
         load_backbone(tiny_arch, pretrained=str(tmp_path / "ema.sparse.safetensors"))
+
+
+def _swap_mask_bits(data: bytes, key: str, i: int, j: int) -> bytes:
+    """The file's bytes with bits ``i`` and ``j`` of ``key``'s stored mask swapped; nothing else recomputed."""
+    (length,) = struct.unpack("<Q", data[:8])
+    start = 8 + length + json.loads(data[8:8 + length])[key + "::mask"]["data_offsets"][0]
+    out = bytearray(data)
+    bit = {n: bool(out[start + n // 8] >> (7 - n % 8) & 1) for n in (i, j)}  # packbits: first weight = high bit
+    for n, other in ((i, j), (j, i)):
+        out[start + n // 8] = out[start + n // 8] & ~(1 << (7 - n % 8)) | bit[other] << (7 - n % 8)
+    return bytes(out)
+
+
+def test_mask_bits_moved_onto_zeros_are_refused(tmp_path, tiny_arch):
+    """A kept weight that is exactly 0.0 and its pruned neighbour swap mask bits: the dense content, and so its
+    hash, is unchanged, but the masks are not the published ones; every load that uses them refuses the file."""
+    tower, sub = finetuned_pruned(seed=5)
+    name = "layer1.0.conv2.weight"
+    keep = sub[name].reshape(-1)
+    i = next(n for n in range(keep.numel() - 1) if keep[n] and not keep[n + 1])
+    state = tower.state_dict()
+    state[name].view(-1)[i] = 0.0
+    torch.save(state, tmp_path / "tower.pth")
+    good = tmp_path / "tower.sparse.safetensors"
+    pack_checkpoint(tmp_path / "tower.pth", good, subnetwork=sub)
+    assert oth.load_backbone(tiny_arch, pretrained=str(good)).opentrans_packed["subnetwork"] == sub.sha256
+
+    bad = tmp_path / "swapped.sparse.safetensors"
+    bad.write_bytes(_swap_mask_bits(good.read_bytes(), name, i, i + 1))
+    dense = load_sparse(bad)  # the dense content hash holds: only the masks changed
+    assert all(torch.equal(dense[k], v) for k, v in state.items())
+    with pytest.raises(OpenTransError, match="content hash mismatch") as info:
+        oth.load_backbone(tiny_arch, pretrained=str(bad))
+    assert str(info.value).startswith(f"{bad}: ") and "\n" not in str(info.value)
+    with pytest.raises(OpenTransError, match="content hash mismatch"):
+        tower_masks(bad, dict(tower.named_parameters()))
+    shown = run_cli(tmp_path, "inspect", bad.name)
+    assert shown.returncode == 2 and shown.stdout == ""
+    assert shown.stderr.count("\n") == 1 and bad.name in shown.stderr and "hash mismatch" in shown.stderr

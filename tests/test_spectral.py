@@ -16,8 +16,9 @@ from conftest import make_tiny_resnet
 from torch import nn
 
 from opentrans_hub.errors import OpenTransError
+from opentrans_hub.methods.powerlaw import peak_window
 from opentrans_hub.methods.select import select_layers
-from opentrans_hub.methods.spectral import _peak_window, clear_cache, collect_matrices, compute_metrics, fit_power_laws
+from opentrans_hub.methods.spectral import clear_cache, collect_matrices, compute_metrics, fit_power_laws
 
 
 # ------------------------------------------------------------------------------------------- reference
@@ -241,7 +242,7 @@ def test_peak_window_lower_bound_is_log10_but_upper_bound_raw():
     logs = np.log10(eigs.numpy())
     counts, edges = np.histogram(logs, bins=100, range=(logs.min(), logs.max()))
     peak = 10 ** edges[np.argmax(counts)]
-    low, high = _peak_window(eigs, 100)
+    low, high = peak_window(eigs, 100)
     assert low == pytest.approx(np.log10(0.95 * peak))
     assert high == pytest.approx(1.5 * peak)
     assert low < 0.95 * peak  # the quirk: candidates far below the peak are searched too

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import OpenTransError
     from ..transfer.inference import AmbiguousTowerError, infer_name_map
-    from ..transfer.inference.report import _target_tensors
+    from ..transfer.inference.report import target_tensors
     from ..transfer.scaffold import rules_text, write_plugin
 
     if args.write_plugin and not args.name:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"opentrans-hub map: warning: {note}", file=sys.stderr)
     written = None
     if args.write_plugin:
-        names = list(_target_tensors(args.checkpoint)[0])  # the plugin maps without DDP's prefix; apply adds it
+        names = list(target_tensors(args.checkpoint)[0])  # the plugin maps without DDP's prefix; apply adds it
         written = write_plugin(args.write_plugin, args.name, args.arch, name_map, report, names, args.checkpoint)
     if args.json:
         info = report.to_dict()

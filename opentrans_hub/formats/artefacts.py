@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import OpenTransError
 from ..io.atomic import read_bytes
+from ..io.sniff import PACKED_FORMAT, sniff
 from .selection import LayerSelection
 
 if TYPE_CHECKING:
@@ -77,22 +78,13 @@ def encode(obj: Artefact) -> bytes:
     return obj.to_bytes()
 
 
-def looks_like_json(data: bytes) -> bool:
-    """JSON text (an object or a list, after a byte-order mark and blanks), not a safetensors file."""
-    return data.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"[")
-
-
 def decode(data: bytes, source: str, kind: str | None = None, expected_sha256: str | None = None) -> Artefact:
-    """Decode registry bytes; the kind is sniffed (JSON text: a selection; a packed file declares its format)
-    unless given. Hashes verified."""
+    """Decode registry bytes; the kind is sniffed from the content (JSON text: a selection; a packed file
+    declares its format; else a subnetwork) unless given. Hashes verified."""
     if kind is None:
-        if looks_like_json(data):
-            kind = "selection"
-        else:
-            from .packed import FORMAT as PACKED_FORMAT
-            from .packed import sniff
-
-            kind = "packed" if sniff(data) == PACKED_FORMAT else "subnetwork"
+        found = sniff(data)
+        kind = ("selection" if found.kind in ("json", "text") else
+                "packed" if found.format == PACKED_FORMAT else "subnetwork")
     codec = _codec(kind)
     if codec is None:
         raise OpenTransError(f"unknown artefact kind {kind!r}", path=source)

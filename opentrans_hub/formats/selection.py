@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import OpenTransError
 from ..io.atomic import atomic_write_text, read_bytes
+from ..io.sniff import SELECTION_FORMAT, format_name, sniff
 from ..towers.archs import check_arch, check_tensor_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..naming.namemap import NameMap
 
-FORMAT = "opentrans-hub/layer-selection"
+FORMAT = SELECTION_FORMAT
 FORMAT_VERSION = 1
 
 
@@ -114,6 +115,9 @@ class LayerSelection:
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>", verify: bool = True) -> LayerSelection:
         """Decode a manifest written by :meth:`to_bytes`; any defect raises :class:`OpenTransError`."""
+        found = sniff(data)
+        if found.kind not in ("json", "text"):
+            raise OpenTransError(f"is {found.describe()}, not a layer selection (JSON)", path=source)
         try:
             payload = json.loads(data.decode("utf-8-sig"))  # a byte-order mark some editors add is harmless
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -125,7 +129,7 @@ class LayerSelection:
         if not isinstance(data, dict):
             raise OpenTransError(f"a JSON {type(data).__name__}, not an opentrans-hub layer selection (a JSON object "
                                  f"with format {FORMAT!r})", path=source)
-        if data.get("format") != FORMAT:
+        if format_name(data.get("format")) != FORMAT:
             raise OpenTransError(f"not an opentrans-hub layer selection (format={data.get('format')!r})", path=source)
         for key, kinds, what in (("policy", (dict, type(None)), "an object"), ("provenance", (dict, type(None)),
                                  "an object"), ("arch", (str, type(None)), "a string"),

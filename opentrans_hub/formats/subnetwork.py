@@ -2,22 +2,15 @@
 
 A Subnetwork maps canonical tensor names (open_clip visual-tower names, e.g. ``layer1.0.conv1.weight``)
 to boolean keep-masks, plus the architecture id it was found on and its provenance. It is stored as a
-safetensors file whose tensors are the bit-packed masks (``packbits``: 1 bit per weight) or zstd over
-those bits (``zstd``), with shapes and provenance in the header metadata.
-
-Identity is the sha256 over canonical content (the architecture id, sorted names, shapes and bits), so
-re-encoding a mask or changing its provenance never changes its hash, and declaring the same masks for another
-architecture does.
+safetensors file of bit-packed masks (:mod:`opentrans_hub.formats.subnetwork_codec`: the format and the content
+hash, which covers the architecture id, names, shapes and bits but not the encoding or the provenance).
+``Subnetwork.load`` of a packed sparse checkpoint gives the subnetwork it embeds, verified the same way.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
-import math
 import os
-import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +21,11 @@ import torch
 
 from ..errors import OpenTransError
 from ..io.atomic import atomic_write_bytes, read_bytes
+from ..io.packed import PackedContainer
+from ..io.sniff import PACKED_FORMAT, SELECTION_FORMAT, sniff
 from ..towers.archs import check_arch, check_tensor_name
-
-FORMAT = "opentrans-hub/subnetwork"
-FORMAT_VERSION = 1
-ENCODINGS = ("packbits", "zstd")
-_MAX_HEADER_BYTES = 64 * 1024 * 1024
-_ZSTD_LEVEL = 19
-_MAX_NDIM = 16
-_MAX_DIM = 1 << 48
-_MAX_WEIGHTS = 1 << 34  # per tensor: 17G weights, 2 GiB of bits; far beyond any CLIP layer
-#: other file formats that embed a subnetwork: header ``format`` -> reader(data, source, verify) (packed files)
-CONTAINERS: dict[str, Any] = {}
+from . import subnetwork_codec as codec
+from .subnetwork_codec import ENCODINGS, FORMAT, FORMAT_VERSION  # noqa: F401  (the format's names, re-exported)
 
 
 @dataclass(frozen=True)
@@ -136,7 +122,7 @@ class Subnetwork:
         """sha256 over the architecture id and the sorted names, shapes and packed bits: the same for any
         encoding or provenance, different for the same masks declared for another architecture."""
         if self._sha256 is None:
-            self._sha256 = _content_hash(self.arch, ((n, tuple(m.shape), _pack(m)) for n, m in self._masks.items()))
+            self._sha256 = codec.content_hash(self.arch, codec.mask_items(self._masks))
         return self._sha256
 
     def layers(self) -> list[LayerStats]:
@@ -195,33 +181,10 @@ class Subnetwork:
         return (f"Subnetwork(arch={self.arch!r}, layers={len(self)}, sparsity={self.sparsity:.4f}, "
                 f"sha256={self.sha256[:12]})")
 
-    # ----------------------------------------------------------------- codec
+    # ----------------------------------------------------------------- files
     def to_bytes(self, encoding: str = "packbits") -> bytes:
         """Serialise as safetensors (uint8 tensors, one per mask; header metadata carries the rest)."""
-        if encoding not in ENCODINGS:
-            raise OpenTransError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
-        from safetensors.numpy import save
-
-        if encoding == "zstd":
-            import zstandard
-
-            compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_content_size=True)
-        tensors: dict[str, np.ndarray] = {}
-        for name, mask in self._masks.items():
-            packed = _pack(mask)
-            if encoding == "zstd":
-                packed = compressor.compress(packed)
-            tensors[name] = np.frombuffer(packed, dtype=np.uint8)
-        metadata = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "encoding": encoding,
-            "arch": self.arch,
-            "shapes": json.dumps({name: list(mask.shape) for name, mask in self._masks.items()}),
-            "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
-            "sha256": self.sha256,
-        }
-        return save(tensors, metadata=metadata)
+        return codec.encode(self._masks, self.arch, self.provenance, self.sha256, encoding)
 
     def save(self, path: str | os.PathLike, encoding: str = "packbits") -> Path:
         """Write atomically to ``path`` (safetensors)."""
@@ -229,83 +192,32 @@ class Subnetwork:
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>", verify: bool = True) -> Subnetwork:
-        """Decode a file written by :meth:`to_bytes` (or one embedding it, see ``CONTAINERS``); any defect
-        raises :class:`OpenTransError`."""
-        container = CONTAINERS.get(_declared_format(data))
-        if container is not None:
-            return container(data, source, verify)
-        metadata, tensors = _read_safetensors_u8(data, source)
-        if metadata.get("format") != FORMAT:
-            raise OpenTransError(f"not an opentrans-hub subnetwork (format={metadata.get('format')!r})", path=source)
-        version = metadata.get("format_version", "")
-        if not version.isdigit():
-            raise OpenTransError(f"bad format_version {version!r}", path=source)
-        if int(version) > FORMAT_VERSION:
-            raise OpenTransError(f"format version {version} is newer than this library reads ({FORMAT_VERSION}); "
-                                 "upgrade opentrans-hub", path=source)
-        encoding = metadata.get("encoding")
-        if encoding not in ENCODINGS:
-            raise OpenTransError(f"unknown encoding {encoding!r}", path=source)
-        shapes = _json_field(metadata, "shapes", dict, source)
-        provenance = _json_field(metadata, "provenance", dict, source)
-        arch = metadata.get("arch") or "unknown"
-        try:
-            check_arch(arch)
-            for name in tensors:
-                check_tensor_name(name)
-        except OpenTransError as exc:
-            raise OpenTransError(exc.detail, path=source) from None
-        if set(shapes) != set(tensors):
-            missing = sorted(set(shapes) ^ set(tensors))[:3]
-            raise OpenTransError(f"header shapes and stored tensors disagree (e.g. {missing})", path=source)
-        if encoding == "zstd":
-            import zstandard
+        """Decode a subnetwork file, or the subnetwork a packed checkpoint embeds, and check its content hash
+        against the one recorded (``verify=False`` skips that check, for forensics); any defect raises
+        :class:`OpenTransError` naming the file."""
+        found = sniff(data)
+        if found.kind == "json":
+            what = "a layer selection manifest (JSON)" if found.format == SELECTION_FORMAT else "a JSON file"
+            raise OpenTransError(f"is {what}, not a subnetwork (.safetensors)", path=source)
+        if found.format == PACKED_FORMAT:
+            return cls.from_parts(*PackedContainer(data, source).embedded(), source=source, verify=verify)
+        return cls._from_decoded(codec.decode(data, source), source, verify)
 
-            decompressor = zstandard.ZstdDecompressor()
-        masks: dict[str, torch.Tensor] = {}
-        for name in sorted(tensors):
-            shape = shapes[name]
-            if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
-                    or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in shape)):
-                raise OpenTransError(f"bad shape {str(shape)[:80]}", path=source, tensor=name)
-            numel = math.prod(shape)
-            if numel > _MAX_WEIGHTS:
-                raise OpenTransError(f"shape {shape} holds {numel} weights, more than any real layer",
-                                     path=source, tensor=name)
-            nbytes = (numel + 7) // 8
-            raw = tensors[name]
-            if encoding == "zstd":
-                try:
-                    declared = zstandard.frame_content_size(raw)
-                    if declared >= 0 and declared != nbytes:  # refuse before allocating what the frame claims
-                        raise OpenTransError(f"zstd frame holds {declared} bytes, shape {shape} needs {nbytes}",
-                                             path=source, tensor=name)
-                    raw = _inflate(decompressor, raw, nbytes, source, name)
-                except zstandard.ZstdError as exc:
-                    raise OpenTransError(f"corrupted zstd stream ({exc})", path=source, tensor=name) from None
-            if len(raw) != nbytes:
-                raise OpenTransError(f"{len(raw)} bytes of bits for shape {shape} ({numel} weights need {nbytes})",
-                                     path=source, tensor=name)
-            bits = np.frombuffer(raw, dtype=np.uint8)
-            if numel % 8 and nbytes and bits[-1] & ((1 << (8 - numel % 8)) - 1):
-                raise OpenTransError("padding bits are not zero (corrupted or not canonical)", path=source,
-                                     tensor=name)
-            unpacked = np.unpackbits(bits, count=numel).astype(bool, copy=False)
-            masks[name] = torch.from_numpy(unpacked.reshape(shape))
+    @classmethod
+    def from_parts(cls, metadata: Mapping[str, str], blobs: Mapping[str, bytes | memoryview], source: str,
+                   verify: bool = True) -> Subnetwork:
+        """Decode a subnetwork from its header metadata and stored bits per mask name (what a packed checkpoint
+        embeds), checked against its content hash unless ``verify=False``."""
+        return cls._from_decoded(codec.decode_parts(metadata, blobs, source), source, verify)
+
+    @classmethod
+    def _from_decoded(cls, decoded: codec.Decoded, source: str, verify: bool) -> Subnetwork:
         try:
-            sub = cls(masks, arch=arch, provenance=provenance)
+            sub = cls(decoded.masks, arch=decoded.arch, provenance=decoded.provenance)
         except OpenTransError as exc:
             raise OpenTransError(exc.detail, path=source, tensor=exc.tensor) from None
-        expected = metadata.get("sha256")
         if verify:
-            if not expected:
-                raise OpenTransError("no sha256 in the header", path=source)
-            if sub.sha256 != expected:
-                if expected == _content_hash(None, ((n, tuple(m.shape), _pack(m)) for n, m in sub._masks.items())):
-                    raise OpenTransError("written by opentrans-hub 0.1, whose hash did not cover the architecture: "
-                                         "load it with verify=False, check its arch, and save it again", path=source)
-                raise OpenTransError(f"content hash mismatch: header says {expected[:16]}..., "
-                                     f"content is {sub.sha256[:16]}... (masks, shapes or arch changed)", path=source)
+            codec.check_identity(decoded.sha256, sub.sha256, sub._masks, source)
         return sub
 
     @classmethod
@@ -345,121 +257,3 @@ class _ReadOnly(Mapping):
 
     def __len__(self):
         return len(self._data)
-
-
-def _pack(mask: torch.Tensor) -> bytes:
-    return np.packbits(mask.reshape(-1).numpy()).tobytes()
-
-
-def _content_hash(arch: str | None, items) -> str:
-    """sha256 over ``arch`` and (name, shape, packed bits) items; ``arch=None`` is the 0.1 hash (no arch)."""
-    if arch is None:
-        digest = hashlib.sha256(b"opentrans-hub/subnetwork/v1\0")
-    else:
-        digest = hashlib.sha256(b"opentrans-hub/subnetwork/v2\0")
-        encoded = arch.encode("utf-8")
-        digest.update(struct.pack("<Q", len(encoded)) + encoded)
-    for name, shape, packed in items:
-        encoded = name.encode("utf-8")
-        digest.update(struct.pack("<Q", len(encoded)) + encoded)
-        digest.update(struct.pack("<Q", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape))
-        digest.update(struct.pack("<Q", len(packed)) + packed)
-    return digest.hexdigest()
-
-
-def _inflate(decompressor, raw: bytes, nbytes: int, source: str, name: str) -> bytes:
-    """Decompress one zstd frame, never holding more than ``nbytes + 1`` bytes (bombs, lying frames)."""
-    reader = decompressor.stream_reader(raw)
-    chunks, total = [], 0
-    while True:
-        chunk = reader.read(min(1 << 20, nbytes + 1 - total))
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > nbytes:
-            raise OpenTransError(f"zstd stream inflates beyond the {nbytes} bytes its shape needs",
-                                 path=source, tensor=name)
-
-
-def _declared_format(data: bytes) -> str | None:
-    """The ``format`` a safetensors header declares, or None; never raises (the strict reader reports)."""
-    try:
-        (length,) = struct.unpack("<Q", bytes(data[:8]))
-        if length > _MAX_HEADER_BYTES or len(data) < 8 + length:
-            return None
-        value = json.loads(bytes(data[8:8 + length])).get("__metadata__", {}).get("format")
-        return value if isinstance(value, str) else None
-    except (ValueError, struct.error, AttributeError, UnicodeDecodeError, RecursionError):
-        return None
-
-
-def _json_field(metadata: Mapping[str, str], key: str, kind: type, source: str):
-    try:
-        value = json.loads(metadata.get(key, ""))
-    except (TypeError, ValueError, RecursionError):
-        raise OpenTransError(f"header field {key!r} is not valid JSON", path=source) from None
-    if not isinstance(value, kind):
-        raise OpenTransError(f"header field {key!r} must be a JSON {kind.__name__}", path=source)
-    return value
-
-
-def _read_safetensors_u8(data: bytes, source: str) -> tuple[dict[str, str], dict[str, bytes]]:
-    """Strict reader for safetensors files whose tensors are all uint8 (our masks).
-
-    Parsing the small header ourselves gives one error type with the file and tensor named for every
-    defect (truncation, overlaps, wrong dtypes) instead of whatever the backend raises.
-    """
-    head = data[:64].removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
-    if head in (b"{", b"["):
-        try:
-            json.loads(data.decode("utf-8-sig"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            pass
-        else:
-            what = ("a layer selection manifest (JSON)" if b'"opentrans-hub/layer-selection"' in data
-                    else "a JSON file")
-            raise OpenTransError(f"is {what}, not a subnetwork (.safetensors)", path=source)
-    if len(data) < 8:
-        raise OpenTransError(f"truncated: {len(data)} bytes is too short for a safetensors file", path=source)
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > _MAX_HEADER_BYTES or 8 + header_len > len(data):
-        raise OpenTransError(f"truncated or not safetensors: header length {header_len} exceeds the file "
-                             f"({len(data)} bytes)", path=source)
-    try:
-        header = json.loads(data[8:8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise OpenTransError("safetensors header is not valid JSON", path=source) from None
-    if not isinstance(header, dict):
-        raise OpenTransError("safetensors header is not a JSON object", path=source)
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise OpenTransError("safetensors __metadata__ must map strings to strings", path=source)
-    body = memoryview(data)[8 + header_len:]
-    tensors: dict[str, bytes] = {}
-    spans = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise OpenTransError("tensor entry is not an object", path=source, tensor=name)
-        if entry.get("dtype") != "U8":
-            raise OpenTransError(f"dtype {entry.get('dtype')!r}, expected U8 (packed bits)", path=source, tensor=name)
-        shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if (not isinstance(shape, list) or len(shape) != 1 or not isinstance(shape[0], int)
-                or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise OpenTransError("bad shape or data_offsets", path=source, tensor=name)
-        start, end = offsets
-        if not 0 <= start <= end <= len(body) or end - start != shape[0]:
-            raise OpenTransError(f"data_offsets {offsets} do not fit the {len(body)}-byte body (truncated?)",
-                                 path=source, tensor=name)
-        spans.append((start, end, name))
-        tensors[name] = bytes(body[start:end])
-    spans.sort()
-    position = 0
-    for start, end, name in spans:
-        if start != position:
-            raise OpenTransError("tensor data overlaps or leaves a gap", path=source, tensor=name)
-        position = end
-    if position != len(body):
-        raise OpenTransError(f"{len(body) - position} trailing bytes after the last tensor", path=source)
-    return metadata, tensors

@@ -11,6 +11,7 @@ Command-line writers also call :func:`check_output` before any work, to refuse a
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 import tempfile
@@ -104,6 +105,22 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise OpenTransError("is a directory, expected a file", path=path)
     try:
         return path.read_bytes()
+    except FileNotFoundError:
+        raise OpenTransError("no such file", path=path) from None
+    except OSError as exc:
+        raise OpenTransError(f"cannot read ({exc.strerror or exc})", path=path) from None
+
+
+def map_file(path: str | os.PathLike) -> bytes | mmap.mmap:
+    """A file's bytes, memory-mapped (read-only; an empty file gives ``b""``): readers that decode a large file
+    one tensor at a time open it once and read only what they touch."""
+    path = Path(path)
+    if path.is_dir():
+        raise OpenTransError("is a directory, expected a file", path=path)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except FileNotFoundError:
         raise OpenTransError("no such file", path=path) from None
     except OSError as exc:

@@ -1,7 +1,9 @@
-"""Reading and writing framework checkpoints safely (safetensors, or ``.pth`` through weights_only).
+"""Reading and writing framework checkpoints safely, whatever the file's name says.
 
-Checkpoints are untrusted input: ``.pth`` files only ever go through ``torch.load(weights_only=True)``,
-and every failure is re-raised as :class:`OpenTransError` naming the file.
+Checkpoints are untrusted input. What a file holds is sniffed from its bytes (:mod:`opentrans_hub.io.sniff`):
+safetensors is read with the safetensors library, a packed sparse checkpoint of ours is decoded dense and
+verified (:mod:`opentrans_hub.io.packed`), anything else only ever goes through
+``torch.load(weights_only=True)``; every failure is re-raised as :class:`OpenTransError` naming the file.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,72 +19,61 @@ from typing import Any
 import torch
 
 from ..errors import OpenTransError
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, map_file
+from .packed import PackedContainer
+from .sniff import PACKED_FORMAT, sniff
 
 #: keys under which training frameworks nest the model's state dict (detectron2: "model"; OpenTrans: "backbone")
 NESTING_KEYS = ("model", "state_dict", "module", "backbone")
 
 
-#: safetensors files of our own formats that hold a whole checkpoint: header ``format`` -> reader(path) giving
-#: (checkpoint dict, the safetensors metadata the dense file had). ``sparsefile`` registers packed files here
-#: (a table, so this module imports nothing above it).
-FORMAT_READERS: dict[str, Callable[[Path], tuple[Any, dict[str, str] | None]]] = {}
-
-
-def declared_format(path: str | os.PathLike) -> str | None:
-    """The ``format`` a safetensors file declares in its header metadata (reads the header only), or None."""
-    import json
-    import struct
-
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
-            if not 0 < length <= 256 * 1024 * 1024:
-                return None
-            value = json.loads(handle.read(length)).get("__metadata__", {}).get("format")
-    except (OSError, ValueError, AttributeError, UnicodeDecodeError, RecursionError, struct.error):
-        return None
-    return value if isinstance(value, str) else None
-
-
-def _format_reader(path: Path) -> Callable[[Path], tuple[Any, dict[str, str] | None]] | None:
-    fmt = declared_format(path)
-    if fmt in FORMAT_READERS:
-        return FORMAT_READERS[fmt]
-    if fmt is not None and fmt.startswith("opentrans-hub/"):  # ours, but not a checkpoint (a subnetwork file)
-        raise OpenTransError(f"this is an {fmt} file, not a checkpoint", path=path)
-    return None
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint file as a dict: ``.safetensors`` directly, anything else via weights_only."""
-    path = Path(path)
+def _read(path: Path) -> tuple[Any, dict[str, str] | None]:
+    """(the object a checkpoint file holds, the safetensors metadata its dense form had), by its content."""
     if path.is_dir():
         raise OpenTransError("is a directory, expected a checkpoint file", path=path)
     if not path.is_file():
         raise OpenTransError("no such file", path=path)
-    if path.suffix == ".safetensors":
-        reader = _format_reader(path)
-        if reader is not None:  # e.g. a packed sparse checkpoint: decoded dense, verified
-            obj = reader(path)[0]
-            if not isinstance(obj, Mapping):
-                raise OpenTransError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors", path=path)
-            return dict(obj)
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    data = map_file(path)  # opened once: sniffed, and a packed file decoded, from the same map
+    found = sniff(data)
+    if found.format == PACKED_FORMAT:  # decoded dense, its content hash verified
+        container = PackedContainer(data, str(path))
+        return container.checkpoint(), container.source_metadata()
+    if found.ours or found.kind == "json":
+        raise OpenTransError(f"this is {found.describe()}, not a checkpoint", path=path)
+    if found.kind == "safetensors":
+        return read_safetensors(path), found.metadata
+    return read_weights_only(path), None
 
-        try:
-            return dict(load_file(str(path)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise OpenTransError(f"not a readable safetensors file ({exc})", path=path) from None
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a plain safetensors file (the safetensors library's reader)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        with warnings.catch_warnings():  # protocol notes about an untrusted pickle: the error below says it all
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        return dict(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise OpenTransError(f"not a readable safetensors file ({exc})", path=path) from None
+
+
+def read_weights_only(path: str | os.PathLike) -> Any:
+    """What ``torch.load(weights_only=True)`` gives for a file (tensors and plain containers, no code)."""
+    try:
+        # through an open file, not the path: torch picks a reader by the name's suffix when it gets a path
+        with open(path, "rb") as handle, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # protocol notes on an untrusted pickle: the error says it
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise OpenTransError(f"cannot read ({exc.strerror or exc})", path=path) from None
     except Exception as exc:  # torch raises many types for bad or unsafe pickles
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OpenTransError(f"cannot load as a weights-only checkpoint ({first[:300]})", path=path) from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file as a dict, by what it holds: safetensors, a packed file, or via weights_only."""
+    path = Path(path)
+    obj, _ = _read(path)
     if not isinstance(obj, Mapping):
         raise OpenTransError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors", path=path)
     return dict(obj)
@@ -144,20 +135,25 @@ def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Flat tensor dict of a checkpoint file, un-nested and without DDP's ``module.`` prefix."""
-    state, _ = find_state_dict(read_checkpoint(path), path)
+def state_dict_of(obj: Mapping[str, Any], path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """Flat tensor dict of a checkpoint object, un-nested and without DDP's ``module.`` prefix."""
+    state, _ = find_state_dict(obj, path)
     if all(k.startswith("module.") for k in state):
         state = strip_prefix(state, "module.")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Flat tensor dict of a checkpoint file, un-nested and without DDP's ``module.`` prefix."""
+    return state_dict_of(read_checkpoint(path), path)
+
+
 def write_checkpoint(path: str | os.PathLike, obj: Mapping[str, Any],
                      metadata: Mapping[str, str] | None = None) -> Path:
-    """Atomically write ``obj``: flat tensor dicts as safetensors for ``.safetensors`` (with ``metadata``),
-    else ``torch.save``."""
+    """Atomically write ``obj``: flat tensor dicts as safetensors for ``.safetensors`` (any case; with
+    ``metadata``), else ``torch.save``."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if is_safetensors_name(path):
         from safetensors.torch import save
 
         if not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -168,6 +164,12 @@ def write_checkpoint(path: str | os.PathLike, obj: Mapping[str, Any],
         torch.save(dict(obj), buffer)
         data = buffer.getvalue()
     return atomic_write_bytes(path, data)
+
+
+def is_safetensors_name(path: str | os.PathLike) -> bool:
+    """Whether an output's name asks for safetensors (``.safetensors`` in any case): what to write is all a
+    name can say; what a file holds is read from its bytes."""
+    return Path(path).suffix.lower() == ".safetensors"
 
 
 @dataclass
@@ -184,7 +186,7 @@ class LoadedCheckpoint:
     def write(self, path_out: str | os.PathLike, state: Mapping[str, Any]) -> Path:
         """Write ``state`` back at the same nesting; safetensors output holds the tensor dict only."""
         path_out = Path(path_out)
-        if path_out.suffix == ".safetensors":
+        if is_safetensors_name(path_out):
             # safetensors is flat: only the tensor dict travels (nesting and other entries cannot)
             tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
             return write_checkpoint(path_out, tensors, metadata=self.metadata)
@@ -200,23 +202,16 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
-    """Read a framework checkpoint (weights_only / safetensors) keeping what is needed to write it back."""
+    """Read a framework checkpoint (by content: safetensors, packed, weights_only) keeping what is needed to
+    write it back (for a packed file, the metadata its dense safetensors form had)."""
     path = Path(path)
-    obj = read_checkpoint(path)
+    obj, metadata = _read(path)
+    if not isinstance(obj, Mapping):
+        raise OpenTransError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors", path=path)
+    obj = dict(obj)
     state, trail = find_state_dict(obj, path)
     tensor_keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
     ddp = "module." if tensor_keys and all(k.startswith("module.") for k in tensor_keys) else ""
-    metadata = None
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        reader = _format_reader(path)
-        if reader is not None:  # what the dense file had, not the packed file's own header
-            metadata = reader(path)[1]
-            return LoadedCheckpoint(path, obj, tuple(k for k in trail.split(".") if k), state, ddp, metadata)
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
     return LoadedCheckpoint(path, obj, tuple(k for k in trail.split(".") if k), state, ddp, metadata)
 
 

@@ -1,25 +1,19 @@
-"""Magnitude pruning of a CLIP image encoder: one-shot, or iterative (IMP) inside any training loop.
+"""Iterative magnitude pruning (IMP) of a CLIP image encoder inside any training loop.
 
-* :class:`PruneScope` says which tensors may be pruned (default: every Conv2d weight of the tower but the
-  first conv, as in OpenTrans), how they are ranked (one global ranking or per layer) and how dense each
-  layer must stay.
-* :func:`~opentrans_hub.methods.magnitude.magnitude_masks` is the pure core: keep-masks for given weights at a
-  target sparsity, deterministic ties, on whole or FSDP2-sharded weights (:mod:`opentrans_hub.methods.magnitude`).
-* :func:`magnitude_prune` prunes a live model (masks narrow any mask already there) and returns the
-  :class:`~opentrans_hub.formats.subnetwork.Subnetwork` in canonical names.
-* :class:`IMPRunner` runs the rounds on a schedule (``before_train`` / ``after_step``), rewinds weights if
-  asked, writes every finished round atomically and resumes from the last one; under DDP rank 0 computes
-  the masks and broadcasts them, so every rank holds identical masks; on a model sharded by FSDP2
-  (``fully_shard``) every rank ranks its own rows and the reduced histograms give the same masks.
+:class:`IMPRunner` runs the rounds on a schedule (``before_train`` / ``after_step``), rewinds weights if
+asked, writes every finished round atomically and resumes from the last one; under DDP rank 0 computes
+the masks and broadcasts them, so every rank holds identical masks; on a model sharded by FSDP2
+(``fully_shard``) every rank ranks its own rows and the reduced histograms give the same masks.
+
+Each round is a magnitude prune of the scope (:mod:`opentrans_hub.methods.prune`: :class:`PruneScope`,
+:func:`magnitude_prune`, re-exported here) at ``1 - (1 - rate) ** round`` of its weights.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,151 +23,17 @@ from torch import nn
 from ..errors import OpenTransError
 from ..formats.subnetwork import Subnetwork, default_provenance
 from ..io.atomic import atomic_write_bytes, atomic_write_text
-from ..sparsity.masks import apply_masks, enforce, masked_parameters, unwrap
+from ..io.checkpoints import read_safetensors
+from ..sparsity.masks import apply_masks, enforce, unwrap
 from ..sparsity.sharding import full_mask, is_dtensor, local, shard_like
 from ..towers.backbones import check_canonical_scope  # noqa: F401  (IMPRunner checks its scope; re-exported)
 from .magnitude import RANKINGS, magnitude_masks
+from .prune import LAYER_TYPES, PruneScope, current_masks, magnitude_prune, prune_round  # noqa: F401
 
-LAYER_TYPES = ("conv", "linear")
 __all__ = ["IMPRunner", "PruneScope", "RANKINGS", "imp_sparsity", "magnitude_masks", "magnitude_prune", "prune_round"]
 STATE_FORMAT = "opentrans-hub/imp-state"
 STATE_FILE = "imp_state.json"
 REWIND_FILE = "rewind.safetensors"
-
-
-# ------------------------------------------------------------------------------------------------ scope
-@dataclass(frozen=True)
-class PruneScope:
-    """Which weights of a CLIP tower are prunable, and how they are ranked.
-
-    ``layer_types``: ``"conv"`` (Conv2d weights) and/or ``"linear"`` (Linear weights and the fused
-    attention ``in_proj_weight``, for ViT and ConvNeXt towers). ``exclude_first`` leaves out the first
-    Conv2d (the stem / patch embedding). ``include`` / ``exclude`` are regexes searched in canonical names.
-    ``ranking`` is ``"global"`` (one threshold over the scope, the paper) or ``"layerwise"``;
-    ``min_density`` is the fraction of every layer that always stays (so global pruning cannot empty one).
-    """
-
-    layer_types: tuple[str, ...] = ("conv",)
-    exclude_first: bool = True
-    include: str | None = None
-    exclude: str | None = None
-    ranking: str = "global"
-    min_density: float = 0.0
-
-    def __post_init__(self):
-        types = (self.layer_types,) if isinstance(self.layer_types, str) else tuple(self.layer_types)
-        object.__setattr__(self, "layer_types", types)
-        if not types or any(t not in LAYER_TYPES for t in types):
-            raise OpenTransError(f"layer_types must be a non-empty subset of {LAYER_TYPES}, got {types!r}")
-        if self.ranking not in RANKINGS:
-            raise OpenTransError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
-        if not 0.0 <= float(self.min_density) <= 1.0:
-            raise OpenTransError(f"min_density must lie in [0, 1], got {self.min_density!r}")
-        for pattern in (self.include, self.exclude):
-            if pattern:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise OpenTransError(f"bad regex {pattern!r} in the prune scope: {exc}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["layer_types"] = list(self.layer_types)
-        return data
-
-    def select(self, model: nn.Module, prefix: str = "") -> dict[str, tuple[str, nn.Parameter]]:
-        """Canonical name -> (full parameter name in ``model``, parameter), in module order.
-
-        ``prefix`` is where the tower sits in ``model`` (``backbone.clip_model.visual.``); canonical names
-        are the full names with it stripped.
-        """
-        model = unwrap(model)
-        include = re.compile(self.include) if self.include else None
-        exclude = re.compile(self.exclude) if self.exclude else None
-        out: dict[str, tuple[str, nn.Parameter]] = {}
-        first_conv_seen = False
-        in_tower = False
-        for module_name, module in model.named_modules():
-            full_module = f"{module_name}." if module_name else ""
-            if prefix and not full_module.startswith(prefix):
-                continue
-            in_tower = True
-            canonical_module = full_module[len(prefix):]
-            attrs: list[str] = []
-            if isinstance(module, nn.Conv2d):
-                if not first_conv_seen:
-                    first_conv_seen = True
-                    if self.exclude_first:
-                        continue
-                if "conv" in self.layer_types:
-                    attrs = ["weight"]
-            elif "linear" in self.layer_types:
-                if isinstance(module, nn.Linear):
-                    attrs = ["weight"]
-                elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-                    attrs = ["in_proj_weight"]
-            for attr in attrs:
-                param = module._parameters.get(attr)
-                if not isinstance(param, nn.Parameter):
-                    continue
-                canonical = canonical_module + attr
-                if include is not None and not include.search(canonical):
-                    continue
-                if exclude is not None and exclude.search(canonical):
-                    continue
-                out[canonical] = (full_module + attr, param)
-        if prefix and not in_tower:
-            raise OpenTransError(f"the model has no module under prefix {prefix!r}")
-        if not out:
-            raise OpenTransError(f"the prune scope selects no tensor (layer_types={list(self.layer_types)}, "
-                                 f"include={self.include!r}, exclude={self.exclude!r}, prefix={prefix!r})")
-        return out
-
-
-# ------------------------------------------------------------------------------------------ live models
-def _current_masks(scope_params: Mapping[str, tuple[str, nn.Parameter]], model: nn.Module) -> dict[str, torch.Tensor]:
-    existing = masked_parameters(unwrap(model))
-    return {canonical: existing[full] for canonical, (full, _) in scope_params.items() if full in existing}
-
-
-def magnitude_prune(model: nn.Module, *, sparsity: float | None = None, rate: float | None = None,
-                    scope: PruneScope | None = None, prefix: str = "", arch: str = "unknown", apply: bool = True,
-                    provenance: Mapping[str, Any] | None = None) -> Subnetwork:
-    """Prune ``model``'s tower by magnitude (one shot) and return the Subnetwork in canonical names.
-
-    Masks already on the model are respected (the result is nested in them). With ``apply`` the masks go
-    onto the model through :func:`~opentrans_hub.sparsity.masks.apply_masks` and stay exact while training.
-    On a model sharded by ``fully_shard`` this is collective (call it on every rank); each rank keeps its
-    own mask rows, and the returned Subnetwork holds the whole masks (gathered as bool). Layers pruned away
-    entirely (global ranking of untrained weights empties some) are warned about
-    (:class:`~opentrans_hub.errors.OpenTransWarning`), as the CLI does.
-    """
-    scope = scope or PruneScope()
-    selected = scope.select(model, prefix)
-    weights = {canonical: param for canonical, (_, param) in selected.items()}
-    current = _current_masks(selected, model)
-    masks = magnitude_masks(weights, current, sparsity=sparsity, rate=rate, ranking=scope.ranking,
-                            min_density=scope.min_density)
-    if apply:
-        apply_masks(unwrap(model), {selected[c][0]: m for c, m in masks.items()})
-    masks = {c: full_mask(m) for c, m in masks.items()}  # sharded: bool masks gathered, never weights
-    settings = {"scope": scope.to_dict(), "prefix": prefix}
-    settings.update({"sparsity": sparsity} if sparsity is not None else {"rate": rate})
-    prov = default_provenance("magnitude", **settings)
-    prov.update(provenance or {})
-    empty = [name for name, mask in masks.items() if not bool(mask.any())]
-    if empty:
-        import warnings
-
-        from ..errors import OpenTransWarning
-
-        warnings.warn(f"{len(empty)} of {len(masks)} layer(s) pruned away entirely (e.g. {empty[0]}); the tower "
-                      "cannot pass a signal through them: consider PruneScope(min_density=...) or layer-wise ranking",
-                      OpenTransWarning, stacklevel=2)
-    return Subnetwork(masks, arch=arch, provenance=prov)
-
-
-prune_round = magnitude_prune  # one IMP round is a magnitude prune at ``rate`` of the live weights
 
 
 def imp_sparsity(rate: float, rounds: int) -> float:
@@ -379,9 +239,7 @@ class IMPRunner:
         self.base_weights_sha256 = state.get("base_weights_sha256")
         rewind = state.get("rewind")
         if rewind:
-            from safetensors.torch import load_file
-
-            self._rewind_state = load_file(str(self.out_dir / rewind["file"]))
+            self._rewind_state = read_safetensors(self.out_dir / rewind["file"])
             self._rewind_sha256 = rewind["weights_sha256"]
         if not rounds:
             return
@@ -427,11 +285,11 @@ class IMPRunner:
         sharded = any(is_dtensor(p) for _, p in selected.values())
         if sharded:  # every rank ranks its own rows; reduced histograms give everyone the same masks
             weights = {c: p for c, (_, p) in selected.items()}
-            masks = magnitude_masks(weights, _current_masks(selected, self.model), sparsity=target,
+            masks = magnitude_masks(weights, current_masks(selected, self.model), sparsity=target,
                                     ranking=self.scope.ranking, min_density=self.scope.min_density)
         elif rank == 0:
             weights = {c: p for c, (_, p) in selected.items()}
-            masks = magnitude_masks(weights, _current_masks(selected, self.model), sparsity=target,
+            masks = magnitude_masks(weights, current_masks(selected, self.model), sparsity=target,
                                     ranking=self.scope.ranking, min_density=self.scope.min_density)
         else:
             masks = {c: torch.empty(p.shape, dtype=torch.bool) for c, (_, p) in selected.items()}

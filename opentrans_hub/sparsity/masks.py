@@ -113,7 +113,9 @@ def _mask_for(param: torch.Tensor) -> torch.Tensor | None:
     return mask
 
 
-def _store_of(module: nn.Module) -> _MaskStore | None:
+def mask_store(module: nn.Module) -> _MaskStore | None:
+    """The masks ``module`` carries (attribute -> mask, with the parameters they belong to), or None; a plain
+    dict pickled by an older version is upgraded in place."""
     store = module.__dict__.get(_ATTR)
     if store is not None and not isinstance(store, _MaskStore):  # a plain dict from an older pickle
         store = _MaskStore(store, {attr: getattr(module, attr) for attr in store}, module)
@@ -161,7 +163,7 @@ def _refresh(store: _MaskStore) -> None:
 
 
 def _register_module(module: nn.Module) -> None:
-    store = _store_of(module)
+    store = mask_store(module)
     if store is None:
         return
     _refresh(store)
@@ -172,7 +174,7 @@ def _register_module(module: nn.Module) -> None:
 
 
 def _zero_module(module: nn.Module) -> None:
-    store = _store_of(module)
+    store = mask_store(module)
     if store is None:
         return
     with torch.no_grad():
@@ -351,7 +353,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         module_name, attr = _split_name(name)
         module = model.get_submodule(module_name) if module_name else model
         param = params[name]
-        store = _store_of(module)
+        store = mask_store(module)
         if store is None:
             store = _MaskStore(module=module)
             object.__setattr__(module, _ATTR, store)
@@ -395,7 +397,7 @@ def masked_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     out = {}
     for module_name, module in model.named_modules():
-        store = _store_of(module)
+        store = mask_store(module)
         if store is None:
             continue
         _refresh(store)
@@ -410,7 +412,7 @@ def is_masked(model: nn.Module) -> bool:
 
 def _detach_masks(model: nn.Module, zero: bool) -> nn.Module:
     for module in model.modules():
-        store = _store_of(module)
+        store = mask_store(module)
         if store is None:
             continue
         _register_module(module)

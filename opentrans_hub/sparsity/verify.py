@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import OpenTransError
 from ..formats.subnetwork import Subnetwork, default_provenance
-from .masks import _store_of, masked_parameters, unwrap
+from .masks import mask_store, masked_parameters, unwrap
 from .sharding import dist_world, full_mask, local
 
 
@@ -32,7 +32,7 @@ def verify_exact(model: nn.Module, *, raise_on_violation: bool = True, group: An
     names, counts = [], []
     with torch.no_grad():
         for module_name, module in model.named_modules():
-            store = _store_of(module)
+            store = mask_store(module)
             if store is None:
                 continue
             masked_parameters(module)  # follows parameters replaced since (sharding, assign=True loads)

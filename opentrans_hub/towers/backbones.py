@@ -173,7 +173,14 @@ def load_visual_weights(visual: nn.Module, path: str | os.PathLike) -> str:
     """
     from ..io.checkpoints import read_state_dict
 
-    state = visual_state_dict(read_state_dict(path))
+    return load_visual_state(visual, read_state_dict(path), path)
+
+
+def load_visual_state(visual: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None
+                      ) -> str:
+    """Load the tensors of a weights file's state dict (read already; ``path`` names it in errors) into
+    ``visual``, as :func:`load_visual_weights` does; returns the weights' sha256."""
+    state = visual_state_dict(state)
     if "stem.conv1.conv.weight" in state and "conv1.weight" not in state:  # a timm CLIP-ResNet file
         state = timm_to_canonical(state, visual.state_dict())
     expected = visual.state_dict()

@@ -10,31 +10,35 @@ from torch import nn
 
 from ..errors import OpenTransError
 from ..formats.artefacts import NAME_PATTERN, kind_of
-from ..formats.packed import PackedFile
+from ..formats.packed import PackedFile, PackedReader, open_packed
 from ..formats.selection import LayerSelection
 from ..formats.subnetwork import Subnetwork
 from ..zoo.registry import Registry, default_registry
 from ..zoo.remote import fetch, weights_file
 
 
-def _pretrained_file(pretrained: str | os.PathLike | None, registry: Registry | None) -> str | os.PathLike | None:
-    """Where ``pretrained`` weights come from: ``hf://ORG/REPO[@REV]/FILE`` is downloaded; ``hf://ORG/REPO[@REV]``
-    and registry names of packed checkpoints are fetched and verified (their local file is returned); tags
-    and paths pass through."""
-    if not isinstance(pretrained, str):
-        return pretrained
-    if pretrained.startswith("hf://") and re.fullmatch(r"hf://[^@/]+/[^@/]+(@[^/]+)?", pretrained):
-        obj, record = fetch(pretrained)
+def _pretrained(pretrained: str | os.PathLike | None, registry: Registry | None
+                ) -> str | os.PathLike | PackedReader | None:
+    """Where ``pretrained`` weights come from: ``hf://ORG/REPO[@REV]/FILE`` is downloaded (its local path);
+    ``hf://ORG/REPO[@REV]`` and registry names of packed checkpoints are fetched and verified (their reader);
+    a local packed file is opened once (its reader); tags and other paths pass through."""
+    if isinstance(pretrained, str) and pretrained.startswith("hf://") and re.fullmatch(
+            r"hf://[^@/]+/[^@/]+(@[^/]+)?", pretrained):
+        obj, _ = fetch(pretrained)
         if not isinstance(obj, PackedFile):
             raise OpenTransError(f"{pretrained} publishes a {kind_of(obj)}, not weights; pass it as "
                                  f"{'subnetwork' if kind_of(obj) == 'subnetwork' else 'selection'}=")
-        return record["path"]
-    if NAME_PATTERN.fullmatch(pretrained) and not Path(pretrained).exists():
+        return obj.reader
+    if isinstance(pretrained, str) and NAME_PATTERN.fullmatch(pretrained) and not Path(pretrained).exists():
         entry = (registry or default_registry()).entry(pretrained)
         if entry is not None and entry.kind == "packed":
-            entry.load()  # verified (file and content hashes) before it is used
-            return entry.path
-    return weights_file(pretrained)
+            obj = entry.load()  # verified (file and content hashes) before it is used
+            assert isinstance(obj, PackedFile)
+            return obj.reader
+    weights = weights_file(pretrained) if isinstance(pretrained, str) else pretrained
+    if weights is not None and Path(weights).is_file():
+        return open_packed(weights, required=False) or weights
+    return weights
 
 
 def _check_same_arch(tower_arch: str, sub_arch: str, allow_partial: bool) -> None:
@@ -68,24 +72,26 @@ def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = Non
     A subnetwork of another architecture (an RN50 one on an RN101 tower, whose extra blocks it cannot cover) is
     refused unless ``allow_partial`` (then ``tower.opentrans_subnetwork["dense"]`` lists what stays dense).
     """
-    from ..formats.packed import is_packed, open_packed
+    from ..io.checkpoints import state_dict_of
     from ..sparsity.masks import apply_masks, bake
-    from ..towers.backbones import build_visual
+    from ..towers.backbones import build_visual, load_visual_state
     from ..zoo.packing import tower_masks
     from ..zoo.registry import load_selection, load_subnetwork
     from .apply import apply_subnetwork
 
-    weights = _pretrained_file(pretrained, registry)
-    tower = build_visual(arch, weights)  # a bare name means open_clip
-    packed = weights is not None and Path(weights).is_file() and is_packed(weights)
-    exact = packed if exact is None else exact
-    if packed:
+    weights = _pretrained(pretrained, registry)
+    exact = isinstance(weights, PackedReader) if exact is None else exact
+    if isinstance(weights, PackedReader):  # one open file: its masks verified, then its dense content
+        sub_sha256 = weights.subnetwork().sha256 if weights.mask_names else None
+        tower = build_visual(arch)
+        load_visual_state(tower, state_dict_of(weights.checkpoint(), weights.source), weights.source)
         masks = tower_masks(weights, dict(tower.named_parameters()))
         if exact:
             apply_masks(tower, masks)  # exact from the first step: the zeros are in the weights already
-        reader = open_packed(weights)
-        tower.opentrans_packed = {"content_sha256": reader.content_sha256, "masked_tensors": len(masks),
-                                  "subnetwork": reader.subnetwork(verify=False).sha256 if masks else None}
+        tower.opentrans_packed = {"content_sha256": weights.content_sha256, "masked_tensors": len(masks),
+                                  "subnetwork": sub_sha256 if masks else None}
+    else:
+        tower = build_visual(arch, weights)  # a bare name means open_clip
     if subnetwork is not None:
         sub = load_subnetwork(subnetwork, registry)
         _check_same_arch(arch, sub.arch, allow_partial)

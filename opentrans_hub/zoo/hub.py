@@ -32,13 +32,13 @@ from ..formats.subnetwork import Subnetwork
 from .cards import model_card  # noqa: F401  (hub.model_card before the split)
 from .registry import Registry, default_registry
 from .remote import (  # noqa: F401  (parse_hf_ref, MANIFEST: hub's public names before the split)
-    _REVISION,
     MANIFEST,
     MANIFEST_FORMAT,
-    _endpoint,
-    _hub_error,
+    REVISION_PATTERN,
     check_repo_id,
     fetch,
+    hub_endpoint,
+    hub_error,
     parse_hf_ref,
     weights_file,
 )
@@ -79,7 +79,7 @@ def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None =
     from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
-    if revision is not None and not _REVISION.fullmatch(revision):
+    if revision is not None and not REVISION_PATTERN.fullmatch(revision):
         raise OpenTransError(f"bad revision {revision!r}")
     if isinstance(ref, (Subnetwork, LayerSelection, PackedFile)):
         obj, name = ref, None
@@ -91,7 +91,7 @@ def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None =
     if constants.HF_HUB_OFFLINE:
         raise OpenTransError(f"push to {repo_id}: HF_HUB_OFFLINE is set, and publishing needs the network "
                              "(unset HF_HUB_OFFLINE to push)")
-    api = HfApi(endpoint=_endpoint(endpoint))
+    api = HfApi(endpoint=hub_endpoint(endpoint))
     with tempfile.TemporaryDirectory(prefix="opentrans-hub-push-") as tmp:
         manifest = export_folder(obj, tmp, name=name, license=license, base_model=base_model, repo_id=repo_id)
         try:
@@ -104,7 +104,7 @@ def push(ref: str | os.PathLike | Artefact, repo_id: str, revision: str | None =
         except Exception as exc:  # HTTP errors, refused or unreachable endpoints, a missing token: whatever the
             # HTTP client raises (huggingface_hub's transport has changed clients before), one line naming the
             # repo and the endpoint, never a traceback
-            raise _hub_error(exc, f"push to {repo_id} at {api.endpoint}") from None
+            raise hub_error(exc, f"push to {repo_id} at {api.endpoint}") from None
     return {"repo_id": repo_id, "revision": revision or "main", "commit": info.oid, "commit_url": info.commit_url,
             "ref": f"hf://{repo_id}@{info.oid}", **manifest}
 

@@ -2,7 +2,7 @@
 
 A pruned checkpoint saved densely is as large as the unpruned one. :func:`pack_checkpoint` stores each
 masked tensor as its keep-mask bits (the Subnetwork codec) plus its kept values, every other tensor and
-entry unchanged (format: :mod:`opentrans_hub.formats.packed`). The masks come from a Subnetwork (``subnetwork=``,
+entry unchanged (format: :mod:`opentrans_hub.io.packed_spec`). The masks come from a Subnetwork (``subnetwork=``,
 whose pruned positions must already be zero unless ``force_zero``) or from the exact zeros of the weights
 (``zeros=True``). :func:`unpack` gives the dense checkpoint back bit-identical (``-0.0`` and NaN included);
 :func:`load_sparse` gives the dense state dict. Packed files are also read wherever a checkpoint or weights
@@ -26,11 +26,13 @@ import numpy as np
 import torch
 
 from ..errors import OpenTransError
-from ..formats import packed as sf
-from ..formats.subnetwork import ENCODINGS, Subnetwork, _read_safetensors_u8, default_provenance
+from ..formats.packed import PackedReader, open_packed
+from ..formats.subnetwork import ENCODINGS, Subnetwork, default_provenance
+from ..formats.subnetwork_codec import encode_parts
+from ..io import packed_spec as sf
 from ..io.atomic import atomic_write_bytes
 from ..io.atomic import check_output as check_safe_output
-from ..io.checkpoints import find_prefixes, find_state_dict, read_checkpoint
+from ..io.checkpoints import find_prefixes, find_state_dict, is_safetensors_name, load_checkpoint
 from ..io.tree import decode_tree, encode_tree
 
 __all__ = ["load_sparse", "pack_checkpoint", "unpack"]
@@ -144,11 +146,14 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
         raise OpenTransError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
     source = "<checkpoint>" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
     out = check_output(out, None if isinstance(checkpoint, Mapping) else checkpoint)
-    if out.suffix != ".safetensors":
+    if not is_safetensors_name(out):
         raise OpenTransError("a packed file is safetensors: name it *.safetensors (e.g. model.sparse.safetensors)",
                              path=out)
-    obj = dict(checkpoint) if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
-    source_meta = None if isinstance(checkpoint, Mapping) else _safetensors_metadata(Path(checkpoint))
+    if isinstance(checkpoint, Mapping):
+        obj, source_meta = dict(checkpoint), None
+    else:  # read by content; a safetensors input's metadata (a packed one's: its dense form's) is carried over
+        loaded = load_checkpoint(checkpoint)
+        obj, source_meta = loaded.obj, loaded.metadata
     tensors: dict[str, torch.Tensor] = {}
     tree = encode_tree(obj, tensors)
     bad = next((k for k in tensors if "::" in k), None)
@@ -176,7 +181,7 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
         _check_zero(sub, located, state, force_zero, source)
     key_of = {name: head + key for name, key in located.items()}  # subnetwork name -> tensor key
     mask_names = {key: name for name, key in key_of.items()}
-    sub_meta, blobs = _read_safetensors_u8(sub.to_bytes(encoding), "<subnetwork>")
+    sub_meta, blobs = encode_parts(sub.masks, sub.arch, sub.provenance, sub.sha256, encoding)
     cast = sf.CASTS.get(dtype) if dtype else None
 
     specs, sizes, hashes = [], {}, {}
@@ -208,7 +213,7 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
         name = mask_names[spec.key]
         values = sf.bits(tensor)[sub[name].reshape(-1)].view(tensor.dtype)
         if spec.stored:
-            values = values.to(sf._BY_NAME[spec.stored])
+            values = values.to(sf.torch_dtype(spec.stored))
         yield _bytes(values)
         yield blobs[name]
 
@@ -225,15 +230,6 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
             "dense_bytes": dense, "packed_bytes": size, "ratio": size / dense if dense else 0.0,
             "masked_tensors": len(masked), "sparsity": sub.sparsity, "dtype": dtype, "encoding": encoding,
             "forced_zero": bool(force_zero and not zeros)}
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str] | None:
-    if path.suffix != ".safetensors" or sf.is_packed(path):
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata()
 
 
 def _dense(tensor: torch.Tensor, keep: torch.Tensor, stored: torch.dtype | None) -> torch.Tensor:
@@ -271,12 +267,12 @@ def _check_zero(sub: Subnetwork, located: Mapping[str, str], state: Mapping[str,
                              "(--force-zero) to zero them", path=source, tensor=key)
 
 
-def packed_stats(reader: sf.PackedReader) -> dict[str, Any]:
+def packed_stats(reader: PackedReader) -> dict[str, Any]:
     """Dense vs packed bytes and per-tensor sparsity (what ``inspect`` prints)."""
     layers = []
     for key in reader.mask_names:
         spec = reader.specs[key]
-        packed = sum(reader.entries[n][3] - reader.entries[n][2] for n, _, _ in sf.stored_names(spec))
+        packed = reader.stored_bytes(spec)
         layers.append({"name": key, "shape": list(spec.shape), "numel": spec.numel, "kept": spec.kept,
                        "sparsity": 1 - spec.kept / spec.numel if spec.numel else 0.0,
                        "dense_bytes": spec.dense_bytes, "packed_bytes": packed,
@@ -293,26 +289,27 @@ def packed_stats(reader: sf.PackedReader) -> dict[str, Any]:
             "cast": reader.meta.get("cast") or None, "state": reader.state_trail, "layers": layers}
 
 
-def tower_masks(path: str | os.PathLike, names: Any) -> dict[str, torch.Tensor]:
-    """The packed file's keep-masks keyed by a model's parameter ``names``: the file holds the model under
-    one prefix (the state trail, ``visual.``, a tower path: where every name is found), and the masks under
-    it are the model's; masks of other modules in the file (a pruned decoder) are not."""
-    reader = sf.open_packed(path)
+def tower_masks(packed: str | os.PathLike | PackedReader, names: Any) -> dict[str, torch.Tensor]:
+    """The packed file's keep-masks keyed by a model's parameter ``names``, verified (the embedded subnetwork's
+    sha256): the file holds the model under one prefix (the state trail, ``visual.``, a tower path: where every
+    name is found), and the masks under it are the model's; masks of other modules in the file (a pruned
+    decoder) are not. ``packed``: a path, or a reader already open."""
+    reader = packed if isinstance(packed, PackedReader) else open_packed(packed)
     names = set(names)
     prefixes = find_prefixes(reader.specs, names)
     if len(prefixes) != 1:
         what = "no" if not prefixes else f"{len(prefixes)} ({prefixes[:3]})"
         raise OpenTransError(f"the packed file's masks do not fit the model: {what} prefix holds every one of its "
-                             f"{len(names)} parameters", path=path)
+                             f"{len(names)} parameters", path=reader.source)
     prefix = prefixes[0]
-    return {key[len(prefix):]: reader.mask(key).reshape(reader.specs[key].shape) for key in reader.mask_names
+    return {key[len(prefix):]: mask for key, mask in reader.masks().items()
             if key.startswith(prefix) and key[len(prefix):] in names}
 
 
 # ----------------------------------------------------------------------------------------- unpack / load
 def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The dense model state dict (zeros at pruned positions) of a packed file, verified."""
-    reader = sf.open_packed(path)
+    reader = open_packed(path)
     obj = reader.checkpoint()
     state, _ = find_state_dict(obj, path) if isinstance(obj, Mapping) else ({}, "")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -322,8 +319,8 @@ def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Write the dense checkpoint of a packed file to ``out`` (``.safetensors`` when it is a flat tensor dict,
     else ``torch.save``), bit-identical to what was packed; verified before anything is written."""
     out = check_output(out, path)
-    reader = sf.open_packed(path)
-    if out.suffix == ".safetensors":
+    reader = open_packed(path)
+    if is_safetensors_name(out):
         flat = reader.tree.get("d") if isinstance(reader.tree, dict) else None
         if not isinstance(flat, list) or not all(isinstance(v, dict) and "t" in v and k == {"s": v["t"]}
                                                  for k, v in flat):
@@ -336,10 +333,10 @@ def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
             "tensors": len(reader.specs), "masked_tensors": len(reader.mask_names)}
 
 
-def _write_dense_safetensors(handle, reader: sf.PackedReader) -> int:
+def _write_dense_safetensors(handle, reader: PackedReader) -> int:
     dense = [sf.TensorSpec(s.key, s.dtype, s.shape) for s in reader.specs.values()]
     sizes = {s.key: s.dense_bytes for s in dense}
-    meta = reader._json("source_metadata", (dict,)) if "source_metadata" in reader.meta else {}
+    meta = reader.source_metadata() or {}
     stream = reader.tensors(order=[s.key for s in sf.write_order(dense)])  # the writer's order: one at a time
 
     def parts(spec: sf.TensorSpec):
@@ -353,7 +350,7 @@ def _write_dense_safetensors(handle, reader: sf.PackedReader) -> int:
     return written
 
 
-def _torch_save(handle, reader: sf.PackedReader, folder: Path) -> int:
+def _torch_save(handle, reader: PackedReader, folder: Path) -> int:
     """torch.save the dense checkpoint, its tensors held in scratch files (page cache) instead of memory."""
     with tempfile.TemporaryDirectory(prefix=".opentrans-hub-unpack-", dir=folder) as scratch:
         dense: dict[str, torch.Tensor] = {}

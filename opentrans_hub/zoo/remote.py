@@ -24,18 +24,18 @@ if TYPE_CHECKING:
 MANIFEST = "opentrans_hub.json"
 MANIFEST_FORMAT = "opentrans-hub/hub-manifest"
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+REVISION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HF_REF = re.compile(r"hf://(?P<repo>[^@/]+/[^@/]+)(?:@(?P<rev>[^/]+))?(?:/(?P<file>[^/]+))?")
 
 
 # --------------------------------------------------------------------------- references
 def parse_hf_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """``hf://ORG/REPO[@REVISION][/FILE]`` -> (repo_id, revision or None, file or None)."""
+    """``hf://ORG/REPO[@REVISION_PATTERN][/FILE]`` -> (repo_id, revision or None, file or None)."""
     m = _HF_REF.fullmatch(ref)
     if not m or not _REPO_ID.fullmatch(m.group("repo")):
-        raise OpenTransError(f"bad Hub reference {ref!r}: expected hf://ORG/REPO[@REVISION][/FILE]")
+        raise OpenTransError(f"bad Hub reference {ref!r}: expected hf://ORG/REPO[@REVISION_PATTERN][/FILE]")
     rev, file = m.group("rev"), m.group("file")
-    if rev is not None and not _REVISION.fullmatch(rev):
+    if rev is not None and not REVISION_PATTERN.fullmatch(rev):
         raise OpenTransError(f"bad revision {rev!r} in {ref!r}")
     if file is not None and file not in KIND_FILES.values():
         raise OpenTransError(f"refusing file {file!r} in {ref!r}: expected one of {', '.join(KIND_FILES.values())}")
@@ -49,12 +49,12 @@ def check_repo_id(repo_id: str) -> str:
 
 
 # --------------------------------------------------------------------------- downloads
-def _endpoint(endpoint: str | None) -> str | None:
+def hub_endpoint(endpoint: str | None) -> str | None:
     """The explicit endpoint, else ``HF_ENDPOINT`` as set now (huggingface_hub reads it once, at import)."""
     return endpoint or os.environ.get("HF_ENDPOINT") or None
 
 
-def _hub_error(exc: Exception, what: str) -> OpenTransError:
+def hub_error(exc: Exception, what: str) -> OpenTransError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return OpenTransError(f"{what}: {type(exc).__name__}: {first[:300]}")
 
@@ -64,10 +64,10 @@ def _download(repo_id: str, filename: str, revision: str | None, endpoint: str |
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=_endpoint(endpoint),
+        return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=hub_endpoint(endpoint),
                                     cache_dir=cache_dir or os.environ.get("HF_HUB_CACHE") or None))
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
-        raise _hub_error(exc, f"hf://{repo_id}@{revision or 'main'}/{filename}") from None
+        raise hub_error(exc, f"hf://{repo_id}@{revision or 'main'}/{filename}") from None
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

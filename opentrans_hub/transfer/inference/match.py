@@ -21,7 +21,7 @@ _MARGIN = 0.1
 
 # ---------------------------------------------------------------------------------------------------- tensors
 @dataclass
-class _T:
+class Item:
     """One tensor of either side: full name, shape, values (None without), position in its file."""
 
     name: str
@@ -97,7 +97,7 @@ def _positions(numel: int) -> torch.Tensor:
     return torch.randint(0, numel, (_SAMPLES,), generator=gen)
 
 
-def _sample(c: _T, t: _T, transform: str, part: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _sample(c: Item, t: Item, transform: str, part: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The same positions of the canonical (transformed into the target's layout) and the target tensor."""
     if c.value is None:
         return None
@@ -123,7 +123,7 @@ def _sample(c: _T, t: _T, transform: str, part: int | None = None) -> tuple[torc
     return flat[idx], got
 
 
-def _value_evidence(c: _T, t: _T, transform: str) -> tuple[float, str] | None:
+def _value_evidence(c: Item, t: Item, transform: str) -> tuple[float, str] | None:
     pair = _sample(c, t, transform)
     if pair is None:
         return None
@@ -163,7 +163,7 @@ def _reshape_spec(src: tuple[int, ...], dst: tuple[int, ...]) -> str:
     return "reshape:" + ",".join(items)
 
 
-def _transforms(c: _T, t: _T) -> list[tuple[str, float]]:
+def _transforms(c: Item, t: Item) -> list[tuple[str, float]]:
     """Shape-compatible ways to carry ``c`` onto ``t`` with a small preference penalty each."""
     if t.parts:
         part = t.shape
@@ -186,14 +186,14 @@ def _transforms(c: _T, t: _T) -> list[tuple[str, float]]:
     return out
 
 
-def _roles_fit(c: _T, t: _T) -> bool:
+def _roles_fit(c: Item, t: Item) -> bool:
     a, b = leaf_role(c.name), leaf_role(t.parts[0] if t.parts else t.name)
     return a == b or "param" in {a, b} and {a, b} <= {"param", "weight"}
 
 
-def _qkv_groups(items: list[_T]) -> list[_T]:
+def _qkv_groups(items: list[Item]) -> list[Item]:
     """Virtual fused tensors for each complete, equal-shaped q/k/v triple among ``items``."""
-    groups: dict[tuple[str, ...], dict[int, _T]] = {}
+    groups: dict[tuple[str, ...], dict[int, Item]] = {}
     for item in items:
         segments = item.name.split(".")
         for i, segment in enumerate(segments):
@@ -210,7 +210,7 @@ def _qkv_groups(items: list[_T]) -> list[_T]:
         first = members[0]
         name = ".".join(key).replace("*_weight", "qkv_weight").replace("*", "qkv")
         values = [members[p].value for p in range(3)]
-        virtual = _T(name, first.shape, values if all(v is not None for v in values) else None,
+        virtual = Item(name, first.shape, values if all(v is not None for v in values) else None,
                      min(m.order for m in members.values()), first.block,
                      tuple(members[p].name for p in range(3)))
         out.append(virtual)
@@ -218,20 +218,23 @@ def _qkv_groups(items: list[_T]) -> list[_T]:
 
 
 @dataclass
-class _Pair:
-    c: _T
-    t: _T
+class Pair:
+    """A canonical tensor paired with a target tensor: how, how strongly and why."""
+
+    c: Item
+    t: Item
     transform: str
     score: float
     evidence: list[str]
     confidence: str
 
 
-def _inversions(pairs: list[_Pair], c: _T, t: _T) -> int:
+def _inversions(pairs: list[Pair], c: Item, t: Item) -> int:
     return sum(1 for p in pairs if (p.c.order - c.order) * (p.t.order - t.order) < 0)
 
 
-def match_scope(canonical: list[_T], targets: list[_T], rel_c: str, rel_t: str) -> tuple[list[_Pair], dict[str, str]]:
+def match_scope(canonical: list[Item], targets: list[Item], rel_c: str,
+                rel_t: str) -> tuple[list[Pair], dict[str, str]]:
     """Pair canonical tensors with target tensors of one scope (a block pair, or the tower's other tensors).
 
     Names compare relative to ``rel_c`` / ``rel_t``. A pair is taken when each is the other's best candidate by
@@ -240,7 +243,7 @@ def match_scope(canonical: list[_T], targets: list[_T], rel_c: str, rel_t: str) 
     pool = list(targets) + _qkv_groups(targets)
     shapes_c = {c.name: c.shape for c in canonical}
     shapes_t = {t.name: t.shape for t in targets}
-    cands: dict[str, list[_Pair]] = {}
+    cands: dict[str, list[Pair]] = {}
     # a name both sides use for the same kind of layer means the same tensor: it pairs with its namesake or
     # with nothing (torchvision's 7x7 conv1 is not CLIP's conv1); another kind under one name is a renumbering
     c_kinds = {c.name[len(rel_c):]: _kind(shapes_c, c.name) for c in canonical}
@@ -279,8 +282,8 @@ def match_scope(canonical: list[_T], targets: list[_T], rel_c: str, rel_t: str) 
                 if value is not None:
                     score += value[0]
                     evidence.insert(0, value[1])
-                cands.setdefault(c.name, []).append(_Pair(c, t, transform, score, evidence, ""))
-    taken: list[_Pair] = []
+                cands.setdefault(c.name, []).append(Pair(c, t, transform, score, evidence, ""))
+    taken: list[Pair] = []
     used_c: set[str] = set()
     used_t: set[str] = set()
     module_pairs: dict[str, str] = {}
@@ -288,11 +291,11 @@ def match_scope(canonical: list[_T], targets: list[_T], rel_c: str, rel_t: str) 
     def module(name: str) -> str:
         return name.rsplit(".", 1)[0] if "." in name else name
 
-    def live(pair: _Pair) -> bool:
+    def live(pair: Pair) -> bool:
         members = pair.t.parts or (pair.t.name,)
         return pair.c.name not in used_c and not any(m in used_t for m in members)
 
-    def adjusted(pair: _Pair) -> float:
+    def adjusted(pair: Pair) -> float:
         bonus = 0.0
         partner = module_pairs.get(module(pair.c.name))
         if partner is not None:
@@ -301,8 +304,8 @@ def match_scope(canonical: list[_T], targets: list[_T], rel_c: str, rel_t: str) 
 
     for _ in range(len(canonical) + 2):
         progress = False
-        by_t: dict[str, list[tuple[float, _Pair]]] = {}
-        best_c: dict[str, tuple[float, float, _Pair]] = {}
+        by_t: dict[str, list[tuple[float, Pair]]] = {}
+        best_c: dict[str, tuple[float, float, Pair]] = {}
         for c_name, options in cands.items():
             if c_name in used_c:
                 continue

@@ -84,7 +84,7 @@ class AmbiguousTowerError(OpenTransError):
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-def _target_tensors(target: Any) -> tuple[dict[str, torch.Tensor], str | None, str]:
+def target_tensors(target: Any) -> tuple[dict[str, torch.Tensor], str | None, str]:
     """(tensors, the file they came from, the DDP prefix every name had and that was taken off)."""
     from ...io.checkpoints import target_state
     from ...sparsity.masks import unwrap
@@ -110,7 +110,8 @@ def canonical_state(arch: str) -> dict[str, torch.Tensor]:
     return dict(canonical_tower(arch).state_dict(keep_vars=True))
 
 
-def _source_values(arch: str, weights: Any) -> dict[str, torch.Tensor] | None:
+def source_values(arch: str, weights: Any) -> dict[str, torch.Tensor] | None:
+    """The canonical tower's values from ``weights`` (a module, a state dict or a weights file), or None."""
     if weights is None:
         return None
     from ...towers.backbones import build_visual, visual_state_dict

@@ -16,15 +16,15 @@ from typing import Any
 
 from ...errors import OpenTransError
 from ...naming.namemap import NameMap, common_module_prefix
-from .match import _T, _Pair, find_blocks, match_scope
+from .match import Item, Pair, find_blocks, match_scope
 from .report import (
     AmbiguousTowerError,
     InferenceReport,
     TensorInference,
-    _source_values,
-    _target_tensors,
     canonical_state,
     log,
+    source_values,
+    target_tensors,
 )
 
 _MAX_SOLUTIONS = 5000
@@ -34,7 +34,7 @@ _MAX_SOLUTIONS = 5000
 class _Candidate:
     runs: tuple[str, ...]
     level: str
-    pairs: list[_Pair] = field(default_factory=list)
+    pairs: list[Pair] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
     pre_mapped: float = 0.0
     order_evidence: str = ""
@@ -91,8 +91,8 @@ def _solutions(sequence: list[int], runs: dict[str, list[int]], extra: float = 0
     return out
 
 
-def _evaluate(order: tuple[str, ...], c_blocks: list[str], c_items: dict[str, list[_T]], c_rest: list[_T],
-              t_runs: dict[str, list[str]], t_items: dict[str, list[_T]], t_rest: list[_T], top: str,
+def _evaluate(order: tuple[str, ...], c_blocks: list[str], c_items: dict[str, list[Item]], c_rest: list[Item],
+              t_runs: dict[str, list[str]], t_items: dict[str, list[Item]], t_rest: list[Item], top: str,
               pre: set[str]) -> _Candidate:
     candidate = _Candidate(order, _level(order))
     t_blocks = [b for run in order for b in t_runs[run]]
@@ -107,7 +107,7 @@ def _evaluate(order: tuple[str, ...], c_blocks: list[str], c_items: dict[str, li
     # only pairs with name or value evidence count
     level = candidate.level if candidate.level.startswith(top) else top
     foreign = [r for r in t_runs if r not in order]
-    pairs: list[_Pair] = []
+    pairs: list[Pair] = []
     reasons: dict[str, str] = {}
     used: set[str] = set()
     first_hit: str | None = None
@@ -171,7 +171,7 @@ def _stem_first(candidate: _Candidate) -> bool:
 
 
 def _order_of_runs(evaluated: list[_Candidate], with_values: bool, t_runs: dict[str, list[str]],
-                   t_items: dict[str, list[_T]], t_first: dict[str, int], source: str | None) -> _Candidate:
+                   t_items: dict[str, list[Item]], t_first: dict[str, int], source: str | None) -> _Candidate:
     """One order for runs that fit in several (a tower split into equal blocks): values, the stem, the file."""
     by_values = sorted(evaluated, key=lambda e: -e.value_hits()[0])
     if with_values and by_values[0].value_hits()[0] > by_values[1].value_hits()[0]:
@@ -232,9 +232,9 @@ def infer_name_map(target: Any, arch: str, weights: Any = None, tower: str | Non
     """
     from .rules import compact_rules
 
-    tensors, source, ddp = _target_tensors(target)
+    tensors, source, ddp = target_tensors(target)
     canonical = canonical_state(arch)
-    values = _source_values(arch, weights)
+    values = source_values(arch, weights)
     if tower is not None:
         if tower and not tower.endswith("."):
             tower += "."
@@ -242,19 +242,20 @@ def infer_name_map(target: Any, arch: str, weights: Any = None, tower: str | Non
         if not tensors:
             raise OpenTransError(f"no tensor of the target starts with --tower {tower!r}", path=source)
     top = tower or ""
-    c_all = [_T(n, tuple(v.shape), values.get(n) if values else None, i) for i, (n, v) in enumerate(canonical.items())]
-    t_all = [_T(n, tuple(v.shape), v if v.device.type != "meta" else None, i)
+    c_all = [Item(n, tuple(v.shape), values.get(n) if values else None, i)
+             for i, (n, v) in enumerate(canonical.items())]
+    t_all = [Item(n, tuple(v.shape), v if v.device.type != "meta" else None, i)
              for i, (n, v) in enumerate(tensors.items())]
     c_owner, c_runs = find_blocks([c.name for c in c_all])
     t_owner, t_runs = find_blocks([t.name for t in t_all])
     if not c_runs:
         raise OpenTransError(f"{arch}: the canonical tower has no repeated blocks to search for")
-    c_items: dict[str, list[_T]] = {}
+    c_items: dict[str, list[Item]] = {}
     for c in c_all:
         c.block = c_owner.get(c.name)
         if c.block:
             c_items.setdefault(c.block, []).append(c)
-    t_items: dict[str, list[_T]] = {}
+    t_items: dict[str, list[Item]] = {}
     for t in t_all:
         t.block = t_owner.get(t.name)
         if t.block:
@@ -262,7 +263,7 @@ def infer_name_map(target: Any, arch: str, weights: Any = None, tower: str | Non
     first = {r: min(c.order for b in blocks for c in c_items[b]) for r, blocks in c_runs.items()}
     c_blocks = [b for r in sorted(c_runs, key=first.get) for b in c_runs[r]]
 
-    def numel(items: list[_T]) -> int:
+    def numel(items: list[Item]) -> int:
         return sum(t.numel for t in items if t.shape)
 
     sequence = [numel(c_items[b]) for b in c_blocks]
