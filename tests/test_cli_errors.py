@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from cli_util import assert_refused, cli_env, command, run_cli
-from conftest import make_tiny_resnet
+from support.cli import assert_refused, cli_env, command, run_cli
+from support.processes import free_port
+from support.towers import make_tiny_resnet
 
 from opentrans_hub import LayerSelection, Subnetwork
 from opentrans_hub.formats.subnetwork import default_provenance
@@ -48,12 +48,6 @@ def ws(tmp_path_factory) -> Path:
     os.mkfifo(root / "fifo.safetensors")
     os.symlink(root / "existing.safetensors", root / "link.safetensors")
     return root
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CASES = {
@@ -106,7 +100,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ws, case):
 
 
 def test_push_offline_or_unreachable_is_one_line(ws):
-    port = _closed_port()
+    port = free_port()  # bound once, then released: nothing listens there
     unreachable = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": "hf_test", "NO_PROXY": "127.0.0.1"}
     assert_refused(ws, "push", "sub.safetensors", "--repo-id", "me/x", env=unreachable,
                    needles=("push to me/x", f"127.0.0.1:{port}"))

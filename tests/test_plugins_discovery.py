@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support.processes import TESTS, install_copy, python_env
 
 from opentrans_hub import NameMap, OpenTransError
 from opentrans_hub.transfer.plugins import Plugin, list_plugins
@@ -65,18 +64,13 @@ def test_plugin_declaration_errors_are_clear():
 @pytest.fixture(scope="module")
 def third_party_site(tmp_path_factory) -> Path:
     """The fixture package installed by pip into a private directory (a real .dist-info with entry points)."""
-    tmp = tmp_path_factory.mktemp("third_party")
-    source = tmp / "src"
-    shutil.copytree(FIXTURE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = tmp / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(source)], check=True, capture_output=True, text=True)
+    site = install_copy(FIXTURE, tmp_path_factory.mktemp("third_party"))
     assert list(site.glob("oth_demo_plugin-0.3.0.dist-info"))
     return site
 
 
 def _run(site: Path, *argv: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(site))
+    env = python_env(site, TESTS)
     return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -106,9 +100,8 @@ def test_third_party_plugin_is_discovered_and_broken_ones_are_reported(third_par
 
 def test_third_party_plugin_applies_a_subnetwork(third_party_site):
     script = textwrap.dedent("""
-        import json, sys, torch
-        sys.path.insert(0, sys.argv[1])
-        from conftest import make_tiny_resnet
+        import json, torch
+        from support.towers import make_tiny_resnet
         import opentrans_hub as oth
         from opentrans_hub.transfer.plugins import get_plugin
 
@@ -138,7 +131,7 @@ def test_third_party_plugin_applies_a_subnetwork(third_party_site):
         print(json.dumps({"counts": report.to_dict()["counts"], "ok": ok, "broken": broken,
                           "pairs": dict(report.mapped)}))
     """)
-    done = _run(third_party_site, "-c", script, str(Path(__file__).parent))
+    done = _run(third_party_site, "-c", script)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["ok"]

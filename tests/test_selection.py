@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
+from support.towers import make_tiny_resnet
 from torch import nn
 
 from opentrans_hub.errors import OpenTransError

@@ -3,15 +3,15 @@ subnetwork of another architecture are errors before anything changes, not "mapp
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from cli_util import assert_refused, cli_env, command
-from conftest import make_tiny_resnet
+from support.cli import assert_refused, cli_env, command
+from support.processes import install_copy
+from support.towers import make_tiny_resnet
 
 from opentrans_hub import OpenTransError, Subnetwork, get_plugin, load_backbone, masked_parameters
 from opentrans_hub.towers.archs import canonical_tensors
@@ -67,13 +67,7 @@ def test_wrong_plugin_raises_in_the_api(ws, tmp_path):
 
 @pytest.fixture(scope="module")
 def dup_site(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("dup")
-    source = tmp / "src"
-    shutil.copytree(FIXTURE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = tmp / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(source)], check=True, capture_output=True, text=True)
-    return site
+    return install_copy(FIXTURE, tmp_path_factory.mktemp("dup"))
 
 
 def test_a_plugin_name_claimed_twice_is_an_error_wherever_it_is_used(dup_site, ws):
