@@ -16,7 +16,7 @@ from .version import __version__ as __version__
 _PUBLIC = {
     "OpenTransError": "errors", "OpenTransWarning": "errors",
     "NameMap": "naming.namemap", "Rule": "naming.namemap", "MappingReport": "naming.namemap",
-    "TIMM_CLIP_RESNET_RULES": "towers.backbones",
+    "TIMM_CLIP_RESNET_RULES": "towers.timm_names",
     "Subnetwork": "formats.subnetwork", "LayerSelection": "formats.selection",
     "apply_masks": "sparsity.masks", "bake": "sparsity.masks", "enforce": "sparsity.masks",
     "masked_parameters": "sparsity.masks", "remove": "sparsity.masks",
@@ -35,7 +35,8 @@ _PUBLIC = {
     "push": "zoo.hub", "pull": "zoo.hub", "load_backbone": "transfer.backbone",
     "apply_subnetwork": "transfer.apply", "apply_subnetwork_to_state_dict": "transfer.apply",
     "apply_selection": "transfer.apply", "SelectionReport": "transfer.selection",
-    "Plugin": "transfer.plugins", "get_plugin": "transfer.plugins", "list_plugins": "transfer.plugins",
+    # Plugin is defined in transfer.plugins; loading it through discovery also wires the installed-plugin hints
+    "Plugin": "transfer.discovery", "get_plugin": "transfer.discovery", "list_plugins": "transfer.discovery",
     "InferenceReport": "transfer.inference", "infer_name_map": "transfer.inference",
     "OpenTransSchedule": "integrations.training",
 }

@@ -29,8 +29,8 @@ from support.towers import CONVNEXT_TINY, RN_TINY, VIT_TINY, finetuned, nonzero_
 from torch import nn
 
 from opentrans_hub import NameMap, OpenTransError, infer_name_map
+from opentrans_hub.transfer.discovery import get_plugin
 from opentrans_hub.transfer.inference import AmbiguousTowerError, canonical_state
-from opentrans_hub.transfer.plugins import get_plugin
 
 register()
 PLUGIN_ARCH = {RN_TINY: "open_clip/RN50", VIT_TINY: "open_clip/ViT-B-16",

@@ -19,7 +19,7 @@ from support.towers import RN_TINY, finetuned, register, tower
 
 from opentrans_hub import Subnetwork
 from opentrans_hub.io.checkpoints import write_checkpoint
-from opentrans_hub.transfer.plugins import get_plugin
+from opentrans_hub.transfer.discovery import get_plugin
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from opentrans_hub import OpenTransError
 from opentrans_hub.methods.imp import magnitude_prune
 from opentrans_hub.sparsity.masks import masked_parameters
 from opentrans_hub.transfer.backbone import load_backbone
-from opentrans_hub.transfer.plugins import get_plugin
+from opentrans_hub.transfer.discovery import get_plugin
 from opentrans_hub.zoo.packing import pack_checkpoint
 from opentrans_hub.zoo.registry import Registry
 

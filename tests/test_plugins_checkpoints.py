@@ -14,7 +14,7 @@ from torch import nn
 
 from opentrans_hub import OpenTransError
 from opentrans_hub.formats.selection import LayerSelection
-from opentrans_hub.transfer.plugins import get_plugin
+from opentrans_hub.transfer.discovery import get_plugin
 
 
 def nonzero_init(module: nn.Module, seed: int = 0) -> nn.Module:

@@ -14,7 +14,8 @@ import yaml
 from support.processes import TESTS, install_copy, python_env
 
 from opentrans_hub import NameMap, OpenTransError
-from opentrans_hub.transfer.plugins import Plugin, list_plugins
+from opentrans_hub.transfer.discovery import list_plugins
+from opentrans_hub.transfer.plugins import Plugin
 
 FIXTURE = Path(__file__).parent / "fixtures" / "oth-demo-plugin"
 FIRST_PARTY = {"fcclip", "hanovs", "deeplabv3-opentrans", "deeplabv3-d2", "deeplabv3-torchvision", "timm-clip-resnet",
@@ -49,6 +50,23 @@ def test_core_imports_no_plugin_by_name():
     for path in core:
         text = path.read_text()
         assert not any(package in text for package in packages), path
+
+
+def test_first_party_plugins_use_only_public_names():
+    """Plugins import ``opentrans_hub``'s public names (never its modules), so the core can move its insides."""
+    import ast
+
+    import opentrans_hub as oth
+
+    sources = list((REPO / "plugins").glob("*/opentrans_hub_*/*.py"))
+    assert len(sources) >= 6
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "opentrans_hub":
+                assert node.module == "opentrans_hub", (path, node.module)
+                assert {alias.name for alias in node.names} <= set(oth.__all__), path
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("opentrans_hub.") for a in node.names), path
 
 
 def test_plugin_declaration_errors_are_clear():
@@ -103,7 +121,7 @@ def test_third_party_plugin_applies_a_subnetwork(third_party_site):
         import json, torch
         from support.towers import make_tiny_resnet
         import opentrans_hub as oth
-        from opentrans_hub.transfer.plugins import get_plugin
+        from opentrans_hub.transfer.discovery import get_plugin
 
         tower = make_tiny_resnet(seed=0)
         gen = torch.Generator().manual_seed(0)

@@ -20,7 +20,7 @@ from torch import nn
 
 from opentrans_hub import OpenTransError, Subnetwork, apply_masks
 from opentrans_hub.formats.selection import LayerSelection
-from opentrans_hub.transfer.plugins import get_plugin
+from opentrans_hub.transfer.discovery import get_plugin
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -10,7 +10,7 @@ import yaml
 
 from opentrans_hub import NameMap, OpenTransError
 from opentrans_hub.naming.namemap import Unmapped
-from opentrans_hub.transfer.plugins import get_plugin
+from opentrans_hub.transfer.discovery import get_plugin
 
 REPO = Path(__file__).resolve().parents[1]
 

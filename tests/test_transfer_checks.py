@@ -82,7 +82,7 @@ def test_a_plugin_name_claimed_twice_is_an_error_wherever_it_is_used(dup_site, w
     assert listing.returncode == 0
     broken = [line for line in listing.stdout.splitlines() if line.startswith("BROKEN fcclip")]
     assert len(broken) == 2 and all("duplicate plugin name" in line for line in broken)
-    script = ("from opentrans_hub.transfer.plugins import get_plugin\n"
+    script = ("from opentrans_hub.transfer.discovery import get_plugin\n"
               "try:\n    get_plugin('fcclip')\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
     api = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env=cli_env(ws, **env))

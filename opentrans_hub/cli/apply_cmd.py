@@ -11,7 +11,6 @@ import argparse
 import json
 from typing import Any
 
-from ..zoo.registry import load_selection, load_subnetwork
 from ._common import add_overwrite, check_out, print_json
 
 
@@ -50,7 +49,8 @@ def _print_report(report_dict: dict[str, Any], header: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..io.atomic import atomic_write_text
     from ..io.checkpoints import read_state_dict
-    from ..transfer.plugins import get_plugin
+    from ..transfer.discovery import get_plugin
+    from ..zoo.registry import load_selection, load_subnetwork
 
     check_out(args, args.out, args.checkpoint, args.subnetwork, args.selection)
     plugin = get_plugin(args.plugin)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..zoo.hub import pull, push
-from ..zoo.registry import Registry
 from ._common import print_json
 
 
@@ -34,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_push(args: argparse.Namespace) -> int:
+    from ..zoo.hub import push
+    from ..zoo.registry import Registry
+
     registry = Registry(args.registry) if args.registry else None
     result = push(args.ref, args.repo_id, revision=args.revision, private=args.private, registry=registry,
                   license=args.license, base_model=args.base_model)
@@ -46,6 +47,9 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
+    from ..zoo.hub import pull
+    from ..zoo.registry import Registry
+
     registry = Registry(args.registry) if args.registry else None
     _, record = pull(args.ref, name=args.name, registry=registry)
     if args.json:

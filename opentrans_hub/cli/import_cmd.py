@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..io.checkpoints import read_state_dict
-from ..methods.importers import from_zeros, import_pruned_checkpoint
 from ._common import add_overwrite, check_out, print_json
 
 
@@ -25,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io.checkpoints import read_state_dict
+    from ..methods.importers import from_zeros, import_pruned_checkpoint
+
     check_out(args, args.out, args.checkpoint)
     if args.from_zeros:
         sub = from_zeros(read_state_dict(args.checkpoint), arch=args.arch, include=args.include, prefix=args.prefix)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..formats.packed import is_packed, open_packed
-from ..formats.subnetwork import Subnetwork
-from ..zoo.packing import packed_stats
 from ._common import print_json, printable, table
 
 
@@ -20,6 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def describe(path: str) -> dict:
     """``Subnetwork.stats()`` plus what the file costs on disk."""
+    from ..formats.subnetwork import Subnetwork
+
     sub = Subnetwork.load(path)
     info = sub.stats()
     size = os.path.getsize(path)
@@ -29,6 +28,8 @@ def describe(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..formats.packed import is_packed
+
     if is_packed(args.path):
         return _run_packed(args)
     info = describe(args.path)
@@ -47,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_packed(args: argparse.Namespace) -> int:
+    from ..formats.packed import open_packed
+    from ..zoo.packing import packed_stats
+
     reader = open_packed(args.path)
     info = packed_stats(reader)
     info["subnetwork_sha256"] = reader.subnetwork().sha256 if reader.mask_names else None

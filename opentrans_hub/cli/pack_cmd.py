@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..zoo.packing import pack_checkpoint, unpack
 from ._common import add_overwrite, check_out, print_json
 
 
@@ -38,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_pack(args: argparse.Namespace) -> int:
+    from ..zoo.packing import pack_checkpoint
+
     check_out(args, args.out, args.checkpoint)
     info = pack_checkpoint(args.checkpoint, args.out, subnetwork=args.subnetwork, zeros=args.zeros, dtype=args.dtype,
                            force_zero=args.force_zero, encoding=args.encoding, prefix=args.prefix,
@@ -55,6 +56,8 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_unpack(args: argparse.Namespace) -> int:
+    from ..zoo.packing import unpack
+
     check_out(args, args.out, args.packed)
     info = unpack(args.packed, args.out)
     if args.json:

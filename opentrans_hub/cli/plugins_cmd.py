@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from ..transfer.plugins import list_plugins
+    from ..transfer.discovery import list_plugins
 
     plugins, errors = list_plugins()
     if args.json:
@@ -49,7 +49,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     from ..errors import OpenTransError
-    from ..transfer.plugins import get_plugin
+    from ..transfer.discovery import get_plugin
     from ..zoo.registry import load_subnetwork
 
     plugin = get_plugin(args.plugin)

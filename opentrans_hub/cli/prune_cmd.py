@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from ..errors import OpenTransError, OpenTransWarning
 from ._common import add_overwrite, check_out, print_json
 
@@ -43,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
     from ..methods.imp import PruneScope, imp_sparsity, magnitude_prune

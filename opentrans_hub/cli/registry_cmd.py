@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from ..zoo.registry import Registry
 from ._common import print_json, printable, table
+
+if TYPE_CHECKING:
+    from ..zoo.registry import Registry
 
 
 def _registry(args: argparse.Namespace) -> Registry:
+    from ..zoo.registry import Registry
+
     return Registry(args.registry) if getattr(args, "registry", None) else Registry()
 
 

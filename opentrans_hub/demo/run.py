@@ -111,7 +111,7 @@ def run_demo(out_dir: str | os.PathLike = "opentrans-demo", weights: str | os.Pa
     from ..sparsity.masks import masked_parameters
     from ..sparsity.stats import model_sparsity
     from ..towers.backbones import build_visual, weights_sha256
-    from ..transfer.plugins import get_plugin
+    from ..transfer.discovery import get_plugin
     from ..zoo.registry import Registry
     from .layouts import LAYOUTS, FCCLIPLayout
     from .synthetic import SHAPES, make_batch

@@ -1,7 +1,9 @@
 """Artefacts of the registry and the Hub: their kinds, names, file codec and the facts an entry records.
 
 The lowest layer shared by :mod:`~opentrans_hub.zoo.registry`, :mod:`~opentrans_hub.zoo.remote` and
-:mod:`~opentrans_hub.zoo.hub`, so those depend on each other one way only.
+:mod:`~opentrans_hub.zoo.hub`, so those depend on each other one way only. The mask codecs
+(:mod:`.subnetwork`, :mod:`.packed`) need torch and are imported only when a mask is decoded or met: names,
+kinds, file hashes and layer selections (what ``opentrans-hub list`` and ``info`` show) stay light.
 """
 
 from __future__ import annotations
@@ -9,21 +11,22 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OpenTransError
 from ..io.atomic import read_bytes
-from .packed import FORMAT as PACKED_FORMAT
-from .packed import PackedFile, sniff
 from .selection import LayerSelection
-from .subnetwork import Subnetwork
+
+if TYPE_CHECKING:
+    from .packed import PackedFile
+    from .subnetwork import Subnetwork
+
+    Artefact = Subnetwork | LayerSelection | PackedFile
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 KIND_FILES = {"subnetwork": "subnetwork.safetensors", "selection": "selection.json",
               "packed": "backbone.sparse.safetensors"}
 EXTENSIONS = {"subnetwork": ".safetensors", "selection": ".json", "packed": ".safetensors"}
-
-Artefact = Subnetwork | LayerSelection | PackedFile
 
 
 def check_name(name: str) -> str:
@@ -32,7 +35,6 @@ def check_name(name: str) -> str:
         raise OpenTransError(f"bad registry name {name!r}: use lower-case letters, digits, '.', '_' and '-', "
                              "starting with a letter or digit (at most 128 characters)")
     return name
-
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -47,14 +49,25 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _codec(kind: str) -> type | None:
+    """The class that reads and writes artefacts of ``kind`` (the mask codecs imported on first need)."""
+    if kind == "selection":
+        return LayerSelection
+    if kind == "subnetwork":
+        from .subnetwork import Subnetwork
+
+        return Subnetwork
+    if kind == "packed":
+        from .packed import PackedFile
+
+        return PackedFile
+    return None
+
 
 def kind_of(obj: Artefact) -> str:
-    if isinstance(obj, Subnetwork):
-        return "subnetwork"
-    if isinstance(obj, LayerSelection):
-        return "selection"
-    if isinstance(obj, PackedFile):
-        return "packed"
+    for kind in ("selection", "subnetwork", "packed"):  # a selection is told without importing the mask codecs
+        if isinstance(obj, _codec(kind)):
+            return kind
     raise OpenTransError(f"expected a Subnetwork, LayerSelection or PackedFile, got {type(obj).__name__}")
 
 
@@ -73,9 +86,14 @@ def decode(data: bytes, source: str, kind: str | None = None, expected_sha256: s
     """Decode registry bytes; the kind is sniffed (JSON text: a selection; a packed file declares its format)
     unless given. Hashes verified."""
     if kind is None:
-        kind = ("selection" if looks_like_json(data) else
-                "packed" if sniff(data) == PACKED_FORMAT else "subnetwork")
-    codec = {"subnetwork": Subnetwork, "selection": LayerSelection, "packed": PackedFile}.get(kind)
+        if looks_like_json(data):
+            kind = "selection"
+        else:
+            from .packed import FORMAT as PACKED_FORMAT
+            from .packed import sniff
+
+            kind = "packed" if sniff(data) == PACKED_FORMAT else "subnetwork"
+    codec = _codec(kind)
     if codec is None:
         raise OpenTransError(f"unknown artefact kind {kind!r}", path=source)
     obj: Artefact = codec.from_bytes(data, source=source, verify=True)
@@ -91,10 +109,11 @@ def read_artefact(path: str | os.PathLike, expected_sha256: str | None = None) -
 
 def summary(obj: Artefact) -> dict[str, Any]:
     """The few facts an entry records about its artefact (shown by ``list``/``info``)."""
-    if isinstance(obj, Subnetwork):
+    kind = kind_of(obj)
+    if kind == "subnetwork":
         return {"arch": obj.arch, "sparsity": obj.sparsity, "layers": len(obj),
                 "method": obj.provenance.get("method")}
-    if isinstance(obj, PackedFile):
+    if kind == "packed":
         return {"arch": obj.arch, "sparsity": obj.sparsity, "layers": len(obj.reader.mask_names),
                 "method": "packed", "subnetwork_sha256": obj.subnetwork.sha256 if obj.reader.mask_names else None,
                 "dense_bytes": sum(s.dense_bytes for s in obj.reader.specs.values())}

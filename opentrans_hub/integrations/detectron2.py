@@ -97,7 +97,7 @@ def add_opentrans_config(cfg: Any) -> Any:
 
 
 def _plugin(name: str) -> Any:
-    from ..transfer.plugins import get_plugin
+    from ..transfer.discovery import get_plugin
 
     return get_plugin(name)
 

@@ -131,7 +131,7 @@ class OpenTransSchedule:
             known = self.subnetwork or self.selection
             if known is None:
                 raise OpenTransError("name_map='auto' needs a subnetwork or a selection (their arch is inferred for)")
-            from ..transfer.plugins import get_plugin
+            from ..transfer.discovery import get_plugin
 
             name_map = get_plugin("auto").map_for(known.arch, unwrap(model))
             self.log(f"opentrans: inferred name map for {known.arch} (plugin 'auto'):\n{name_map}")

@@ -26,11 +26,12 @@ from __future__ import annotations
 import re
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OpenTransError
+
+if TYPE_CHECKING:  # rules only call tensor methods: parsing and printing a map needs no torch
+    import torch
 
 _TEMPLATE_FIELD = re.compile(r"\{g(\d+)(?:([+-])(\d+))?\}")
 _GUARD_TERM = re.compile(r"^\s*g(\d+)\s*(<=|>=|==|!=|<|>)\s*(-?\d+)\s*$")

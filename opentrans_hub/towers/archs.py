@@ -6,7 +6,8 @@ printable dotted identifiers (``layer1.0.conv1.weight``; a layer selection may a
 ids made of ``[A-Za-z0-9._+@:-]`` segments joined by ``/`` (``open_clip/RN50``).
 
 :func:`canonical_tensors` builds the open_clip tower of an id on the meta device (names and shapes, no
-weights), so a subnetwork or selection can be checked against the architecture it declares.
+weights), so a subnetwork or selection can be checked against the architecture it declares; it is the only
+door to torch here (imported on call), so validating names and ids stays cheap for the command line.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import OpenTransError, OpenTransWarning
+
+if TYPE_CHECKING:  # torch is imported by the tower builders only: checking a name or an id needs none
+    import torch
 
 _NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 _PART_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*(?::[A-Za-z0-9_]+)?")

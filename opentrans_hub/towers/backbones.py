@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import OpenTransError
+from .timm_names import TIMM_CLIP_RESNET_RULES  # noqa: F401  (re-exported: it lived here)
+from .timm_names import TIMM_CLIP_RESNETS as _TIMM_CLIP_RESNETS
 
 #: family -> builder(name, pretrained_tag) returning the visual tower; other modules may add families
 BUILDERS: dict[str, Callable[[str, str | None], nn.Module]] = {}
@@ -95,23 +97,6 @@ def check_canonical_scope(selected: Mapping[str, tuple[str, torch.Tensor]], arch
         if tuple(expected.shape) != tuple(param.shape):
             raise OpenTransError(f"IMP prefix {prefix!r}: {full!r} has shape {tuple(param.shape)} but {arch}'s "
                                  f"{name!r} is {tuple(expected.shape)}: the tower there is not {arch}")
-
-
-# timm's CLIP ResNets (ByobNet) hold the same tensors as open_clip's ModifiedResNet under other names;
-# these rules carry each canonical name to timm's, so a timm tower is rebuilt with canonical names.
-_TIMM_CLIP_RESNETS = {"resnet50_clip": "RN50", "resnet101_clip": "RN101", "resnet50x4_clip": "RN50x4",
-                      "resnet50x16_clip": "RN50x16", "resnet50x64_clip": "RN50x64"}
-TIMM_CLIP_RESNET_RULES = r"""
-rename ^(conv|bn)([123])\.(.+)$ -> stem.conv{g2}.{g1}.{g3}
-rename ^layer(\d)\.(\d+)\.(conv|bn)1\.(.+)$ -> stages.{g1-1}.{g2}.conv1_1x1.{g3}.{g4}
-rename ^layer(\d)\.(\d+)\.(conv|bn)2\.(.+)$ -> stages.{g1-1}.{g2}.conv2_kxk.{g3}.{g4}
-rename ^layer(\d)\.(\d+)\.(conv|bn)3\.(.+)$ -> stages.{g1-1}.{g2}.conv3_1x1.{g3}.{g4}
-rename ^layer(\d)\.(\d+)\.downsample\.0\.(.+)$ -> stages.{g1-1}.{g2}.shortcut.conv.conv.{g3}
-rename ^layer(\d)\.(\d+)\.downsample\.1\.(.+)$ -> stages.{g1-1}.{g2}.shortcut.conv.bn.{g3}
-rename ^attnpool\.positional_embedding$ -> head.pos_embed
-rename ^attnpool\.([qkv])_proj\.(.+)$ -> head.{g1}.{g2}
-rename ^attnpool\.c_proj\.(.+)$ -> head.proj.{g1}
-"""
 
 
 def timm_to_canonical(state: Mapping[str, torch.Tensor], canonical_names) -> dict[str, torch.Tensor]:

@@ -1,7 +1,6 @@
-"""Plugins: how one OVS framework names the CLIP image encoder, found only through entry points.
+"""Plugins: how one OVS framework names the CLIP image encoder, as a :class:`Plugin` object.
 
-A plugin is a :class:`Plugin` object that a distribution declares under the entry-point group
-``opentrans_hub.plugins``::
+A distribution declares its plugin under the entry-point group ``opentrans_hub.plugins``::
 
     [project.entry-points."opentrans_hub.plugins"]
     myframework = "my_package.opentrans:plugin"
@@ -11,31 +10,29 @@ per architecture id (canonical open_clip names -> the framework's full parameter
 visual tower sits in a live model. From that alone it can transfer a Subnetwork or a LayerSelection onto
 a live model (run-time mode, for frameworks whose checkpoints never hold CLIP) or onto a checkpoint file.
 
-The core never imports a plugin by name: :func:`list_plugins` reads the entry points, and a plugin that
-fails to load is reported next to the others instead of breaking them.
+Finding plugins is :mod:`.discovery`'s job (entry points; a broken plugin is reported, never fatal); the ``auto``
+plugin, which infers its map per target, is :mod:`.auto`. Declaring a plugin imports no torch: plugin packages
+are imported by ``opentrans-hub plugins list``, which must start at once; torch comes with the first transfer.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OpenTransError
 from ..formats.selection import LayerSelection
-from ..formats.subnetwork import Subnetwork
-from ..io.checkpoints import LoadedCheckpoint, load_checkpoint, target_state  # noqa: F401  (LoadedCheckpoint re-exported)
 from ..naming.namemap import MappingReport, NameMap
-from ..sparsity.masks import unwrap
-from ..towers.backbones import canonical_shapes  # noqa: F401  (re-exported: it lived here)
 from ..zoo.registry import load_selection, load_subnetwork
 
-ENTRY_POINT_GROUP = "opentrans_hub.plugins"
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..formats.subnetwork import Subnetwork
 
 
 @dataclass
@@ -125,7 +122,7 @@ class Plugin:
         holds Conv/Linear weights the architecture has no counterpart for (another architecture) unless
         ``allow_partial`` (then listed in ``report.uncovered``, left dense).
         """
-        from ..sparsity.masks import apply_masks
+        from ..sparsity.masks import apply_masks, unwrap
         from .apply import parameter_shapes
 
         subnetwork = load_subnetwork(subnetwork)
@@ -159,7 +156,10 @@ class Plugin:
 
     def _hint(self, targets: Any, names: list[str], arch: str) -> str:
         """``; it fits plugin 'X' (n of m names)`` for the installed plugin that maps most of ``names``."""
-        ranked = rank_plugins(targets, names, arch)
+        installed = installed_plugins()
+        if installed is None:
+            return "; 'opentrans-hub plugins check' shows how each installed plugin fits"
+        ranked = rank_plugins(installed, targets, names, arch)
         best = [(p, n) for p, n in ranked if p != self.name and n > 0]
         if best:
             return f"; the target fits plugin {best[0][0]!r} ({best[0][1]} of {len(names)} names map)"
@@ -196,6 +196,7 @@ class Plugin:
         ``others``) pass through. Plugins whose tower is split (no ``tower_path``) change only the selected
         layers and their biases unless told otherwise. Returns the SelectionReport; all-or-nothing.
         """
+        from ..sparsity.masks import unwrap
         from .selection import select_trainable
 
         selection = load_selection(selection)
@@ -224,7 +225,10 @@ class Plugin:
         over ``path_in``), and nothing is written when :meth:`apply` would refuse (shapes, nothing or too little
         mapped, another architecture) or, with ``strict``, a name finds no destination.
         """
+        import torch
+
         from ..io.atomic import check_output
+        from ..io.checkpoints import load_checkpoint
         from .apply import zero_state
 
         check_output(path_out, inputs=(path_in,))
@@ -249,6 +253,13 @@ class Plugin:
         Without ``arch`` (and subnetwork) every declared architecture is tried and the best fit is reported
         (fewest shape mismatches, then most mapped, then fewest unmapped; ``arch_detected``).
         """
+        import torch
+        from torch import nn
+
+        from ..io.checkpoints import target_state
+        from ..sparsity.masks import unwrap
+        from ..towers.backbones import canonical_shapes
+
         target = unwrap(target) if isinstance(target, nn.Module) else target  # the report names the inner model
         state, source = target_state(target)
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -302,13 +313,30 @@ class Plugin:
 
 
 # ---------------------------------------------------------------------- plugin ranking
-def rank_plugins(targets: Any, names: list[str], arch: str) -> list[tuple[str, int]]:
-    """(plugin name, how many of ``names`` reach ``targets``) for every installed plugin covering ``arch``, best
+#: where the installed plugins come from: source name -> a function listing them. Discovery (entry points, in
+#: :mod:`.discovery`, which imports this module) adds itself when imported, so a "wrong plugin" error can name
+#: the installed plugin that fits without this module importing discovery.
+SOURCES: dict[str, Callable[[], list[Plugin]]] = {}
+
+
+def installed_plugins() -> list[Plugin] | None:
+    """Every plugin the registered sources list (first of a name wins), or None when no source is registered."""
+    if not SOURCES:
+        return None
+    found: dict[str, Plugin] = {}
+    for source in SOURCES.values():
+        for plugin in source():
+            found.setdefault(plugin.name, plugin)
+    return list(found.values())
+
+
+def rank_plugins(plugins: Iterable[Plugin], targets: Any, names: list[str], arch: str) -> list[tuple[str, int]]:
+    """(plugin name, how many of ``names`` reach ``targets``) for each of ``plugins`` covering ``arch``, best
     first; a DDP ``module.`` prefix on every target is looked through. What a "wrong plugin" error suggests."""
     targets = set(targets)
     ddp = NameMap.prefix("module.") if targets and all(t.startswith("module.") for t in targets) else None
     ranked = []
-    for plugin in list_plugins()[0]:
+    for plugin in plugins:
         if not plugin.covers(arch):
             continue
         name_map = plugin.name_map(arch)
@@ -317,139 +345,3 @@ def rank_plugins(targets: Any, names: list[str], arch: str) -> list[tuple[str, i
         report = name_map.resolve_names(names, targets)
         ranked.append((plugin.name, len({s for s, _ in report.mapped})))
     return sorted(ranked, key=lambda item: -item[1])
-
-
-# ---------------------------------------------------------------------- discovery
-@dataclass(frozen=True)
-class PluginError:
-    """An entry point that did not give a usable plugin (reported, never fatal to the others)."""
-
-    name: str
-    value: str
-    error: str
-    source: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "entry_point": self.value, "error": self.error, "source": self.source}
-
-
-_CACHE: tuple[dict[str, Plugin], list[PluginError]] | None = None
-
-
-def _load(entry_point: Any) -> Plugin:
-    obj = entry_point.load()
-    if not isinstance(obj, Plugin) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, Plugin):
-        raise OpenTransError(f"entry point gives a {type(obj).__name__}, expected an opentrans_hub.plugins.Plugin "
-                             "(or a callable returning one)")
-    if obj.name != entry_point.name:
-        raise OpenTransError(f"entry point {entry_point.name!r} gives a plugin named {obj.name!r}")
-    return obj
-
-
-def discover(refresh: bool = False) -> tuple[dict[str, Plugin], list[PluginError]]:
-    """All plugins declared under the ``opentrans_hub.plugins`` entry-point group, and the ones that failed."""
-    global _CACHE
-    if _CACHE is not None and not refresh:
-        return _CACHE
-    from importlib.metadata import entry_points
-
-    plugins: dict[str, Plugin] = {}
-    errors: list[PluginError] = []
-    claims: dict[str, list[tuple[Plugin, str]]] = {}
-    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.name, ep.value)):
-        dist = getattr(entry_point, "dist", None)
-        source = f"{dist.metadata['Name']} {dist.version}" if dist is not None else ""
-        try:
-            plugin = _load(entry_point)
-        except Exception as exc:  # a broken plugin must not take the others down
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            errors.append(PluginError(entry_point.name, entry_point.value, f"{type(exc).__name__}: {message}"[:500],
-                                      source))
-            continue
-        plugin.source = source
-        claims.setdefault(plugin.name, []).append((plugin, entry_point.value))
-    for name, claimants in claims.items():
-        if len(claimants) == 1:
-            plugins[name] = claimants[0][0]
-            continue
-        # two distributions claim one name: using either would be a silent choice, so the name is unusable
-        everyone = " and ".join(f"{p.source or '?'} ({value})" for p, value in claimants)
-        for plugin, value in claimants:
-            errors.append(PluginError(name, value, f"duplicate plugin name: registered by {everyone}; uninstall "
-                                      "one of them", plugin.source))
-    _CACHE = (plugins, sorted(errors, key=lambda e: (e.name, e.value)))
-    return _CACHE
-
-
-def list_plugins(refresh: bool = False) -> tuple[list[Plugin], list[PluginError]]:
-    """(plugins sorted by name, entry points that failed to load)."""
-    plugins, errors = discover(refresh)
-    return [plugins[name] for name in sorted(plugins)], list(errors)
-
-
-def get_plugin(name: str) -> Plugin:
-    """The plugin registered under ``name``; a clear error lists what is installed (and why it failed)."""
-    plugins, errors = discover()
-    if name in plugins:
-        return plugins[name]
-    if name == AUTO:
-        return AutoPlugin()
-    for error in errors:
-        if error.name == name:
-            if error.error.startswith("duplicate plugin name"):
-                raise OpenTransError(f"plugin {name!r}: {error.error}")
-            raise OpenTransError(f"plugin {name!r} failed to load from {error.value}: {error.error}")
-    known = ", ".join(sorted(plugins)) or "none installed"
-    raise OpenTransError(f"no plugin named {name!r} (installed: {known}); plugins are found through the "
-                         f"{ENTRY_POINT_GROUP!r} entry-point group")
-
-
-# ---------------------------------------------------------------------- auto
-AUTO = "auto"
-
-
-class AutoPlugin(Plugin):
-    """``auto``: no rules written by anyone; the NameMap is inferred from each target when it is used.
-
-    The inference (:func:`opentrans_hub.transfer.inference.infer_name_map`) finds the tower by its block structure,
-    pairs tensors by values, names and shapes, refuses ambiguous layouts, and the rules it used are logged
-    (``logging.getLogger("opentrans_hub")``, INFO). ``tower`` restricts the search (``--tower``), ``weights``
-    adds the base tower's values as evidence.
-    """
-
-    def __init__(self, tower: str | None = None, weights: Any = None):
-        super().__init__(name=AUTO, frameworks=("any (inferred at run time)",), archs={"open_clip/*": NameMap()},
-                         description="infers the name map from each target (opentrans-hub map shows it)")
-        self.tower = tower
-        self.weights = weights
-        self.last_report: Any = None
-
-    def name_map(self, arch: str) -> NameMap:
-        raise OpenTransError("the 'auto' plugin has no fixed rules: it infers them per model or checkpoint "
-                             "(use it where a target is given, or run 'opentrans-hub map' to see them)")
-
-    def map_for(self, arch: str, target: Any) -> NameMap:
-        import logging
-
-        from .inference import infer_name_map
-
-        if not isinstance(target, (nn.Module, Mapping, str, os.PathLike)):
-            raise OpenTransError("the 'auto' plugin needs the target's tensors (a model, state dict or checkpoint), "
-                                 f"not a {type(target).__name__}")
-        name_map, report = infer_name_map(target, arch, weights=self.weights, tower=self.tower)
-        self.last_report = report
-        logging.getLogger("opentrans_hub").info("plugin 'auto' on %s: tower %r, %d tensors mapped, %d unmapped; "
-                                                "rules:\n%s", arch, report.tower, len(report.tensors),
-                                                len(report.unmapped), report.rules)
-        return name_map
-
-    def tower_path_for(self, model: nn.Module, arch: str) -> str | None:
-        report = self.last_report
-        if report is None or report.arch != arch:
-            self.map_for(arch, model)
-            report = self.last_report
-        if report.tower:
-            return report.tower.rstrip(".")
-        return None

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..formats.artefacts import Artefact
 from ..formats.packed import PackedFile
+
+if TYPE_CHECKING:
+    from ..formats.artefacts import Artefact
 
 PAPER_TAG = "arxiv:2404.07448"
 #: open_clip weights tags -> the model id model cards name as ``base_model``

@@ -22,10 +22,10 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OpenTransError
-from ..formats.artefacts import KIND_FILES, Artefact, encode, kind_of, summary
+from ..formats.artefacts import KIND_FILES, encode, kind_of, summary
 from ..formats.packed import PackedFile
 from ..formats.selection import LayerSelection
 from ..formats.subnetwork import Subnetwork
@@ -42,6 +42,9 @@ from .remote import (  # noqa: F401  (parse_hf_ref, MANIFEST: hub's public names
     parse_hf_ref,
     weights_file,
 )
+
+if TYPE_CHECKING:
+    from ..formats.artefacts import Artefact
 
 
 def export_folder(obj: Artefact, folder: str | os.PathLike, name: str | None = None,

@@ -13,11 +13,13 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OpenTransError
 from ..formats.artefacts import check_name, file_sha256
-from ..formats.subnetwork import Subnetwork
+
+if TYPE_CHECKING:  # reading the index (``list``, ``info``) needs no torch; running a recipe imports it
+    from ..formats.subnetwork import Subnetwork
 
 INDEX_FORMAT = "opentrans-hub/index"
 RECIPE_FORMAT = "opentrans-hub/recipe"
@@ -135,7 +137,7 @@ def run_recipe(recipe: Mapping[str, Any], weights: str | os.PathLike | None = No
     rounds, so the result is deterministic given the weights. Pruning is done by
     :func:`opentrans_hub.methods.imp.magnitude_masks`.
     """
-    from ..formats.subnetwork import default_provenance
+    from ..formats.subnetwork import Subnetwork, default_provenance
     from ..methods.imp import PruneScope, magnitude_masks
     from ..towers.backbones import weights_sha256
 

@@ -33,14 +33,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OpenTransError
 from ..formats.artefacts import (  # noqa: F401  (re-exported: the registry's public names before the split)
     EXTENSIONS,
     KIND_FILES,
     NAME_PATTERN,
-    Artefact,
     check_name,
     decode,
     encode,
@@ -49,12 +48,14 @@ from ..formats.artefacts import (  # noqa: F401  (re-exported: the registry's pu
     read_artefact,
     summary,
 )
-from ..formats.packed import PackedFile
 from ..formats.selection import LayerSelection
-from ..formats.subnetwork import Subnetwork
 from ..io.atomic import atomic_write_bytes, atomic_write_text
 from .recipes import builtin_index_dir, load_index, run_recipe  # noqa: F401  (re-exported)
 from .remote import fetch
+
+if TYPE_CHECKING:  # the mask codecs need torch: listing and describing entries does not
+    from ..formats.artefacts import Artefact
+    from ..formats.subnetwork import Subnetwork
 
 ENV_HOME = "OPENTRANS_HUB_HOME"
 ENTRY_FORMAT = "opentrans-hub/registry-entry"
@@ -239,10 +240,10 @@ class Registry:
         if entry is not None:
             obj = entry.load()
             out = {**entry.to_dict(), "status": "local", "verified": True}
-            if isinstance(obj, Subnetwork):
+            if entry.kind == "subnetwork":
                 out["provenance"] = obj.provenance
                 out["stats"] = {k: v for k, v in obj.stats().items() if k != "layers"}
-            elif isinstance(obj, PackedFile):
+            elif entry.kind == "packed":
                 out["provenance"] = obj.provenance
             else:
                 out["policy"] = obj.policy
@@ -259,11 +260,11 @@ class Registry:
         """Store a subnetwork, selection or packed checkpoint (object or file, verified first) under ``name``;
         atomic and locked."""
         check_name(name)
-        if isinstance(obj_or_path, (Subnetwork, LayerSelection, PackedFile)):
-            obj, default_source = obj_or_path, "python"
-        else:
+        if isinstance(obj_or_path, (str, os.PathLike)):
             obj, default_source = read_artefact(obj_or_path), f"file:{Path(obj_or_path).resolve()}"
-        kind = kind_of(obj)
+        else:
+            obj, default_source = obj_or_path, "python"
+        kind = kind_of(obj)  # refuses anything but the three artefact kinds
         data = encode(obj)
         digest = hashlib.sha256(data).hexdigest()
         rel = f"objects/{digest}{EXTENSIONS[kind]}"
@@ -343,9 +344,10 @@ class Registry:
 
     def get_subnetwork(self, ref: str | os.PathLike, weights: str | os.PathLike | None = None) -> Subnetwork:
         obj, source = self.resolve(ref, weights=weights)
-        if isinstance(obj, PackedFile):
+        kind = kind_of(obj)
+        if kind == "packed":
             return obj.subnetwork  # the mask a packed checkpoint was pruned with
-        if not isinstance(obj, Subnetwork):
+        if kind != "subnetwork":
             raise OpenTransError(f"{source} is a layer selection, not a subnetwork")
         return obj
 
@@ -391,6 +393,8 @@ def default_registry() -> Registry:
 
 def load_subnetwork(ref: str | os.PathLike | Subnetwork, registry: Registry | None = None) -> Subnetwork:
     """A verified Subnetwork from a registry name, ``hf://`` reference or path (objects pass through)."""
+    from ..formats.subnetwork import Subnetwork
+
     if isinstance(ref, Subnetwork):
         return ref
     return (registry or default_registry()).get_subnetwork(ref)

@@ -13,10 +13,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OpenTransError
-from ..formats.artefacts import KIND_FILES, Artefact, decode
+from ..formats.artefacts import KIND_FILES, decode
+
+if TYPE_CHECKING:
+    from ..formats.artefacts import Artefact
 
 MANIFEST = "opentrans_hub.json"
 MANIFEST_FORMAT = "opentrans-hub/hub-manifest"

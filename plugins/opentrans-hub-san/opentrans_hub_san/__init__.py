@@ -6,9 +6,14 @@ blocks) and ``clip_rec_head`` (the remaining blocks, ``ln_post``, ``proj``), bot
 ``transformer.resblocks.{k+L}``, with L = 9 for ViT-B/16 and 18 for ViT-L/14.
 """
 
-from torch import nn
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from opentrans_hub import OpenTransError, Plugin
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _san_map(split: int) -> str:
@@ -20,22 +25,10 @@ rename ^(ln_post|proj)\\b(.*)$ -> clip_rec_head.{{g1}}{{g2}}
 """
 
 
-class SanTowerView(nn.Module):
-    """SAN's two halves seen as one tower with open_clip's names (same parameter objects, no copies)."""
-
-    def __init__(self, extractor: nn.Module, rec_head: nn.Module):
-        super().__init__()
-        self.conv1 = extractor.conv1
-        self.class_embedding = extractor.class_embedding
-        self.positional_embedding = extractor.positional_embedding
-        self.ln_pre = extractor.ln_pre
-        self.transformer = nn.Module()
-        self.transformer.resblocks = nn.ModuleList([*extractor.resblocks, *rec_head.resblocks])
-        self.ln_post = rec_head.ln_post
-        self.proj = rec_head.proj
-
-
 def locate_tower(model: nn.Module) -> nn.Module:
+    """SAN's two halves as one module with open_clip's names (the view imports torch, so only when used)."""
+    from .view import SanTowerView
+
     try:
         return SanTowerView(model.get_submodule("clip_visual_extractor"), model.get_submodule("clip_rec_head"))
     except AttributeError as exc:
