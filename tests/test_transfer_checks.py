@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.cli import assert_refused, cli_env, command
-from support.processes import install_copy
+from support.processes import install_copy, python_env
 from support.towers import make_tiny_resnet
 
 from opentrans_hub import OpenTransError, Subnetwork, get_plugin, load_backbone, masked_parameters
@@ -71,7 +71,7 @@ def dup_site(tmp_path_factory) -> Path:
 
 
 def test_a_plugin_name_claimed_twice_is_an_error_wherever_it_is_used(dup_site, ws):
-    env = {"PYTHONPATH": str(dup_site)}
+    env = {"PYTHONPATH": python_env(dup_site)["PYTHONPATH"]}
     line = assert_refused(ws, "apply", "--plugin", "fcclip", "--subnetwork", "sub.safetensors", "--checkpoint",
                           "fcclip.pth", "--out", "o.pth", env=env, needles=("duplicate plugin name",))
     assert "opentrans-hub-fcclip" in line and "oth-dup-plugin 1.0.0" in line
