@@ -67,6 +67,7 @@ def test_inspect_text(sub_file):
     assert all(name in out for name in sub)
 
 
+@pytest.mark.slow
 def test_import_detectron2_checkpoint_then_inspect(tmp_path):
     model = make_tiny_resnet()
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1:]
@@ -93,6 +94,7 @@ def test_import_detectron2_checkpoint_then_inspect(tmp_path):
     assert Subnetwork.load(tmp_path / "baked.safetensors").sha256 == sub.sha256
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_naming_file_and_tensor(tmp_path, sub_file):
     path, sub = sub_file
     data = bytearray(path.read_bytes())

@@ -113,6 +113,7 @@ def test_bom_manifest_verifies(ws):
     assert proc.returncode == 0 and "ok:" in proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_json_errors_and_debug_after_the_command(ws):
     before = run_cli(ws, "inspect", "missing.safetensors", "--json")
     assert before.returncode == 2
@@ -139,6 +140,7 @@ def test_closed_pipe_ends_quietly(ws, argv):
     assert err == "" and proc.returncode in (0, 141), (proc.returncode, err)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_and_outputs_honour_the_umask(ws, tmp_path):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"old")

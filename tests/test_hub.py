@@ -158,6 +158,7 @@ def test_bad_references(ref):
 
 
 # ------------------------------------------------------------------------------------------ CLI + offline
+@pytest.mark.slow
 def test_cli_push_pull_offline_cache_and_token(hub, tmp_path):
     sub = tiny_subnetwork(7)
     Registry(tmp_path / "home").add(sub, "mine")

@@ -120,6 +120,7 @@ def test_apply_refuses_complex_and_integer_targets():
         apply_subnetwork_to_state_dict({"w": torch.ones(2, 3, dtype=torch.int64)}, sub)
 
 
+@pytest.mark.slow
 def test_load_and_inspect_flag_names_foreign_to_the_declared_arch(tmp_path):
     from support.cli import run_cli
 

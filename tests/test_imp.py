@@ -287,6 +287,7 @@ def _run_worker(out_dir: Path, steps: int, *extra: str, wait: bool = True) -> su
     return proc
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_masks(tmp_path):
     steps = 13  # rounds after iterations 2, 5, 8, 11
     reference = tmp_path / "reference"

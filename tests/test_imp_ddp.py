@@ -10,7 +10,8 @@ from support.training import DDP_SETTINGS
 from opentrans_hub import Subnetwork
 from opentrans_hub.methods.imp import IMPRunner, imp_sparsity
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")]
 
 
 def test_two_ranks_hold_identical_masks_after_every_round(tmp_path):

@@ -92,6 +92,7 @@ def _run(site: Path, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_third_party_plugin_is_discovered_and_broken_ones_are_reported(third_party_site):
     # one real process with the private directory on its path runs `plugins list --json`, then `plugins list`
     script = "import sys; from opentrans_hub.cli import main; main(['plugins', 'list', '--json']); " \
@@ -116,6 +117,7 @@ def test_third_party_plugin_is_discovered_and_broken_ones_are_reported(third_par
     assert "toyseg" not in {p.name for p in plugins} and "broken" not in {e.name for e in errors}
 
 
+@pytest.mark.slow
 def test_third_party_plugin_applies_a_subnetwork(third_party_site):
     script = textwrap.dedent("""
         import json, torch

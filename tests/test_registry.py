@@ -163,6 +163,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_processes_never_corrupt(tmp_path):
     files = [str(tiny_subnetwork(seed, sparsity=0.3 + 0.1 * seed).save(tmp_path / f"s{seed}.safetensors"))
              for seed in range(3)]
@@ -310,6 +311,7 @@ def test_cli_process_error_is_one_line(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_recipe_index(tmp_path):
     """A wheel (not only the editable checkout) carries masks/ as opentrans_hub/masks and finds it."""
     import shutil

@@ -8,6 +8,8 @@ import pytest
 import torch.distributed as dist
 from support.processes import launch_ranks
 
+pytestmark = pytest.mark.slow  # two processes, both training
+
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:

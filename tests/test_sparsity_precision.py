@@ -24,7 +24,8 @@ def train(model, optimizer, dtype, steps=STEPS):
         optimizer.step()
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16],
+                         ids=["fp16", "bf16"])
 def test_every_optimizer_keeps_zeros_in_pure_low_precision(dtype):
     failures = []
     for kind in sorted(OPTIMIZERS):

@@ -39,6 +39,7 @@ def ws(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_wrong_plugin_maps_nothing_and_names_the_right_one(ws):
     line = assert_refused(ws, "apply", "--plugin", "hanovs", "--subnetwork", "sub.safetensors", "--checkpoint",
                           "fcclip.pth", "--out", "o.pth", needles=("nothing was applied", "plugin 'fcclip'"))
