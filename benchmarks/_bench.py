@@ -4,7 +4,7 @@ Every benchmark takes ``--repeats N``, ``--quick`` (a smoke run of a minute or l
 smaller batch) and ``--json FILE`` (also write the result object to FILE); most take ``--threads``. Each prints
 its progress on stderr (or stdout, before the end) and one JSON object on the last line of stdout, with
 ``peak_rss_mb`` (this process's peak resident set) added. Fixtures are random-init open_clip RN50 towers: no
-downloads.
+downloads. Importing this module imports no torch (``cli_startup`` measures processes that must not).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 median = statistics.median
 
@@ -60,6 +62,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None, **quic
 def set_threads(threads: int | None) -> None:
     """Pin torch's intra-op threads (0 or None: leave torch's default)."""
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
 
 
@@ -138,6 +142,8 @@ def free_port() -> int:
 def rn50_tower(seed: int = 0, image: int | None = None) -> nn.Module:
     """open_clip's RN50 visual tower, random init: through ``build_visual`` (224 px), or with ``image`` open_clip's
     ModifiedResNet at the RN50 shape (layers 3-4-6-3, width 64) for that input size (a smaller attnpool grid)."""
+    import torch
+
     torch.manual_seed(seed)
     if image is None:
         from opentrans_hub.towers.backbones import build_visual
@@ -163,6 +169,8 @@ def imp_subnetwork(tower: nn.Module, rounds: int = 21, rate: float = 0.1):
 
 def layer_l1_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
     """Per-layer magnitude masks at ``sparsity`` over every Conv2d weight but the first."""
+    from torch import nn
+
     masks = {}
     for name, conv in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1:]:
         scores = conv.weight.detach().abs().flatten()
