@@ -40,7 +40,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from opentrans_hub import apply_masks, masked_parameters, verify_exact
-    from opentrans_hub import sparsity as sparsity_mod
+    from opentrans_hub.sparsity import masks as sparsity_mod
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world)
