@@ -15,15 +15,14 @@ object.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import _bench
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).with_name("opentrans-hub")
@@ -57,11 +56,8 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="two repeats")
-    args = parser.parse_args()
-    repeats = 2 if args.quick else args.repeats
+    args = _bench.parse(_bench.options(__doc__, repeats=5, quick="two repeats"), repeats=2)
+    repeats = args.repeats
     with tempfile.TemporaryDirectory(prefix="oth-cli-startup-") as tmp:
         env = environment(Path(tmp))
         peers = {name: command_line(argv) for name, argv in COMMANDS.items()}
@@ -71,28 +67,28 @@ def main() -> None:
             done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 raise SystemExit(f"{name}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
-        times: dict[str, list[float]] = {name: [] for name in peers}
+        times = _bench.Timings(*peers)
         rss: dict[str, float] = {name: 0.0 for name in peers}
         for rep in range(repeats):
             for name, argv in peers.items():
                 wall, peak = timed(argv, env)
-                times[name].append(wall)
+                times.add(name, wall)
                 rss[name] = max(rss[name], peak)
-            print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+            print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.wall.items()), flush=True)
+    medians = times.medians()
     torch_s = medians["import torch"]
     commands = {name: {"median_s": round(medians[name], 3), "ratio_to_import_torch": round(medians[name] / torch_s, 3),
                        "peak_rss_mb": round(rss[name], 1)} for name in COMMANDS}
     result = {
-        "repeats": repeats, "cpu_count": os.cpu_count(), "load_avg_1m_end": round(os.getloadavg()[0], 2),
+        "repeats": repeats, **_bench.host(),
         "script": str(SCRIPT) if SCRIPT.exists() else "python -m opentrans_hub",
         "import_torch_s": round(torch_s, 3), "import_torch_peak_rss_mb": round(rss["import torch"], 1),
         "python_s": round(medians["python"], 3), "python_peak_rss_mb": round(rss["python"], 1),
         "commands": commands,
         "max_ratio_to_import_torch": max(c["ratio_to_import_torch"] for c in commands.values()),
-        "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "all_s": times.all_s(3),
     }
-    print(json.dumps(result))
+    _bench.emit(result, args)
 
 
 if __name__ == "__main__":

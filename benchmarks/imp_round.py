@@ -10,27 +10,18 @@ randomly initialised tower (copying is not timed) with
 interleaved (the order alternates between repeats), after one untimed warm-up of each. Prints one JSON
 object on the last line: medians, the ratio, the resulting sparsity and whether both chose the same weights.
 
-    python benchmarks/imp_round.py [--repeats 3] [--amount 0.1] [--threads 2] [--device cpu]
+    python benchmarks/imp_round.py [--repeats 3] [--amount 0.1] [--threads 2] [--device cpu] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import statistics
 import sys
 import time
 
+import _bench
 import torch
 from torch import nn
-
-
-def _tower(seed: int) -> nn.Module:
-    from opentrans_hub.towers.backbones import build_visual
-
-    torch.manual_seed(seed)
-    return build_visual("open_clip/RN50")
 
 
 def _scope(tower: nn.Module) -> list[tuple[str, nn.Conv2d]]:
@@ -59,38 +50,35 @@ def run_torch(tower: nn.Module, amount: float) -> tuple[float, dict[str, torch.T
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = _bench.options(__doc__, repeats=3, quick="one repeat", threads=2)
     parser.add_argument("--amount", type=float, default=0.1, help="fraction pruned in the round (IMP: 0.1)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = _bench.parse(parser, argv, repeats=1)
+    _bench.set_threads(args.threads)
 
-    base = _tower(args.seed).to(args.device)
+    base = _bench.rn50_tower(args.seed).to(args.device)
     total = sum(m.weight.numel() for _, m in _scope(base))
     runners = {"ours": run_ours, "torch_prune": run_torch}
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    times = _bench.Timings(*runners)
     masks: dict[str, dict[str, torch.Tensor]] = {}
     for runner in runners.values():  # warm-up, untimed
         runner(copy.deepcopy(base), args.amount)
     for repeat in range(args.repeats):
-        order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
-        for name in order:
+        for name in _bench.order(list(runners), repeat):
             tower = copy.deepcopy(base)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             elapsed, masks[name] = runners[name](tower, args.amount)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            times[name].append(elapsed)
+            times.add(name, elapsed)
             print(f"repeat {repeat}: {name} {elapsed:.3f} s", file=sys.stderr)
             del tower
     kept = sum(int(m.sum()) for m in masks["ours"].values())
     kept_torch = sum(int(m.sum()) for m in masks["torch_prune"].values())
     same = all(torch.equal(masks["ours"][n].cpu(), masks["torch_prune"][n].cpu()) for n in masks["ours"])
-    ours, theirs = statistics.median(times["ours"]), statistics.median(times["torch_prune"])
+    ours, theirs = times.median("ours"), times.median("torch_prune")
     result = {
         "benchmark": "imp_round",
         "tower": "open_clip/RN50 (random init)",
@@ -102,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         "ours_s": round(ours, 4),
         "torch_prune_s": round(theirs, 4),
         "ours_over_torch_prune": round(ours / theirs, 4),
-        "ours_all_s": [round(t, 4) for t in times["ours"]],
-        "torch_prune_all_s": [round(t, 4) for t in times["torch_prune"]],
+        "ours_all_s": times.all_s()["ours"],
+        "torch_prune_all_s": times.all_s()["torch_prune"],
         "sparsity_after": (total - kept) / total,
         "torch_prune_sparsity_after": (total - kept_torch) / total,
         "same_masks_as_torch_prune": same,
     }
-    print(json.dumps(result))
+    _bench.emit(result, args)
     return 0
 
 

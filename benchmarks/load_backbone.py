@@ -14,33 +14,25 @@ overhead is the median of paired differences) and the component medians.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import _bench
 import torch
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="3 repeats")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared 2-core machine every OpenMP region otherwise "
-                             "waits for a descheduled worker, ~30 ms per small op; 0 = torch's default)")
-    args = parser.parse_args()
-    repeats = 3 if args.quick else args.repeats
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parser = _bench.options(__doc__, repeats=7, quick="3 repeats", threads=1,
+                            threads_help="torch threads (default 1: on a shared 2-core machine every OpenMP region "
+                                         "otherwise waits for a descheduled worker, ~30 ms per small op; 0 = "
+                                         "torch's default)")
+    args = _bench.parse(parser, repeats=3)
+    repeats = args.repeats
+    _bench.set_threads(args.threads)
 
     from safetensors.torch import save_file
 
-    from opentrans_hub.formats.subnetwork import Subnetwork, default_provenance
-    from opentrans_hub.methods.imp import PruneScope, magnitude_masks
     from opentrans_hub.sparsity.masks import bake
     from opentrans_hub.towers.backbones import build_visual
     from opentrans_hub.transfer.apply import apply_subnetwork
@@ -49,61 +41,51 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="oth-bench-") as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        tower = build_visual("open_clip/RN50")
+        tower = _bench.rn50_tower()
         weights = tmp / "rn50.safetensors"
         save_file(tower.state_dict(), str(weights))
-        selected = PruneScope().select(tower)
-        tensors = {name: param.detach() for name, (_, param) in selected.items()}
-        masks = None
-        for _ in range(21):
-            masks = magnitude_masks(tensors, masks, rate=0.1)
-        sub = Subnetwork(masks, arch="open_clip/RN50", provenance=default_provenance("benchmark-fixture"))
+        sub = _bench.imp_subnetwork(tower)
         registry = Registry(tmp / "registry", index_dir=tmp / "no-index")
         entry = registry.add(sub, "bench-rn50")
         del tower
         print(f"subnetwork: {len(sub)} tensors, {sub.sparsity:.2%} sparse, {entry.path.stat().st_size:,} bytes",
               file=sys.stderr)
 
-        plain, with_sub, decode, apply = [], [], [], []
+        times = _bench.Timings("plain", "with", "decode", "apply")
         for i in range(repeats):
-            order = ("plain", "with") if i % 2 == 0 else ("with", "plain")
-            for which in order:
-                t0 = time.perf_counter()
+            for which in _bench.order(["plain", "with"], i):
                 if which == "plain":
-                    build_visual("open_clip/RN50", weights)
-                    plain.append(time.perf_counter() - t0)
+                    with times.time("plain"):
+                        build_visual("open_clip/RN50", weights)
                 else:
-                    model = load_backbone("RN50", pretrained=weights, subnetwork="bench-rn50", registry=registry)
-                    with_sub.append(time.perf_counter() - t0)
+                    with times.time("with"):
+                        model = load_backbone("RN50", pretrained=weights, subnetwork="bench-rn50", registry=registry)
                     assert model.opentrans_subnetwork["sha256"] == sub.sha256
             # the subnetwork's own steps, on a tower built outside the timer
             model = build_visual("open_clip/RN50", weights)
-            t0 = time.perf_counter()
-            loaded = registry.get_subnetwork("bench-rn50")
-            t1 = time.perf_counter()
-            apply_subnetwork(model, loaded, strict=True)
-            bake(model)
-            t2 = time.perf_counter()
-            decode.append(t1 - t0)
-            apply.append(t2 - t1)
-            print(f"repeat {i + 1}/{repeats}: plain {plain[-1]:.3f}s with {with_sub[-1]:.3f}s "
-                  f"decode+verify {decode[-1]:.3f}s apply+bake {apply[-1]:.3f}s", file=sys.stderr)
+            with times.time("decode"):
+                loaded = registry.get_subnetwork("bench-rn50")
+            with times.time("apply"):
+                apply_subnetwork(model, loaded, strict=True)
+                bake(model)
+            print(f"repeat {i + 1}/{repeats}: plain {times.last('plain'):.3f}s with {times.last('with'):.3f}s "
+                  f"decode+verify {times.last('decode'):.3f}s apply+bake {times.last('apply'):.3f}s", file=sys.stderr)
 
+    plain, with_sub, decode, apply = (times.wall[k] for k in ("plain", "with", "decode", "apply"))
     paired = [w - p for w, p in zip(with_sub, plain)]
-    result = {
+    med = _bench.median
+    _bench.emit({
         "benchmark": "load_backbone", "arch": "open_clip/RN50", "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
-        "plain_s": round(statistics.median(plain), 4),
-        "with_subnetwork_s": round(statistics.median(with_sub), 4),
-        "apply_overhead_s": round(statistics.median(paired), 4),
-        "decode_verify_s": round(statistics.median(decode), 4),
-        "apply_bake_s": round(statistics.median(apply), 4),
-        "subnetwork_steps_s": round(statistics.median(d + a for d, a in zip(decode, apply)), 4),
-        "overhead_ratio": round(statistics.median(with_sub) / statistics.median(plain), 3),
+        "plain_s": round(med(plain), 4),
+        "with_subnetwork_s": round(med(with_sub), 4),
+        "apply_overhead_s": round(med(paired), 4),
+        "decode_verify_s": round(med(decode), 4),
+        "apply_bake_s": round(med(apply), 4),
+        "subnetwork_steps_s": round(med(d + a for d, a in zip(decode, apply)), 4),
+        "overhead_ratio": round(med(with_sub) / med(plain), 3),
         "target_apply_overhead_s": 0.3,
-    }
-    print(json.dumps(result))
+    }, args)
     return 0
 
 

@@ -8,16 +8,12 @@ Beside it, in the same process: a longest-name-suffix matcher with equal shapes 
 ``align_and_update_state_dicts``, written here), on the same layout and on the same tower under detectron2's
 names, to show what renames cost a suffix matcher. Prints one JSON object on its last line.
 
-    python benchmarks/map_infer.py [--repeats 5] [--threads 1]
+    python benchmarks/map_infer.py [--repeats 5] [--threads 1] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-
+import _bench
 import torch
 from torch import nn
 
@@ -90,30 +86,22 @@ def suffix_match(canonical: dict[str, tuple[int, ...]], target: dict[str, torch.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = _bench.parse(_bench.options(__doc__, repeats=5, quick="one repeat", threads=1), repeats=1)
+    _bench.set_threads(args.threads)
     from opentrans_hub.transfer.inference import canonical_state, infer_name_map
 
     arch = "open_clip/RN50"
     state, visual = build_checkpoint()
     weights = visual.state_dict()
-    started = time.perf_counter()
-    canonical = canonical_state(arch)
-    canonical_s = time.perf_counter() - started
-    plain, with_weights, peer = [], [], []
+    canonical_s, canonical = _bench.timed(canonical_state, arch)
+    times = _bench.Timings("plain", "with_weights", "peer")
     for _ in range(args.repeats):  # interleaved, so load changes hit every peer alike
-        t = time.perf_counter()
-        name_map, report = infer_name_map(state, arch)
-        plain.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        _, report_w = infer_name_map(state, arch, weights=weights)
-        with_weights.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        suffix = suffix_match({k: tuple(v.shape) for k, v in canonical.items()}, state)
-        peer.append(time.perf_counter() - t)
+        with times.time("plain"):
+            name_map, report = infer_name_map(state, arch)
+        with times.time("with_weights"):
+            _, report_w = infer_name_map(state, arch, weights=weights)
+        with times.time("peer"):
+            suffix = suffix_match({k: tuple(v.shape) for k, v in canonical.items()}, state)
     truth = {k: f"backbone.clip_model.visual.{k}" for k in canonical}
     ours_correct = sum(report.mapping.get(k) == [v] for k, v in truth.items())
     suffix_correct = sum(suffix.get(k) == v for k, v in truth.items())
@@ -123,8 +111,8 @@ def main() -> None:
     suffix_renamed = suffix_match({k: tuple(v.shape) for k, v in canonical.items()}, renamed)
     result = {
         "tensors": len(state), "tower_tensors": len(canonical), "rules": len(name_map.rules),
-        "infer_s": statistics.median(plain), "infer_with_weights_s": statistics.median(with_weights),
-        "canonical_names_s": canonical_s, "suffix_peer_s": statistics.median(peer),
+        "infer_s": times.median("plain"), "infer_with_weights_s": times.median("with_weights"),
+        "canonical_names_s": canonical_s, "suffix_peer_s": times.median("peer"),
         "ours_correct": ours_correct, "ours_wrong": len(report.tensors) - ours_correct,
         "suffix_peer_correct": suffix_correct, "suffix_peer_wrong": sum(1 for k in suffix if suffix[k] != truth[k]),
         "d2_names": {"tensors": len(renamed),
@@ -135,7 +123,7 @@ def main() -> None:
         "with_weights_evidence": sum(1 for t in report_w.tensors.values() if t.evidence[0].startswith("values")),
         "repeats": args.repeats, "threads": args.threads,
     }
-    print(json.dumps(result))
+    _bench.emit(result, args)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,10 @@ weights (no downloads here). The last line of stdout is one JSON object.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import statistics
 import time
 
+import _bench
 import torch
 
 
@@ -32,20 +29,17 @@ def step(tower: torch.nn.Module, images: torch.Tensor, target: torch.Tensor) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = _bench.options(__doc__, repeats=3, quick="one repeat, batch 2", threads=0)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="one repeat, batch 2")
-    args = parser.parse_args()
-    repeats, batch = (1, 2) if args.quick else (args.repeats, args.batch)
+    args = _bench.parse(parser, repeats=1, batch=2)
+    repeats, batch = args.repeats, args.batch
+    _bench.set_threads(args.threads)
     logging.disable(logging.WARNING)
     from opentrans_hub.methods.costs import parameter_counts, selection_training_flops
     from opentrans_hub.methods.select import select_layers
     from opentrans_hub.methods.spectral import compute_metrics
-    from opentrans_hub.towers.backbones import build_visual
 
-    torch.manual_seed(0)
-    tower = build_visual("open_clip/RN50").train()
+    tower = _bench.rn50_tower().train()
     selection = select_layers(compute_metrics(tower, "peak"), "median", arch="open_clip/RN50")
     images = torch.randn(batch, 3, 224, 224)
     target = torch.randn(batch, tower.output_dim)
@@ -59,25 +53,23 @@ def main() -> None:
         selection.apply(tower)
 
     configs = {"full": full, "selected": selected}
-    times: dict[str, list[float]] = {name: [] for name in configs}
+    times = _bench.Timings(*configs)
     for setup in configs.values():  # warm-up
         setup()
         step(tower, images, target)
     for rep in range(repeats):
         for name, setup in configs.items():
             setup()
-            times[name].append(step(tower, images, target))
-        print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+            times.add(name, step(tower, images, target))
+        print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.wall.items()), flush=True)
     full()
     loss_fn = lambda out: torch.nn.functional.mse_loss(out, target)  # noqa: E731
     flops = selection_training_flops(tower, images, selection, loss_fn=loss_fn)
     selected()
     counts = parameter_counts(tower)
-    full_s, selected_s = statistics.median(times["full"]), statistics.median(times["selected"])
-    print(json.dumps({
-        "batch": batch, "image_size": 224, "repeats": repeats, "threads": torch.get_num_threads(),
-        "load_avg_1m_end": round(os.getloadavg()[0], 2),
-        "cpu_count": os.cpu_count(),
+    full_s, selected_s = times.median("full"), times.median("selected")
+    _bench.emit({
+        "batch": batch, "image_size": 224, "repeats": repeats, "threads": torch.get_num_threads(), **_bench.host(),
         "layers": len(selection.layers), "trainable_layers": len(selection.trainable),
         "full_step_s": round(full_s, 3), "selected_step_s": round(selected_s, 3),
         "step_ratio": round(selected_s / full_s, 3),
@@ -85,8 +77,8 @@ def main() -> None:
         "flops_ratio": round(flops["flops_ratio"], 4),
         "full_trainable_params": flops["full_trainable_params"], "selected_trainable_params": counts["trainable"],
         "paper_flops_ratio": round(159.6 / 181.4, 3),
-        "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
-    }))
+        "all_s": times.all_s(3),
+    }, args)
 
 
 if __name__ == "__main__":

@@ -20,22 +20,12 @@ load_ratio, ... and the targets conv_ratio <= 0.16, load_ratio <= 1.3).
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import _bench
 import torch
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
 
 _MEMORY_PROBE = r"""
 import ctypes, gc, sys, threading, time
@@ -92,37 +82,27 @@ def _csr_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="3 repeats")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
-    args = parser.parse_args()
-    repeats = 3 if args.quick else args.repeats
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parser = _bench.options(__doc__, repeats=5, quick="3 repeats", threads=1,
+                            threads_help="torch threads (default 1; 0 = torch's default)")
+    args = _bench.parse(parser, repeats=3)
+    repeats = args.repeats
+    _bench.set_threads(args.threads)
 
     from safetensors.torch import load_file, save_file
 
     from opentrans_hub.formats.packed import open_packed
-    from opentrans_hub.formats.subnetwork import Subnetwork, default_provenance
-    from opentrans_hub.methods.imp import PruneScope, magnitude_masks
     from opentrans_hub.towers.backbones import build_visual
     from opentrans_hub.transfer.backbone import load_backbone
     from opentrans_hub.zoo.packing import load_sparse, pack_checkpoint, packed_stats, unpack
 
     with tempfile.TemporaryDirectory(prefix="oth-bench-pack-") as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        tower = build_visual("open_clip/RN50")
-        selected = PruneScope().select(tower)
-        tensors = {name: param.detach() for name, (_, param) in selected.items()}
-        masks = None
-        for _ in range(21):
-            masks = magnitude_masks(tensors, masks, rate=0.1)
-        sub = Subnetwork(masks, arch="open_clip/RN50", provenance=default_provenance("benchmark-fixture"))
+        tower = _bench.rn50_tower()
+        sub = _bench.imp_subnetwork(tower)
+        params = dict(tower.named_parameters())
         with torch.no_grad():
             for name, keep in sub.masks.items():
-                tensors[name].masked_fill_(~keep, 0)
+                params[name].masked_fill_(~keep, 0)
         state = {k: v.detach().clone() for k, v in tower.state_dict().items()}
         del tower
         dense_file = tmp / "rn50.safetensors"
@@ -141,21 +121,27 @@ def main() -> int:
         pack_checkpoint(dense_file, packed_bf16, subnetwork=sub, dtype="bf16")
         pack_checkpoint(framework_file, packed_framework, subnetwork=sub)
 
-        pack_s, unpack_s, load_dense, load_packed, read_dense, read_packed = [], [], [], [], [], []
+        times = _bench.Timings("pack", "unpack", "load_dense", "load_packed", "read_dense", "read_packed")
         for i in range(repeats):
-            pack_s.append(_timed(lambda: pack_checkpoint(dense_file, packed, subnetwork=sub)))
-            unpack_s.append(_timed(lambda: unpack(packed, tmp / "again.safetensors")))
-            order = ("dense", "packed") if i % 2 == 0 else ("packed", "dense")
-            for which in order:
+            with times.time("pack"):
+                pack_checkpoint(dense_file, packed, subnetwork=sub)
+            with times.time("unpack"):
+                unpack(packed, tmp / "again.safetensors")
+            for which in _bench.order(["dense", "packed"], i):
                 if which == "dense":
-                    load_dense.append(_timed(lambda: build_visual("open_clip/RN50", dense_file)))
-                    read_dense.append(_timed(lambda: load_file(str(dense_file))))
+                    with times.time("load_dense"):
+                        build_visual("open_clip/RN50", dense_file)
+                    with times.time("read_dense"):
+                        load_file(str(dense_file))
                 else:
-                    load_packed.append(_timed(lambda: load_backbone("open_clip/RN50", pretrained=packed)))
-                    read_packed.append(_timed(lambda: load_sparse(packed)))
-            print(f"repeat {i + 1}/{repeats}: pack {pack_s[-1]:.3f}s unpack {unpack_s[-1]:.3f}s load dense "
-                  f"{load_dense[-1]:.3f}s packed {load_packed[-1]:.3f}s; read dense {read_dense[-1]:.3f}s "
-                  f"packed {read_packed[-1]:.3f}s", file=sys.stderr)
+                    with times.time("load_packed"):
+                        load_backbone("open_clip/RN50", pretrained=packed)
+                    with times.time("read_packed"):
+                        load_sparse(packed)
+            last = {k: v[-1] for k, v in times.wall.items()}
+            print(f"repeat {i + 1}/{repeats}: pack {last['pack']:.3f}s unpack {last['unpack']:.3f}s load dense "
+                  f"{last['load_dense']:.3f}s packed {last['load_packed']:.3f}s; read dense {last['read_dense']:.3f}s "
+                  f"packed {last['read_packed']:.3f}s", file=sys.stderr)
 
         sub.save(tmp / "mask.safetensors")
         pack_mem = _peak_anon_mb("pack", str(dense_file), str(tmp / "probe.sparse.safetensors"),
@@ -171,7 +157,7 @@ def main() -> int:
         dense_bytes = dense_file.stat().st_size
         framework_bytes = framework_file.stat().st_size
 
-    med = statistics.median
+    med = times.medians()
     result = {
         "benchmark": "sparse_pack", "arch": "open_clip/RN50", "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
@@ -185,16 +171,16 @@ def main() -> int:
         "csr_conv_bytes": csr, "csr_conv_ratio": round(csr / stats["masked_dense_bytes"], 4),
         "framework_dense_bytes": framework_bytes, "framework_packed_bytes": stats_fw["file_bytes"],
         "framework_ratio": round(stats_fw["file_bytes"] / framework_bytes, 4),
-        "pack_s": round(med(pack_s), 3), "unpack_s": round(med(unpack_s), 3),
-        "load_dense_s": round(med(load_dense), 3), "load_packed_s": round(med(load_packed), 3),
-        "load_ratio": round(med(load_packed) / med(load_dense), 3),
-        "read_dense_s": round(med(read_dense), 3), "read_packed_s": round(med(read_packed), 3),
-        "read_ratio": round(med(read_packed) / med(read_dense), 3),
+        "pack_s": round(med["pack"], 3), "unpack_s": round(med["unpack"], 3),
+        "load_dense_s": round(med["load_dense"], 3), "load_packed_s": round(med["load_packed"], 3),
+        "load_ratio": round(med["load_packed"] / med["load_dense"], 3),
+        "read_dense_s": round(med["read_dense"], 3), "read_packed_s": round(med["read_packed"], 3),
+        "read_ratio": round(med["read_packed"] / med["read_dense"], 3),
         "pack_peak_extra_mb": pack_mem, "unpack_peak_extra_mb": unpack_mem,
         "largest_tensor_mb": round(largest, 1), "dense_mb": round(dense_bytes / 2**20, 1),
         "target_conv_ratio": 0.16, "target_load_ratio": 1.3,
     }
-    print(json.dumps(result))
+    _bench.emit(result, args)
     return 0
 
 

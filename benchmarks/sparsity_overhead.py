@@ -19,16 +19,15 @@ The last line of stdout is one JSON object:
                                          from torch._dynamo.explain (masks add none); skip with --no-compile
 
 Usage: python benchmarks/sparsity_overhead.py [--repeats 7] [--batch 8] [--threads N] [--quick] [--no-compile]
+       [--json FILE]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 import time
 
+import _bench
 import torch
 from torch import nn
 from torch.nn.utils import prune
@@ -38,40 +37,20 @@ from opentrans_hub.sparsity import masks as sparsity_mod
 from opentrans_hub.towers.backbones import build_visual
 
 
-def l1_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
-    """Per-layer magnitude masks over every Conv2d weight but the first."""
-    masks = {}
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1:]
-    for name, conv in convs:
-        scores = conv.weight.detach().abs().flatten()
-        k = int(round(sparsity * scores.numel()))
-        threshold = scores.kthvalue(k).values if k > 0 else scores.min() - 1
-        masks[f"{name}.weight"] = conv.weight.detach().abs() > threshold
-    return masks
-
-
 def state_mb(model: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--sparsity", type=float, default=0.89)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quick", action="store_true", help="batch 2, 3 repeats, 1 warm-up (smoke run)")
+    parser = _bench.options(__doc__, repeats=7, quick="batch 2, 3 repeats, 1 warm-up (smoke run)", threads=0,
+                            threads_help="torch threads (default 0: torch's choice)")
+    _bench.step_options(parser, batch=8)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
-    args = parser.parse_args()
-    if args.quick:
-        args.batch, args.repeats, args.warmup = 2, 3, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = _bench.parse(parser, batch=2, repeats=3, warmup=1)
+    _bench.set_threads(args.threads)
 
-    torch.manual_seed(0)
-    base = build_visual("open_clip/RN50")
-    masks = l1_masks(base, args.sparsity)
+    base = _bench.rn50_tower()
+    masks = _bench.layer_l1_masks(base, args.sparsity)
     state = base.state_dict()
     models = {}
     compiled = () if args.no_compile else ("compiled_dense", "compiled_ours")
@@ -97,38 +76,32 @@ def main() -> None:
     optimizers = {peer: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for peer, m in models.items()}
     images = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
 
-    def step(peer: str) -> tuple[float, float]:
+    def step(peer: str) -> None:
         forward, optimizer = forwards[peer], optimizers[peer]
-        start, cpu = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         forward(images).pow(2).mean().backward()
         optimizer.step()
-        return time.perf_counter() - start, time.process_time() - cpu
 
     peers = list(models)
     for _ in range(args.warmup):
         for peer in peers:
             step(peer)
-    times: dict[str, list[float]] = {peer: [] for peer in peers}
-    cpu_times: dict[str, list[float]] = {peer: [] for peer in peers}
+    times = _bench.Timings(*peers)
     hooks: list[float] = []
     for repeat in range(args.repeats):
-        shift = repeat % len(peers)
-        order = peers[shift:] + peers[:shift]  # rotate so no peer always runs first
-        for peer in order:
-            wall, cpu = step(peer)
-            times[peer].append(wall)
-            cpu_times[peer].append(cpu)
+        for peer in _bench.order(peers, repeat, rotate=True):
+            with times.time(peer):
+                step(peer)
         # the hooks alone, on ours' real gradients and optimizer state
         start = time.perf_counter()
         sparsity_mod._optimizer_pre_hook(optimizers["ours"], (optimizers["ours"],), {})
         sparsity_mod._optimizer_post_hook(optimizers["ours"], (optimizers["ours"],), {})
         hooks.append(time.perf_counter() - start)
-        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{p} {times[p][-1]:.3f}s" for p in peers),
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{p} {times.last(p):.3f}s" for p in peers),
               file=sys.stderr)
 
-    med = {peer: statistics.median(values) for peer, values in times.items()}
-    cpu = {peer: statistics.median(values) for peer, values in cpu_times.items()}
+    med = times.medians()
+    cpu = times.cpu_medians()
     sub = Subnetwork(masks, arch="open_clip/RN50")
     ours_params = dict(models["ours"].named_parameters())
     exact = all(bool((ours_params[n].detach()[~m] == 0).all()) for n, m in masks.items())
@@ -147,7 +120,7 @@ def main() -> None:
         "cpu_s": cpu,
         "ours_over_dense_cpu": cpu["ours"] / cpu["dense"],
         "ours_over_torch_prune_cpu": cpu["ours"] / cpu["torch_prune"],
-        "hooks_ms": 1000 * statistics.median(hooks),
+        "hooks_ms": 1000 * _bench.median(hooks),
         "bits_per_weight": 8 * len(sub.to_bytes("packbits")) / sub.numel,
         "compressed_bits_per_weight": 8 * len(sub.to_bytes("zstd")) / sub.numel,
         "state_dict_mb": {peer: round(state_mb(m), 1) for peer, m in models.items()},
@@ -158,9 +131,9 @@ def main() -> None:
             "compiled_graphs": graphs,
             "compiled_exact": all(bool((dict(models["compiled_ours"].named_parameters())[n].detach()[~m] == 0).all())
                                   for n, m in masks.items())} if compiled else {}),
-        "all_s": {peer: [round(t, 4) for t in values] for peer, values in times.items()},
+        "all_s": times.all_s(),
     }
-    print(json.dumps(result))
+    _bench.emit(result, args)
 
 
 if __name__ == "__main__":

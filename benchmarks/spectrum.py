@@ -15,16 +15,12 @@ of stdout is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import logging
 import math
-import os
-import statistics
-import time
 import warnings
 
+import _bench
 import torch
 
 
@@ -75,21 +71,12 @@ def weightwatcher_run(tower: torch.nn.Module) -> dict:
     return {f"{row.longname}.weight": (float(row.alpha), int(row.num_evals)) for row in details.itertuples()}
 
 
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return time.perf_counter() - start, result
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="one repeat")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="pin torch and BLAS threads for every peer (0: each peer's defaults, as users run "
-                             "them; opentrans-hub caps itself at 1 thread by default)")
-    args = parser.parse_args()
-    repeats = 1 if args.quick else args.repeats
+    parser = _bench.options(__doc__, repeats=3, quick="one repeat", threads=0,
+                            threads_help="pin torch and BLAS threads for every peer (0: each peer's defaults, as "
+                                         "users run them; opentrans-hub caps itself at 1 thread by default)")
+    args = _bench.parse(parser, repeats=1)
+    repeats = args.repeats
     logging.disable(logging.WARNING)
     if args.threads > 0:
         from threadpoolctl import threadpool_limits
@@ -97,37 +84,33 @@ def main() -> None:
         threadpool_limits(args.threads)
         torch.set_num_threads(args.threads)
     from opentrans_hub.methods.spectral import clear_cache, compute_metrics
-    from opentrans_hub.towers.backbones import build_visual
 
-    torch.manual_seed(0)
-    tower = build_visual("open_clip/RN50")
-    times = {"ours": [], "weightwatcher": [], "research": []}
+    tower = _bench.rn50_tower()
+    times = _bench.Timings("ours", "weightwatcher", "research")
     for rep in range(repeats):
         clear_cache()
-        t, ours = timed(compute_metrics, tower, "peak", cache=False, threads=args.threads or 1)
-        times["ours"].append(t)
-        t, ww = timed(weightwatcher_run, tower)
-        times["weightwatcher"].append(t)
-        t, research = timed(research_loop, tower)
-        times["research"].append(t)
-        print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+        with times.time("ours"):
+            ours = compute_metrics(tower, "peak", cache=False, threads=args.threads or 1)
+        with times.time("weightwatcher"):
+            ww = weightwatcher_run(tower)
+        with times.time("research"):
+            research = research_loop(tower)
+        print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.wall.items()), flush=True)
     compute_metrics(tower, "peak")  # fill the caches
-    cached = statistics.median(timed(compute_metrics, tower, "peak")[0] for _ in range(5))
+    cached = _bench.median(_bench.timed(compute_metrics, tower, "peak")[0] for _ in range(5))
     clone = copy.deepcopy(tower)
-    content_cached = timed(compute_metrics, clone, "peak")[0]
+    content_cached = _bench.timed(compute_metrics, clone, "peak")[0]
     scan = {m.name: m for m in compute_metrics(tower, "scan")}
     peak_diff = max(abs(m.alpha - research[m.name]) for m in ours)
     ours_alpha = {m.name: m.alpha for m in ours}
-    med_ours = statistics.median(ours_alpha.values())
-    med_research = statistics.median(research.values())
+    med_ours = _bench.median(ours_alpha.values())
+    med_research = _bench.median(research.values())
     frozen_agree = sum((ours_alpha[k] < med_ours) == (research[k] < med_research) for k in ours_alpha)
     ww_layers = [k for k in scan if k in ww and scan[k].num_eigs >= 20]
     ww_diff = max(abs(scan[k].alpha - ww[k][0]) for k in ww_layers)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    medians = times.medians()
     result = {
-        "layers": len(ours), "repeats": repeats, "threads": args.threads or "default",
-        "load_avg_1m_end": round(os.getloadavg()[0], 2),
-        "cpu_count": os.cpu_count(),
+        "layers": len(ours), "repeats": repeats, "threads": args.threads or "default", **_bench.host(),
         "ours_s": round(medians["ours"], 3), "weightwatcher_s": round(medians["weightwatcher"], 3),
         "research_loop_s": round(medians["research"], 3),
         "ours_over_weightwatcher": round(medians["ours"] / medians["weightwatcher"], 3),
@@ -136,9 +119,9 @@ def main() -> None:
         "max_alpha_diff_vs_research_peak": round(peak_diff, 6),
         "frozen_set_agreement_vs_research": f"{frozen_agree}/{len(ours_alpha)}",
         "max_alpha_diff_scan_vs_weightwatcher": round(ww_diff, 5), "weightwatcher_layers_compared": len(ww_layers),
-        "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "all_s": times.all_s(3),
     }
-    print(json.dumps(result))
+    _bench.emit(result, args)
 
 
 if __name__ == "__main__":

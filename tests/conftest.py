@@ -1,11 +1,16 @@
-"""Shared fixtures: small but real open_clip towers, so tests run in seconds on 2 CPU cores."""
+"""Test session set-up: ``tests/`` on sys.path (for ``support``), a clean environment, shared fixtures.
+
+Helpers live in ``support/`` (imported as ``support.<module>``), subprocess entry points in ``workers/``.
+"""
 
 from __future__ import annotations
 
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +29,14 @@ os.environ.update({"HF_HOME": os.path.join(_SCRATCH, "hf"), "OPENTRANS_HUB_HOME"
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(1)
 
+# The one place that puts tests/ on sys.path: test modules import ``support.*`` under any pytest import mode.
+# Subprocesses get it on PYTHONPATH from support.processes.
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from support.towers import make_tiny_resnet  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _private_registry_and_cache(tmp_path_factory, monkeypatch):
@@ -31,14 +44,6 @@ def _private_registry_and_cache(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.mktemp("env")
     monkeypatch.setenv("OPENTRANS_HUB_HOME", str(root / "home"))
     monkeypatch.setenv("OPENTRANS_HUB_CACHE", str(root / "cache"))
-
-
-def make_tiny_resnet(seed: int = 0, width: int = 16, image_size: int = 64) -> torch.nn.Module:
-    """open_clip's ModifiedResNet (the RN50 tower class, same parameter names) at reduced width/depth."""
-    from open_clip.modified_resnet import ModifiedResNet
-
-    torch.manual_seed(seed)
-    return ModifiedResNet(layers=(1, 1, 1, 1), output_dim=32, heads=2, image_size=image_size, width=width)
 
 
 @pytest.fixture

@@ -10,34 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
+from support.cli import command, one_line_error
+from support.towers import make_tiny_resnet
 from torch import nn
 from torch.nn.utils import prune
 
 from opentrans_hub import Subnetwork
 from opentrans_hub.formats.subnetwork import default_provenance
 
-SCRIPT = Path(sys.executable).with_name("opentrans-hub")
 PREFIX = "backbone.clip_model.visual."
 
 
 def cli(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
-    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "opentrans_hub"]
-    proc = subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=180,
+    proc = subprocess.run(command() + [str(a) for a in args], capture_output=True, text=True, timeout=180,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check is not None:
         assert proc.returncode == check, proc.stderr[-2000:]
     return proc
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert ": error: " in lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +67,7 @@ def test_inspect_text(sub_file):
     assert all(name in out for name in sub)
 
 
+@pytest.mark.slow
 def test_import_detectron2_checkpoint_then_inspect(tmp_path):
     model = make_tiny_resnet()
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1:]
@@ -104,13 +94,14 @@ def test_import_detectron2_checkpoint_then_inspect(tmp_path):
     assert Subnetwork.load(tmp_path / "baked.safetensors").sha256 == sub.sha256
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_naming_file_and_tensor(tmp_path, sub_file):
     path, sub = sub_file
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     bad = tmp_path / "corrupt.safetensors"
     bad.write_bytes(bytes(data))
-    assert_one_line_error(cli("inspect", bad, "--json", check=2), str(bad), "hash mismatch")
+    one_line_error(cli("inspect", bad, "--json", check=2), str(bad), "hash mismatch")
     # a tensor-level defect names the tensor
     from safetensors.numpy import save
 
@@ -120,16 +111,16 @@ def test_errors_are_one_line_naming_file_and_tensor(tmp_path, sub_file):
 
     (tmp_path / "dtype.safetensors").write_bytes(save({"layer1.0.conv1.weight": np.zeros(2, np.float32)},
                                                       metadata=meta))
-    assert_one_line_error(cli("inspect", tmp_path / "dtype.safetensors", check=2), "dtype.safetensors",
+    one_line_error(cli("inspect", tmp_path / "dtype.safetensors", check=2), "dtype.safetensors",
                           "tensor 'layer1.0.conv1.weight'")
-    assert_one_line_error(cli("inspect", tmp_path / "missing.safetensors", check=2), "missing.safetensors")
+    one_line_error(cli("inspect", tmp_path / "missing.safetensors", check=2), "missing.safetensors")
     torch.save(make_tiny_resnet(), tmp_path / "module.pth")  # a pickle that is not weights-only
-    assert_one_line_error(cli("import", tmp_path / "module.pth", "--out", tmp_path / "x.safetensors", check=2),
+    one_line_error(cli("import", tmp_path / "module.pth", "--out", tmp_path / "x.safetensors", check=2),
                           "module.pth", "weights-only")
     assert not (tmp_path / "x.safetensors").exists()
     (tmp_path / "blocked").mkdir()  # the output path is a folder: a clear line, not an OSError traceback
     torch.save({"w_mask": torch.ones(2, 2), "w_orig": torch.ones(2, 2)}, tmp_path / "ok.pth")
-    assert_one_line_error(cli("import", tmp_path / "ok.pth", "--out", tmp_path / "blocked", check=2), "blocked")
+    one_line_error(cli("import", tmp_path / "ok.pth", "--out", tmp_path / "blocked", check=2), "blocked")
     debug = cli("--debug", "inspect", bad, check=None)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "OpenTransError" in debug.stderr
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from cli_util import assert_refused, cli_env, command, run_cli
-from conftest import make_tiny_resnet
+from support.cli import assert_refused, cli_env, command, run_cli
+from support.processes import free_port
+from support.towers import make_tiny_resnet
 
 from opentrans_hub import LayerSelection, Subnetwork
 from opentrans_hub.formats.subnetwork import default_provenance
@@ -48,12 +48,6 @@ def ws(tmp_path_factory) -> Path:
     os.mkfifo(root / "fifo.safetensors")
     os.symlink(root / "existing.safetensors", root / "link.safetensors")
     return root
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CASES = {
@@ -106,7 +100,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ws, case):
 
 
 def test_push_offline_or_unreachable_is_one_line(ws):
-    port = _closed_port()
+    port = free_port()  # bound once, then released: nothing listens there
     unreachable = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": "hf_test", "NO_PROXY": "127.0.0.1"}
     assert_refused(ws, "push", "sub.safetensors", "--repo-id", "me/x", env=unreachable,
                    needles=("push to me/x", f"127.0.0.1:{port}"))
@@ -119,6 +113,7 @@ def test_bom_manifest_verifies(ws):
     assert proc.returncode == 0 and "ok:" in proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_json_errors_and_debug_after_the_command(ws):
     before = run_cli(ws, "inspect", "missing.safetensors", "--json")
     assert before.returncode == 2
@@ -145,6 +140,7 @@ def test_closed_pipe_ends_quietly(ws, argv):
     assert err == "" and proc.returncode in (0, 141), (proc.returncode, err)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_and_outputs_honour_the_umask(ws, tmp_path):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"old")

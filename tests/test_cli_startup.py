@@ -9,15 +9,15 @@ imports made by ``importlib`` too (command modules, plugin entry points), which 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from cli_util import SCRIPT, cli_env
-from conftest import make_tiny_resnet
+from support.cli import SCRIPT, cli_env
+from support.processes import python_env
+from support.towers import make_tiny_resnet
 
 from opentrans_hub import LayerSelection, Subnetwork
 from opentrans_hub.cli import COMMAND_MODULES
@@ -49,7 +49,7 @@ def run_traced(root: Path, *args: str) -> tuple[subprocess.CompletedProcess, set
     report = root / "modules.json"
     report.unlink(missing_ok=True)
     target = [str(SCRIPT)] if SCRIPT.exists() else ["-m"]
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    path = python_env(REPO)["PYTHONPATH"]
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, str(report), *target, *args], capture_output=True,
                           text=True, timeout=120, cwd=root, env=cli_env(root, PYTHONPATH=path))
     return proc, set(json.loads(report.read_text()))

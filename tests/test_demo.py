@@ -15,6 +15,7 @@ from opentrans_hub.towers.backbones import build_visual
 from opentrans_hub.zoo.registry import Registry
 
 CLI = [sys.executable, "-m", "opentrans_hub"]
+pytestmark = pytest.mark.slow  # one demo run (about two minutes on 2 cores) feeds every test here
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
-from imp_worker import make_batch
+from support.layouts import Box, place
+from support.towers import make_tiny_resnet
+from support.training import make_batch
 from torch import nn
 from yacs.config import CfgNode
 
@@ -40,14 +41,7 @@ def _cfg(tmp_path: Path | None = None) -> CfgNode:
 
 def _model_at(path: str, tower: nn.Module) -> nn.Module:
     """A model holding ``tower`` at the dotted ``path`` (as the framework does), plus a head."""
-    root = nn.Module()
-    parent = root
-    parts = path.split(".")
-    for part in parts[:-1]:
-        child = nn.Module()
-        parent.add_module(part, child)
-        parent = child
-    parent.add_module(parts[-1], tower)
+    root = place(Box(), path, tower)
     root.head = nn.Conv2d(3, 4, 1)
     return root
 
@@ -198,7 +192,7 @@ def test_deeplab_fragment_drops_the_attention_pool(tmp_path):
 
 def test_build_model_helper_applies_the_selection_before_the_optimizer(tmp_path):
     """What a DefaultTrainer subclass's build_model does, then the hook's schedule with the trainer's optimizer."""
-    from imp_worker import PREFIX, TinyClassifier, make_optimizer, train_step
+    from support.training import PREFIX, TinyClassifier, make_optimizer, step_trains_only_selected
 
     from opentrans_hub.formats.selection import LayerSelection
 
@@ -234,15 +228,10 @@ def test_build_model_helper_applies_the_selection_before_the_optimizer(tmp_path)
     schedule = build_schedule_from_cfg(cfg, model, optimizer=optimizer, log=messages.append)
     schedule.before_train(start_iter=0)
     assert sum("when the model was built" in m for m in messages) == 2  # selection and subnetwork, not repeated
-    before = {k: v.clone() for k, v in model.named_parameters()}
-    train_step(model, optimizer, 0)
-    schedule.after_step(0)
-    params = dict(model.named_parameters())
+    params = step_trains_only_selected(model, optimizer, schedule, selection)
     for layer in selection.layers:
-        full = PREFIX + layer["name"]
-        assert torch.equal(params[full], before[full]) != layer["trainable"], full
         if layer["name"] in sub.masks:  # the first conv stays dense
-            assert (params[full][~sub.masks[layer["name"]]] == 0).all()
+            assert (params[PREFIX + layer["name"]][~sub.masks[layer["name"]]] == 0).all()
     assert schedule.scalars() == {"opentrans/sparsity": sub.sparsity,
                                   "opentrans/trainable_params": schedule.trainable_params,
                                   "opentrans/trained_params": schedule.trainable_params}
@@ -282,7 +271,7 @@ def test_hook_logic_saves_every_imp_round_and_the_last_into_model_final_logs_und
     import logging
     from types import SimpleNamespace
 
-    from imp_worker import PREFIX, TinyClassifier, make_optimizer, train_step
+    from support.training import PREFIX, TinyClassifier, make_optimizer, train_step
 
     from opentrans_hub import Subnetwork
     from opentrans_hub.integrations.detectron2 import OpenTransHookLogic
@@ -343,7 +332,7 @@ def test_hook_logic_on_an_event_storage_without_cur_iter_puts_before_each_step(t
     """detectron2 before 2023: put_scalar has no cur_iter, so the state before a step goes into that step."""
     from types import SimpleNamespace
 
-    from imp_worker import PREFIX, TinyClassifier
+    from support.training import PREFIX, TinyClassifier
 
     from opentrans_hub.integrations.detectron2 import OpenTransHookLogic
 

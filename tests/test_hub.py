@@ -6,18 +6,16 @@ The stock ``huggingface_hub`` client talks to 127.0.0.1 only (a guard below refu
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_resnet
-from hubserver import LoopbackHub, OlahServer
-from test_registry import tiny_selection, tiny_subnetwork
+from support.artefacts import finetuned_pruned, tiny_selection, tiny_subnetwork, train_and_check_exact
+from support.cli import module_cli
+from support.hubserver import LoopbackHub, OlahServer, refuse_non_loopback
+from support.towers import make_tiny_resnet, use_tiny_family
 
 from opentrans_hub import LayerSelection, OpenTransError, Subnetwork
 from opentrans_hub.zoo.hub import MANIFEST, parse_hf_ref, pull, push
@@ -39,15 +37,7 @@ def hub(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch):
-    """Refuse any connection from this process that is not to a loopback address."""
-    connect = socket.socket.connect
-
-    def guarded(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
-            raise AssertionError(f"test tried to reach {address!r}")
-        return connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
+    refuse_non_loopback(monkeypatch)
 
 
 def rn50_like_subnetwork(seed: int) -> Subnetwork:
@@ -59,8 +49,7 @@ def rn50_like_subnetwork(seed: int) -> Subnetwork:
 
 
 def hub_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "opentrans_hub", *args], capture_output=True, text=True,
-                          env={**os.environ, **HF_ENV, **env}, cwd=REPO, timeout=300)
+    return module_cli(*args, env={**HF_ENV, **env})
 
 
 # -------------------------------------------------------------------------------------------- round trips
@@ -169,6 +158,7 @@ def test_bad_references(ref):
 
 
 # ------------------------------------------------------------------------------------------ CLI + offline
+@pytest.mark.slow
 def test_cli_push_pull_offline_cache_and_token(hub, tmp_path):
     sub = tiny_subnetwork(7)
     Registry(tmp_path / "home").add(sub, "mine")
@@ -204,15 +194,13 @@ def test_cli_push_pull_offline_cache_and_token(hub, tmp_path):
 
 def test_backbone_weights_and_subnetwork_from_the_hub(hub, tmp_path, monkeypatch):
     """load_backbone with hf:// weights and an hf:// subnetwork; HF_ENDPOINT is honoured when set after import."""
-    from conftest import make_tiny_resnet
     from huggingface_hub import HfApi
     from safetensors.torch import save_file
 
     from opentrans_hub.methods.imp import magnitude_prune
-    from opentrans_hub.towers.backbones import BUILDERS
     from opentrans_hub.transfer.backbone import load_backbone
 
-    monkeypatch.setitem(BUILDERS, "tinytest", lambda name, pretrained: make_tiny_resnet(seed=99))
+    use_tiny_family(monkeypatch)
     tower = make_tiny_resnet(seed=4)
     weights = tmp_path / "tiny.safetensors"
     save_file(tower.state_dict(), str(weights))
@@ -240,15 +228,13 @@ def test_backbone_weights_and_subnetwork_from_the_hub(hub, tmp_path, monkeypatch
 def test_packed_backbone_pack_push_pull_load_train(hub, tmp_path, monkeypatch):
     """A fine-tuned pruned checkpoint: pack -> push (model card) -> pull -> load_backbone -> training, masks exact."""
     from huggingface_hub import hf_hub_download
-    from test_packing_load import finetuned_pruned, train_and_check_exact
 
     from opentrans_hub.formats.packed import PackedFile
     from opentrans_hub.sparsity.masks import masked_parameters
-    from opentrans_hub.towers.backbones import BUILDERS
     from opentrans_hub.transfer.backbone import load_backbone
     from opentrans_hub.zoo.packing import pack_checkpoint
 
-    monkeypatch.setitem(BUILDERS, "tinytest", lambda name, pretrained: make_tiny_resnet(seed=99))
+    use_tiny_family(monkeypatch)
     tower, sub = finetuned_pruned(seed=7)
     state = tower.state_dict()
     torch.save({"model": {f"backbone.clip_model.visual.{k}": v for k, v in state.items()}, "iteration": 90},
@@ -294,7 +280,6 @@ def test_packed_backbone_pack_push_pull_load_train(hub, tmp_path, monkeypatch):
 
 def test_subnetwork_card_is_an_adapter_and_packed_card_warns_without_base(hub, tmp_path):
     from huggingface_hub import hf_hub_download
-    from test_packing_load import finetuned_pruned
 
     from opentrans_hub.zoo.packing import pack_checkpoint
 

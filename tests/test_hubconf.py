@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
+from support.hubserver import refuse_non_loopback
+from support.towers import make_tiny_resnet
 
 from opentrans_hub import LayerSelection, OpenTransError
 from opentrans_hub.methods.imp import magnitude_prune
@@ -21,14 +21,7 @@ ENTRYPOINTS = ["clip_backbone", "layer_selection", "subnetwork"]
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch):
-    connect = socket.socket.connect
-
-    def guarded(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1"):
-            raise AssertionError(f"test tried to reach {address!r}")
-        return connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
+    refuse_non_loopback(monkeypatch)
 
 
 @pytest.fixture(scope="module")

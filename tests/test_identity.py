@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
+from support.towers import make_tiny_resnet
 
 from opentrans_hub import LayerSelection, OpenTransError, Subnetwork
 from opentrans_hub.errors import OpenTransWarning
@@ -121,8 +121,9 @@ def test_apply_refuses_complex_and_integer_targets():
         apply_subnetwork_to_state_dict({"w": torch.ones(2, 3, dtype=torch.int64)}, sub)
 
 
+@pytest.mark.slow
 def test_load_and_inspect_flag_names_foreign_to_the_declared_arch(tmp_path):
-    from cli_util import run_cli
+    from support.cli import run_cli
 
     tower = make_tiny_resnet()
     good = Subnetwork({n: torch.ones(p.shape, dtype=torch.bool) for n, p in tower.named_parameters()

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from imp_worker import PREFIX, TinyClassifier, make_optimizer, run_resume, train_step
+from support.processes import worker, worker_env
+from support.training import PREFIX, TinyClassifier, make_optimizer, run_resume, train_step
 from torch import nn
 
 from opentrans_hub import OpenTransError, Subnetwork
 from opentrans_hub.methods.imp import IMPRunner, PruneScope, imp_sparsity, magnitude_masks, magnitude_prune
 from opentrans_hub.sparsity.masks import masked_parameters
 from opentrans_hub.sparsity.stats import model_sparsity
-
-WORKER = Path(__file__).with_name("imp_worker.py")
 
 
 def _reference_masks(weights: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
@@ -282,15 +279,15 @@ def test_resume_restores_only_rounds_before_start_iter(tmp_path):
 
 # ------------------------------------------------------------------------------------------ resume (killed)
 def _run_worker(out_dir: Path, steps: int, *extra: str, wait: bool = True) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(WORKER.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, str(WORKER), "resume", str(out_dir), str(steps), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(worker("imp_worker") + ["resume", str(out_dir), str(steps), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
     if wait:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
     return proc
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_masks(tmp_path):
     steps = 13  # rounds after iterations 2, 5, 8, 11
     reference = tmp_path / "reference"

@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch.distributed as dist
-from imp_worker import DDP_SETTINGS
+from support.processes import launch_ranks
+from support.training import DDP_SETTINGS
 
 from opentrans_hub import Subnetwork
 from opentrans_hub.methods.imp import IMPRunner, imp_sparsity
 
-WORKER = Path(__file__).with_name("imp_worker.py")
-
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")]
 
 
 def test_two_ranks_hold_identical_masks_after_every_round(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(WORKER.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "ddp", str(tmp_path), str(rank), "2", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for rank in range(2)]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=300))
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            pytest.fail("a DDP rank hung")
-    for proc, (_, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-3000:]
+    launch_ranks("imp_worker", lambda rank, port: ["ddp", tmp_path, rank, 2, port], timeout=300)
 
     state = IMPRunner.read_state(tmp_path / "imp")
     assert state["rounds_done"] == DDP_SETTINGS["rounds"]

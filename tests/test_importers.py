@@ -7,8 +7,8 @@ import builtins
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
 from safetensors.torch import save_file
+from support.towers import make_tiny_resnet
 from torch import nn
 from torch.nn.utils import prune
 

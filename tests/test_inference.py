@@ -4,7 +4,7 @@ The expected pairs never come from the inference: they come from the hand-writte
 layouts), from how the layout was built (module identity, construction records, renames the test applies), from
 a library's own converter (timm), or from forward equivalence (Hugging Face transformers). Towers are open_clip's
 own classes at the real block structure (RN50 3-4-6-3, ViT-B/16 12 blocks) and reduced width
-(``inference_layouts``); timm and torchvision layouts use the full RN50.
+(``support.towers``); timm and torchvision layouts use the full RN50.
 """
 
 from __future__ import annotations
@@ -15,8 +15,17 @@ import re
 
 import pytest
 import torch
-from inference_layouts import CONVNEXT_TINY, RN_TINY, VIT_TINY, Box, nonzero_init, place, register, tower
-from test_plugins_frameworks import FeatureExtractor, RecWithAttnbiasHead, SplitAttention
+from support.layouts import (
+    Box,
+    FeatureExtractor,
+    RecWithAttnbiasHead,
+    SplitAttention,
+    d2_layout,
+    han_layout,
+    place,
+    resolved,
+)
+from support.towers import CONVNEXT_TINY, RN_TINY, VIT_TINY, finetuned, nonzero_init, register, tower
 from torch import nn
 
 from opentrans_hub import NameMap, OpenTransError, infer_name_map
@@ -29,17 +38,6 @@ PLUGIN_ARCH = {RN_TINY: "open_clip/RN50", VIT_TINY: "open_clip/ViT-B-16",
 
 
 # ----------------------------------------------------------------------------- helpers
-def resolved(name_map: NameMap, arch: str, target: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """canonical name -> destinations, as the map resolves against the target's real names and shapes."""
-    shapes = {k: tuple(v.shape) for k, v in target.items()}
-    _, report = name_map.resolve(canonical_state(arch), shapes)
-    assert not report.mismatched
-    out: dict[str, list[str]] = {}
-    for source, dest in report.mapped:
-        out.setdefault(source, []).append(dest)
-    return out
-
-
 def infer(target, arch, **kwargs):
     name_map, report = infer_name_map(target, arch, **kwargs)
     assert NameMap.parse(str(name_map)) == name_map
@@ -47,16 +45,6 @@ def infer(target, arch, **kwargs):
     got = resolved(name_map, arch, state)
     assert got == report.mapping  # the rules reproduce exactly the pairs the report shows
     return name_map, report, got
-
-
-def finetuned(model: nn.Module, seed: int = 5, scale: float = 0.05) -> nn.Module:
-    """A copy whose weights moved a little from the start, as after fine-tuning."""
-    model = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=gen))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -83,42 +71,6 @@ def rn50() -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- built-in framework layouts
-def d2_layout(visual: nn.Module) -> nn.Module:
-    """detectron2's DeepLab ResNet naming, holding copies of the tower's own modules (norms nested as ``.norm``)."""
-    model, backbone, stem = Box(), Box(), Box()
-    model.backbone, backbone.stem = backbone, stem
-    for k in (1, 2, 3):
-        conv = copy.deepcopy(getattr(visual, f"conv{k}"))
-        conv.norm = copy.deepcopy(getattr(visual, f"bn{k}"))
-        setattr(stem, f"conv{k}", conv)
-    for stage in (1, 2, 3, 4):
-        blocks = nn.Sequential()
-        for block in getattr(visual, f"layer{stage}"):
-            d2_block = Box()
-            for k in (1, 2, 3):
-                conv = copy.deepcopy(getattr(block, f"conv{k}"))
-                conv.norm = copy.deepcopy(getattr(block, f"bn{k}"))
-                setattr(d2_block, f"conv{k}", conv)
-            if block.downsample is not None:
-                shortcut = copy.deepcopy(getattr(block.downsample, "0"))
-                shortcut.norm = copy.deepcopy(getattr(block.downsample, "1"))
-                d2_block.shortcut = shortcut
-            blocks.append(d2_block)
-        setattr(backbone, f"res{stage + 1}", blocks)
-    model.sem_seg_head = nn.Conv2d(8, 4, 1)
-    return model
-
-
-def han_layout(visual: nn.Module, res_atten: bool, kd: nn.Module | None = None) -> nn.Module:
-    model = Box()
-    model.backbone = copy.deepcopy(visual)
-    if not res_atten:
-        del model.backbone.attnpool
-    model.vision_clip = copy.deepcopy(kd if kd is not None else visual).requires_grad_(False)
-    model.sem_seg_head = nn.Conv2d(8, 4, 1)
-    return model
-
-
 def catseg_layout(visual: nn.Module) -> nn.Module:
     visual = copy.deepcopy(visual)
     for block in visual.transformer.resblocks:

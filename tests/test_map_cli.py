@@ -1,28 +1,25 @@
 """``opentrans-hub map``, ``--write-plugin`` and the ``auto`` plugin through the installed script (real processes).
 
-The subprocesses see the small test architectures (``inference_layouts``) through a ``sitecustomize`` module on
-their PYTHONPATH that registers them with open_clip, the way a user adds a model config.
+The subprocesses see the small test architectures (``support.towers``) through a ``sitecustomize`` module on
+their PYTHONPATH (with ``tests/``) that registers them with open_clip, the way a user adds a model config.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from inference_layouts import RN_TINY, register, tower
-from test_inference import d2_layout, finetuned, han_layout, resolved
+from support.cli import command, main_in_process, one_line_error
+from support.layouts import d2_layout, han_layout, resolved
+from support.processes import TESTS, pip_install, python_env
+from support.towers import RN_TINY, finetuned, register, tower
 
 from opentrans_hub import Subnetwork
 from opentrans_hub.io.checkpoints import write_checkpoint
 from opentrans_hub.transfer.discovery import get_plugin
-
-SCRIPT = Path(sys.executable).with_name("opentrans-hub")
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +28,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("map_cli")
     custom = tmp / "custom"
     custom.mkdir()
-    (custom / "sitecustomize.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-                                             "import inference_layouts\ninference_layouts.register()\n")
+    (custom / "sitecustomize.py").write_text("from support import towers\ntowers.register()\n")
     visual = tower(RN_TINY, seed=3)
     model = d2_layout(finetuned(visual))
     torch.save({"model": model.state_dict(), "iteration": 7}, tmp / "d2.pth")
@@ -47,31 +43,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def cli(files: dict[str, Path], *args: str, site: Path | None = None, tiny: bool = True) -> subprocess.CompletedProcess:
-    path = ([str(files["custom"])] if tiny else []) + ([str(site)] if site else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
-    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
-
-
-def main_in_process(capsys, *args: str) -> tuple[int, str, str]:
-    """The same command line in this process (cheap checks; the subprocess tests cover the installed script)."""
-    from opentrans_hub.cli import main
-
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    path = ([files["custom"], TESTS] if tiny else []) + ([site] if site else [])
+    env = python_env(*path, OMP_NUM_THREADS="1")
+    return subprocess.run(command() + [*map(str, args)], capture_output=True, text=True, timeout=300, env=env)
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def test_map_prints_a_table_errors_in_one_line_and_tower_chooses(files, capsys, tmp_path):
@@ -112,7 +92,7 @@ def test_map_json_through_the_script(files):
 @pytest.mark.slow
 def test_map_refuses_two_towers_through_the_script(files):
     done = cli(files, "map", files["kd"], "--arch", RN_TINY, "--json")
-    line = one_line_error(done, "--tower", "'backbone.'", "'vision_clip.'")
+    line = one_line_error(done, "--tower", "'backbone.'", "'vision_clip.'", tag=None)
     assert "no evidence decides" in line
     info = last_json(done)
     assert not info["ok"] and {c["tower"] for c in info["candidates"]} == {"backbone.", "vision_clip."}
@@ -126,8 +106,7 @@ def test_written_plugin_installs_lists_and_checks(files, tmp_path):
     module = (plugin_dir / "myseg_opentrans" / "__init__.py").read_text()
     assert module.count("evidence:") >= 5 and (plugin_dir / "README.md").exists()
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(plugin_dir)], check=True, capture_output=True, text=True)
+    pip_install(plugin_dir, site)
     listing = cli(files, "plugins", "list", "--json", site=site, tiny=False)
     assert listing.returncode == 0, listing.stderr
     names = {p["name"]: p for p in last_json(listing)["plugins"]}

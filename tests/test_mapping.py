@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
+from support.sparsity import conv_masks
+from support.towers import make_tiny_resnet
 from torch import nn
 
 from opentrans_hub import MappingReport, NameMap, OpenTransError, Rule, Subnetwork, apply_subnetwork, masked_parameters
@@ -65,13 +66,6 @@ class Holder(nn.Module):
         self.backbone = backbone
 
 
-def conv_masks(model: nn.Module, sparsity: float = 0.7, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    params = dict(model.named_parameters())
-    return {n: torch.rand(params[n].shape, generator=gen) >= sparsity for n in names}
-
-
 @pytest.fixture(scope="module")
 def tower() -> nn.Module:
     return make_tiny_resnet()
@@ -86,7 +80,7 @@ def test_detectron2_deeplab_renames_on_a_real_module(tower):
     assert name_map.map_name("attnpool.q_proj.weight").startswith("dropped by rule")
 
     target = Holder(D2ResNet(tower))
-    masks = conv_masks(tower)
+    masks = conv_masks(tower, 0.7, first=True)
     masks["attnpool.q_proj.weight"] = torch.ones_like(tower.attnpool.q_proj.weight, dtype=torch.bool)
     report = apply_subnetwork(target, Subnetwork(masks, arch="open_clip/tiny"), name_map, strict=True)
     assert [s for s, _ in report.dropped] == ["attnpool.q_proj.weight"] and not report.unmapped
@@ -196,7 +190,7 @@ def test_shape_check_is_all_or_nothing(tower):
     with torch.no_grad():  # one destination with the wrong shape: nothing at all may be applied
         target.backbone.res3[0].conv2.weight = nn.Parameter(torch.randn(3, 3, 3, 3))
     before = {n: p.detach().clone() for n, p in target.named_parameters()}
-    masks = conv_masks(tower)
+    masks = conv_masks(tower, 0.7, first=True)
     with pytest.raises(OpenTransError, match="shape mismatch.*nothing was applied") as info:
         apply_subnetwork(target, Subnetwork(masks), NameMap.parse(D2_DEEPLAB))
     assert info.value.tensor == "layer2.0.conv2.weight"
@@ -212,7 +206,7 @@ def test_shape_check_is_all_or_nothing(tower):
 
 
 def test_strict_unmapped_and_report(tower):
-    masks = conv_masks(tower)
+    masks = conv_masks(tower, 0.7, first=True)
     masks["visual.extra.weight"] = torch.ones(2, 2, dtype=torch.bool)
     target = Holder(D2ResNet(tower))
     before = {n: p.detach().clone() for n, p in target.named_parameters()}

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import struct
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from support.artefacts import pruned_checkpoint, same
+from support.fuzz import fuzz_settings, mutate
+from support.towers import make_tiny_resnet
 
 from opentrans_hub import OpenTransError, Subnetwork
 from opentrans_hub.formats.packed import PackedFile, open_packed
@@ -19,44 +20,6 @@ from opentrans_hub.io.checkpoints import read_state_dict
 from opentrans_hub.methods.imp import magnitude_prune
 from opentrans_hub.zoo.packing import load_sparse, pack_checkpoint, packed_stats, unpack
 from opentrans_hub.zoo.registry import Registry
-
-
-def same(a, b) -> bool:
-    """Bitwise equality of nested checkpoints (tensors by their bytes, dtype and shape)."""
-    if isinstance(a, torch.Tensor):
-        if not isinstance(b, torch.Tensor) or a.dtype != b.dtype or a.shape != b.shape:
-            return False
-        return a.numel() == 0 or torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    if isinstance(a, dict):
-        return type(a) is type(b) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b or (a != a and b != b)
-
-
-def pruned_checkpoint(seed: int = 0, sparsity: float = 0.8) -> tuple[dict, Subnetwork]:
-    """A nested framework-style checkpoint whose tower was pruned (zeros in place), with odd values kept."""
-    tower = make_tiny_resnet(seed)
-    sub = magnitude_prune(tower, sparsity=sparsity, arch="test/tiny", apply=True)
-    state = tower.state_dict()
-    name = "layer1.0.conv2.weight"
-    kept = sub[name].reshape(-1).nonzero().reshape(-1)
-    flat = state[name].view(-1)
-    flat[kept[0]] = -0.0
-    flat[kept[1]] = float("nan")
-    flat.view(torch.int32)[kept[2]] = 0x7FC0_1234  # a NaN with a payload
-    state["layer2.0.conv1.weight"] = state["layer2.0.conv1.weight"].to(torch.bfloat16)
-    state["layer3.0.conv1.weight"] = state["layer3.0.conv1.weight"].to(torch.float16)
-    state["layer4.0.conv1.weight"] = state["layer4.0.conv1.weight"].to(torch.float64)
-    checkpoint = {"model": OrderedDict((f"backbone.visual.{k}", v) for k, v in state.items()),
-                  "iteration": 1234, "optimizer": {"state": {0: {"step": torch.tensor(3.0)}},
-                                                   "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999),
-                                                                     "eps": float("inf"), "params": [0]}]},
-                  "meta": {"note": "fine-tuned", "none": None, "dtype": torch.float32, "flag": True,
-                           "device": torch.device("cpu"), "ids": {3, 1}, "z": 1 + 2j, "shape": torch.Size([2, 3]),
-                           "raw": b"\x00\xff"}}
-    checkpoint["model"]._metadata = OrderedDict({"": {"version": 1}})
-    return checkpoint, sub
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +210,7 @@ def test_bad_packed_files_one_clear_error(packed, tmp_path, defect):
         load_sparse(bad)
 
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = fuzz_settings(60)
 
 
 @pytest.fixture(scope="module")
@@ -265,20 +227,9 @@ def small_packed(tmp_path_factory) -> tuple[bytes, dict]:
 @given(data=st.data())
 def test_fuzzed_packed_files_decode_exactly_or_raise(small_packed, data):
     blob, state = small_packed
-    blob = bytearray(blob)
-    for _ in range(data.draw(st.integers(1, 3), label="mutations")):
-        kind = data.draw(st.sampled_from(["flip", "truncate", "insert", "delete"]), label="kind")
-        pos = data.draw(st.integers(0, max(len(blob) - 1, 0)), label="pos")
-        if kind == "flip" and blob:
-            blob[pos] ^= 1 << data.draw(st.integers(0, 7), label="bit")
-        elif kind == "truncate":
-            del blob[pos:]
-        elif kind == "insert":
-            blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=8), label="inserted")
-        else:
-            del blob[pos:pos + data.draw(st.integers(1, 8), label="deleted")]
+    blob = mutate(data, blob, mutations=3, chunk=8)
     try:
-        got = PackedFile.from_bytes(bytes(blob), source="fuzz.safetensors").reader.checkpoint()
+        got = PackedFile.from_bytes(blob, source="fuzz.safetensors").reader.checkpoint()
     except OpenTransError as exc:
         assert str(exc).startswith("fuzz.safetensors") and "\n" not in str(exc)
         return

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_packing import pruned_checkpoint, same
-
-SCRIPT = shutil.which("opentrans-hub", path=str(Path(sys.executable).parent)) or "opentrans-hub"
+from support.artefacts import pruned_checkpoint, same
+from support.cli import command
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OPENTRANS_HUB_HOME": str(cwd / "home"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return subprocess.run(command() + [*args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_util import run_cli
-from conftest import make_tiny_resnet
+from support.artefacts import finetuned_pruned, train_and_check_exact
+from support.cli import run_cli
+from support.towers import make_tiny_resnet, use_tiny_family
 
 import opentrans_hub as oth
 from opentrans_hub import OpenTransError
 from opentrans_hub.methods.imp import magnitude_prune
 from opentrans_hub.sparsity.masks import masked_parameters
-from opentrans_hub.towers.backbones import BUILDERS
 from opentrans_hub.transfer.backbone import load_backbone
 from opentrans_hub.transfer.discovery import get_plugin
 from opentrans_hub.zoo.packing import load_sparse, pack_checkpoint, tower_masks
@@ -27,38 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def tiny_arch(monkeypatch):
     """An architecture family 'tinytest' building the small ModifiedResNet (random init; weights come from files)."""
-    monkeypatch.setitem(BUILDERS, "tinytest", lambda name, pretrained: make_tiny_resnet(seed=99))
-    return "tinytest/resnet"
-
-
-def finetuned_pruned(seed: int = 0):
-    """A pruned tower 'fine-tuned' a few steps with its masks exact: the state a user wants to share."""
-    tower = make_tiny_resnet(seed)
-    sub = magnitude_prune(tower, sparsity=0.7, arch="tinytest/resnet", apply=True)
-    opt = torch.optim.SGD(tower.parameters(), lr=0.05, momentum=0.9)
-    tower.train()
-    for _ in range(2):
-        opt.zero_grad()
-        tower(torch.randn(2, 3, 64, 64)).square().mean().backward()
-        opt.step()
-    return tower, sub
-
-
-def train_and_check_exact(tower: torch.nn.Module, masks: dict[str, torch.Tensor], steps: int = 2) -> None:
-    params = dict(tower.named_parameters())
-    before = {n: params[n].detach().clone() for n in masks}
-    opt = torch.optim.AdamW(tower.parameters(), lr=0.01, weight_decay=0.1)
-    tower.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        tower(torch.randn(2, 3, 64, 64)).square().mean().backward()
-        opt.step()
-    moved = False
-    for name, keep in masks.items():
-        weight = params[name].detach()
-        assert torch.equal(weight[~keep], torch.zeros(int((~keep).sum()))), name  # exact from the first step
-        moved |= not torch.equal(weight[keep], before[name][keep])
-    assert moved  # the kept weights did train
+    return use_tiny_family(monkeypatch)
 
 
 def test_load_backbone_from_packed_framework_checkpoint(tmp_path, tiny_arch):

@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
+from support.artefacts import random_subnetwork
+from support.cli import main_in_process
+from support.towers import make_tiny_resnet
 from torch import nn
 
-from opentrans_hub import OpenTransError, Subnetwork
-from opentrans_hub.cli import main
+from opentrans_hub import OpenTransError
 from opentrans_hub.formats.selection import LayerSelection
 from opentrans_hub.transfer.discovery import get_plugin
 
@@ -24,21 +25,9 @@ def nonzero_init(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
-def random_subnetwork(tower: nn.Module, arch: str = "open_clip/RN50", seed: int = 1) -> Subnetwork:
-    gen = torch.Generator().manual_seed(seed)
-    return Subnetwork({name: torch.rand(p.shape, generator=gen) < 0.6 for name, p in tower.named_parameters()
-                       if name.endswith("weight") and p.dim() >= 2}, arch=arch)
-
-
 def bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.dtype == b.dtype and a.shape == b.shape
             and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +53,8 @@ def test_apply_rewrites_a_nested_ddp_checkpoint(tmp_path, capsys, tower):
     torch.save(checkpoint, src)
     out = tmp_path / "pruned.pth"
 
-    code, stdout, _ = run_cli(capsys, "apply", "--plugin", "fcclip", "--subnetwork", str(sub_path),
-                              "--checkpoint", str(src), "--out", str(out), "--strict", "--json")
+    code, stdout, _ = main_in_process(capsys, "apply", "--plugin", "fcclip", "--subnetwork", str(sub_path),
+                                      "--checkpoint", str(src), "--out", str(out), "--strict", "--json")
     assert code == 0
     info = json.loads(stdout.strip().splitlines()[-1])
     assert info["counts"] == {"mapped": len(sub), "dropped": 0, "unmapped": 0, "mismatched": 0, "uncovered": 0}
@@ -84,8 +73,8 @@ def test_apply_rewrites_a_nested_ddp_checkpoint(tmp_path, capsys, tower):
             assert bit_identical(after, before), key
 
     # the printed MappingReport (text mode) names what happened
-    code, stdout, _ = run_cli(capsys, "apply", "--plugin", "fcclip", "--subnetwork", str(sub_path),
-                              "--checkpoint", str(src), "--out", str(tmp_path / "again.pth"))
+    code, stdout, _ = main_in_process(capsys, "apply", "--plugin", "fcclip", "--subnetwork", str(sub_path),
+                                      "--checkpoint", str(src), "--out", str(tmp_path / "again.pth"))
     assert code == 0 and f"mapped {len(sub)}, dropped 0, unmapped 0" in stdout
 
 
@@ -100,13 +89,13 @@ def test_apply_reports_and_strict_refuses_unmapped(tmp_path, capsys, tower):
     torch.save({"model": state}, src)
     out = tmp_path / "han-pruned.pth"
 
-    code, _, err = run_cli(capsys, "apply", "--plugin", "hanovs", "--subnetwork", str(sub_path),
-                           "--checkpoint", str(src), "--out", str(out), "--strict")
+    code, _, err = main_in_process(capsys, "apply", "--plugin", "hanovs", "--subnetwork", str(sub_path),
+                                   "--checkpoint", str(src), "--out", str(out), "--strict")
     assert code == 2 and "strict" in err and "attnpool" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing written
 
-    code, stdout, _ = run_cli(capsys, "apply", "--plugin", "hanovs", "--subnetwork", str(sub_path),
-                              "--checkpoint", str(src), "--out", str(out), "--json")
+    code, stdout, _ = main_in_process(capsys, "apply", "--plugin", "hanovs", "--subnetwork", str(sub_path),
+                                      "--checkpoint", str(src), "--out", str(out), "--json")
     assert code == 0
     info = json.loads(stdout)
     attnpool = {n for n in sub.masks if n.startswith("attnpool.")}
@@ -150,18 +139,18 @@ def test_apply_refuses_mismatched_shapes_and_unsafe_pickles(tmp_path, capsys, to
     src = tmp_path / "wrong.pth"
     torch.save({"model": state}, src)
     out = tmp_path / "out.pth"
-    code, _, err = run_cli(capsys, "apply", "--plugin", "fcclip", "--subnetwork", str(sub_path),
-                           "--checkpoint", str(src), "--out", str(out))
+    code, _, err = main_in_process(capsys, "apply", "--plugin", "fcclip", "--subnetwork", str(sub_path),
+                                   "--checkpoint", str(src), "--out", str(out))
     assert code == 2 and "layer1.0.conv1.weight" in err and "wrong.pth" in err and not out.exists()
 
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"model": {"x": torch.ones(1)}, "hook": OpenTransError("not data")}, unsafe)
-    code, _, err = run_cli(capsys, "apply", "--plugin", "fcclip", "--subnetwork", str(sub_path),
-                           "--checkpoint", str(unsafe), "--out", str(out))
+    code, _, err = main_in_process(capsys, "apply", "--plugin", "fcclip", "--subnetwork", str(sub_path),
+                                   "--checkpoint", str(unsafe), "--out", str(out))
     assert code == 2 and "weights-only" in err and not out.exists()
 
-    code, _, err = run_cli(capsys, "apply", "--plugin", "no-such-framework", "--subnetwork", str(sub_path),
-                           "--checkpoint", str(src), "--out", str(out))
+    code, _, err = main_in_process(capsys, "apply", "--plugin", "no-such-framework", "--subnetwork", str(sub_path),
+                                   "--checkpoint", str(src), "--out", str(out))
     assert code == 2 and "no plugin named 'no-such-framework'" in err and "fcclip" in err
 
 
@@ -189,8 +178,8 @@ def test_plugins_check_counts_on_a_real_checkpoint(tmp_path, capsys, deeplab_che
     params = dict(rn50_names.named_parameters())
     stem = {n for n in params if n.split(".")[0] in {"conv1", "conv2", "conv3", "bn1", "bn2", "bn3"}}
     attnpool = {n for n in params if n.startswith("attnpool.")}
-    code, stdout, _ = run_cli(capsys, "plugins", "check", "deeplabv3-torchvision", "--checkpoint",
-                              str(deeplab_checkpoint), "--arch", "open_clip/RN50", "--json")
+    code, stdout, _ = main_in_process(capsys, "plugins", "check", "deeplabv3-torchvision", "--checkpoint",
+                                      str(deeplab_checkpoint), "--arch", "open_clip/RN50", "--json")
     assert code == 0
     info = json.loads(stdout)
     assert info["counts"]["mapped"] == len(params) - len(stem) - len(attnpool)
@@ -198,29 +187,30 @@ def test_plugins_check_counts_on_a_real_checkpoint(tmp_path, capsys, deeplab_che
     assert info["counts"]["mismatched"] == 0 and info["kept_sparsity"] == 0.0
     assert {u["source"] for u in info["unmapped"]} == stem
 
-    code, _, err = run_cli(capsys, "plugins", "check", "deeplabv3-torchvision", "--checkpoint",
-                           str(deeplab_checkpoint), "--arch", "open_clip/RN50", "--strict")
+    code, _, err = main_in_process(capsys, "plugins", "check", "deeplabv3-torchvision", "--checkpoint",
+                                   str(deeplab_checkpoint), "--arch", "open_clip/RN50", "--strict")
     assert code == 2 and "strict" in err
 
     # apply a subnetwork, then check the result: the kept sparsity is exactly what the masks prune
     sub = random_subnetwork(rn50_names)
     sub_path = sub.save(tmp_path / "rn50.safetensors")
     out = tmp_path / "deeplab-pruned.pth"
-    code, stdout, _ = run_cli(capsys, "apply", "--plugin", "deeplabv3-torchvision", "--subnetwork", str(sub_path),
-                              "--checkpoint", str(deeplab_checkpoint), "--out", str(out), "--json")
+    code, stdout, _ = main_in_process(capsys, "apply", "--plugin", "deeplabv3-torchvision", "--subnetwork",
+                                      str(sub_path), "--checkpoint", str(deeplab_checkpoint), "--out", str(out),
+                                      "--json")
     assert code == 0
     mapped_masks = {n: m for n, m in sub.masks.items() if n.startswith("layer")}
     pruned = sum(int((~m).sum()) for m in mapped_masks.values())
     mapped_numel = sum(params[n].numel() for n in params if n not in stem and n not in attnpool and params[n].dim() > 1)
-    code, stdout, _ = run_cli(capsys, "plugins", "check", "deeplabv3-torchvision", "--checkpoint", str(out),
-                              "--json")  # default arch: the plugin's first, open_clip/RN50
+    code, stdout, _ = main_in_process(capsys, "plugins", "check", "deeplabv3-torchvision", "--checkpoint", str(out),
+                                      "--json")  # default arch: the plugin's first, open_clip/RN50
     after = json.loads(stdout)
     assert after["arch"] == "open_clip/RN50" and after["arch_detected"]  # RN101 also declared: fits worse
     assert after["zeros"] == pruned and after["mapped_params"] == mapped_numel
     assert after["kept_sparsity"] == pytest.approx(pruned / mapped_numel)
     # checking the dense checkpoint with the subnetwork predicts the same figure without writing anything
-    code, stdout, _ = run_cli(capsys, "plugins", "check", "deeplabv3-torchvision", "--checkpoint",
-                              str(deeplab_checkpoint), "--subnetwork", str(sub_path), "--json")
+    code, stdout, _ = main_in_process(capsys, "plugins", "check", "deeplabv3-torchvision", "--checkpoint",
+                                      str(deeplab_checkpoint), "--subnetwork", str(sub_path), "--json")
     predicted = json.loads(stdout)
     assert predicted["zeros"] == pruned and predicted["counts"]["unmapped"] == 3  # the stem convs
 
@@ -235,8 +225,8 @@ def test_apply_selection_writes_framework_names(tmp_path, capsys, tower):
     src = tmp_path / "fcclip.pth"
     torch.save({"model": state}, src)
     out = tmp_path / "mapped.json"
-    code, _, _ = run_cli(capsys, "apply", "--plugin", "fcclip", "--selection", str(sel_path), "--checkpoint",
-                         str(src), "--out", str(out), "--strict")
+    code, _, _ = main_in_process(capsys, "apply", "--plugin", "fcclip", "--selection", str(sel_path), "--checkpoint",
+                                 str(src), "--out", str(out), "--strict")
     assert code == 0
     manifest = json.loads(out.read_text())
     assert manifest["selection"] == selection.sha256

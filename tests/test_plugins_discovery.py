@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support.processes import TESTS, install_copy, python_env
 
 from opentrans_hub import NameMap, OpenTransError
 from opentrans_hub.transfer.discovery import list_plugins
@@ -83,21 +82,17 @@ def test_plugin_declaration_errors_are_clear():
 @pytest.fixture(scope="module")
 def third_party_site(tmp_path_factory) -> Path:
     """The fixture package installed by pip into a private directory (a real .dist-info with entry points)."""
-    tmp = tmp_path_factory.mktemp("third_party")
-    source = tmp / "src"
-    shutil.copytree(FIXTURE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = tmp / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(source)], check=True, capture_output=True, text=True)
+    site = install_copy(FIXTURE, tmp_path_factory.mktemp("third_party"))
     assert list(site.glob("oth_demo_plugin-0.3.0.dist-info"))
     return site
 
 
 def _run(site: Path, *argv: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(site))
+    env = python_env(site, TESTS)
     return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_third_party_plugin_is_discovered_and_broken_ones_are_reported(third_party_site):
     # one real process with the private directory on its path runs `plugins list --json`, then `plugins list`
     script = "import sys; from opentrans_hub.cli import main; main(['plugins', 'list', '--json']); " \
@@ -122,11 +117,11 @@ def test_third_party_plugin_is_discovered_and_broken_ones_are_reported(third_par
     assert "toyseg" not in {p.name for p in plugins} and "broken" not in {e.name for e in errors}
 
 
+@pytest.mark.slow
 def test_third_party_plugin_applies_a_subnetwork(third_party_site):
     script = textwrap.dedent("""
-        import json, sys, torch
-        sys.path.insert(0, sys.argv[1])
-        from conftest import make_tiny_resnet
+        import json, torch
+        from support.towers import make_tiny_resnet
         import opentrans_hub as oth
         from opentrans_hub.transfer.discovery import get_plugin
 
@@ -156,7 +151,7 @@ def test_third_party_plugin_applies_a_subnetwork(third_party_site):
         print(json.dumps({"counts": report.to_dict()["counts"], "ok": ok, "broken": broken,
                           "pairs": dict(report.mapped)}))
     """)
-    done = _run(third_party_site, "-c", script, str(Path(__file__).parent))
+    done = _run(third_party_site, "-c", script)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["ok"]

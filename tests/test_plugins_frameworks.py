@@ -13,10 +13,10 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
-from layout_util import Box, place  # noqa: F401  (re-exported for tests importing them here)
+from support.artefacts import random_subnetwork
+from support.layouts import Box, FeatureExtractor, RecWithAttnbiasHead, SplitAttention, place
+from support.towers import make_tiny_resnet
 from torch import nn
-from torch.nn import functional as F
 
 from opentrans_hub import OpenTransError, Subnetwork, apply_masks
 from opentrans_hub.formats.selection import LayerSelection
@@ -33,14 +33,6 @@ def nonzero_init(module: nn.Module, seed: int = 0) -> nn.Module:
             p.copy_((torch.rand(p.shape, generator=gen) + 0.5) * torch.where(torch.rand(p.shape, generator=gen) < 0.5,
                                                                                -1.0, 1.0))
     return module
-
-
-def random_subnetwork(tower: nn.Module, arch: str, seed: int = 1) -> Subnetwork:
-    """Random keep-masks over every conv / linear / attention weight of a canonical tower."""
-    gen = torch.Generator().manual_seed(seed)
-    masks = {name: torch.rand(p.shape, generator=gen) < 0.6 for name, p in tower.named_parameters()
-             if name.endswith("weight") and p.dim() >= 2}
-    return Subnetwork(masks, arch=arch)
 
 
 def masked_copy(tower: nn.Module, sub: Subnetwork) -> nn.Module:
@@ -298,30 +290,6 @@ def test_timm_clip_resnet_matches_timms_own_converter(rn50, variant):
 
 
 # ----------------------------------------------------------------------------- CAT-Seg (q/k/v split)
-class SplitAttention(nn.Module):
-    """CAT-Seg's attention layout: separate q/k/v projection weights, one fused bias."""
-
-    def __init__(self, mha: nn.MultiheadAttention):
-        super().__init__()
-        q, k, v = mha.in_proj_weight.detach().chunk(3)  # torch's packed order: rows of q, then k, then v
-        self.q_proj_weight = nn.Parameter(q.clone())
-        self.k_proj_weight = nn.Parameter(k.clone())
-        self.v_proj_weight = nn.Parameter(v.clone())
-        self.in_proj_bias = nn.Parameter(mha.in_proj_bias.detach().clone())
-        self.out_proj = copy.deepcopy(mha.out_proj)
-        self.num_heads, self.embed_dim, self.batch_first = mha.num_heads, mha.embed_dim, mha.batch_first
-
-    def forward(self, query, key, value, need_weights=False, attn_mask=None):
-        if self.batch_first:
-            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        out, _ = F.multi_head_attention_forward(
-            query, key, value, self.embed_dim, self.num_heads, None, self.in_proj_bias, None, None, False, 0.0,
-            self.out_proj.weight, self.out_proj.bias, training=False, need_weights=False, attn_mask=attn_mask,
-            use_separate_proj_weight=True, q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight,
-            v_proj_weight=self.v_proj_weight)
-        return (out.transpose(0, 1) if self.batch_first else out), None
-
-
 def test_catseg_split_masks_match_the_fused_tower(tiny_vit):
     sub = random_subnetwork(tiny_vit, "open_clip/ViT-B-16")
     assert weight_names(sub, r"attn\.in_proj_weight$")
@@ -361,29 +329,6 @@ def test_catseg_split_masks_match_the_fused_tower(tiny_vit):
 
 
 # ----------------------------------------------------------------------------- SAN (block-index offset)
-class FeatureExtractor(nn.Module):
-    """SAN's first half: shares the tower's modules, blocks ``[:9]`` re-indexed from 0 (a ModuleList slice)."""
-
-    def __init__(self, visual: nn.Module, last_layer_idx: int):
-        super().__init__()
-        self.conv1 = visual.conv1
-        self.class_embedding = visual.class_embedding
-        self.positional_embedding = visual.positional_embedding
-        self.ln_pre = visual.ln_pre
-        self.resblocks = visual.transformer.resblocks[:last_layer_idx]
-
-
-class RecWithAttnbiasHead(nn.Module):
-    """SAN's second half: blocks ``[9:]`` re-indexed from 0, then ``ln_post`` and ``proj``."""
-
-    def __init__(self, visual: nn.Module, first_layer_idx: int):
-        super().__init__()
-        self.resblocks = visual.transformer.resblocks[first_layer_idx:]
-        self.ln_post = visual.ln_post
-        self.proj = visual.proj
-        self.sos_token = nn.Parameter(torch.ones(1, 1, visual.proj.shape[0]))  # SAN's own parameter
-
-
 def test_san_offsets_the_recognition_head_blocks(tiny_vit):
     sub = random_subnetwork(tiny_vit, "open_clip/ViT-B-16")
     shared = copy.deepcopy(tiny_vit)  # SAN holds the tower's modules themselves, split in two

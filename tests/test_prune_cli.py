@@ -32,6 +32,7 @@ def _run_json(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_one_shot_from_a_local_file(rn50_file, tmp_path, capsys):
     path, sha, visual = rn50_file
     out = tmp_path / "rn50.safetensors"
@@ -47,6 +48,7 @@ def test_one_shot_from_a_local_file(rn50_file, tmp_path, capsys):
     assert expected.sha256 == sub.sha256
 
 
+@pytest.mark.slow
 def test_rounds_equal_one_shot_at_the_compounded_sparsity_and_zstd(rn50_file, tmp_path, capsys):
     path, _, visual = rn50_file
     out = tmp_path / "r.safetensors"
@@ -74,6 +76,7 @@ def test_scope_flags_and_random_init(tmp_path, capsys):
     assert sub.provenance["seed"] == 1 and info["layers"] == 4
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     cmd = [sys.executable, "-m", "opentrans_hub", "prune", "--arch", "open_clip/RN50", "--sparsity", "1.5",
            "--out", str(tmp_path / "x.safetensors")]

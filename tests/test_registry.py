@@ -11,39 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
+from support.artefacts import tiny_selection, tiny_subnetwork
+from support.cli import main_in_process, module_cli
+from support.towers import make_tiny_resnet
 
-from opentrans_hub import LayerSelection, OpenTransError, Subnetwork
-from opentrans_hub.methods.imp import magnitude_prune
+from opentrans_hub import OpenTransError, Subnetwork
 from opentrans_hub.towers.backbones import BUILDERS
 from opentrans_hub.zoo.registry import Registry, builtin_index_dir, check_name, file_sha256, load_index
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def tiny_subnetwork(seed: int = 0, sparsity: float = 0.5) -> Subnetwork:
-    return magnitude_prune(make_tiny_resnet(seed), sparsity=sparsity, arch="test/tiny", apply=False)
-
-
-def tiny_selection() -> LayerSelection:
-    names = [n for n, p in make_tiny_resnet().named_parameters() if p.dim() == 4]
-    return LayerSelection([{"name": n, "alpha": 2.0 + i / 10, "trainable": i % 2 == 0} for i, n in enumerate(names)],
-                          arch="test/tiny", policy={"name": "alpha-median"})
-
-
-def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The real command line in a fresh process (used where the process boundary matters)."""
-    return subprocess.run([sys.executable, "-m", "opentrans_hub", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=REPO, timeout=300)
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """The command line's ``main`` in this process (same parser and error handling, no import cost)."""
-    from opentrans_hub.cli import main
-
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -115,7 +91,7 @@ def test_tampered_object_refused(registry, capsys):
     entry.path.write_bytes(bytes(data))
     with pytest.raises(OpenTransError, match="tampered"):
         registry.get_subnetwork("t")
-    code, _, err = run_cli(capsys, "verify", "t", "--registry", str(registry.root))
+    code, _, err = main_in_process(capsys, "verify", "t", "--registry", str(registry.root))
     assert code == 2 and "tampered" in err and len(err.strip().splitlines()) == 1
 
 
@@ -187,6 +163,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_processes_never_corrupt(tmp_path):
     files = [str(tiny_subnetwork(seed, sparsity=0.3 + 0.1 * seed).save(tmp_path / f"s{seed}.safetensors"))
              for seed in range(3)]
@@ -294,9 +271,9 @@ def test_shipped_index_is_recipes_only(tmp_path, monkeypatch, capsys):
     with pytest.raises(OpenTransError, match="needs its base weights.*not available here"):
         registry.get_subnetwork("rn50-openai-imp21")
     monkeypatch.setenv("OPENTRANS_HUB_HOME", str(tmp_path / "reg"))
-    code, out, _ = run_cli(capsys, "info", "rn50-openai-imp21", "--json")
+    code, out, _ = main_in_process(capsys, "info", "rn50-openai-imp21", "--json")
     assert code == 0 and json.loads(out)["method"] == "global-magnitude-compounding"
-    code, _, err = run_cli(capsys, "materialise", "rn50-openai-imp21")
+    code, _, err = main_in_process(capsys, "materialise", "rn50-openai-imp21")
     assert code == 2 and "--weights PATH" in err
 
 
@@ -313,27 +290,28 @@ def test_cli_add_list_info_verify(tmp_path, monkeypatch, capsys):
     sub = tiny_subnetwork()
     path = sub.save(tmp_path / "s.safetensors")
     monkeypatch.setenv("OPENTRANS_HUB_HOME", str(tmp_path / "home"))
-    code, out, err = run_cli(capsys, "add", str(path), "--name", "cli-sub", "--json")
+    code, out, err = main_in_process(capsys, "add", str(path), "--name", "cli-sub", "--json")
     assert code == 0, err
     assert json.loads(out)["sha256"] == sub.sha256
-    listed = json.loads(run_cli(capsys, "list", "--json")[1])
+    listed = json.loads(main_in_process(capsys, "list", "--json")[1])
     names = [row["name"] for row in listed["entries"]]
     assert names[0] == "cli-sub" and "rn50-openai-imp21" in names  # user entries first, then built-ins
-    info = json.loads(run_cli(capsys, "info", "cli-sub", "--json")[1])
+    info = json.loads(main_in_process(capsys, "info", "cli-sub", "--json")[1])
     assert info["stats"]["sparsity"] == pytest.approx(sub.sparsity)
-    code, out, _ = run_cli(capsys, "verify", str(path))
+    code, out, _ = main_in_process(capsys, "verify", str(path))
     assert code == 0 and sub.sha256 in out
-    code, out, _ = run_cli(capsys, "list")
+    code, out, _ = main_in_process(capsys, "list")
     assert code == 0 and "cli-sub" in out and "recipe" in out
 
 
 def test_cli_process_error_is_one_line(tmp_path):
     path = tiny_subnetwork().save(tmp_path / "s.safetensors")
-    bad = cli("add", str(path), "--name", "../x", env={"OPENTRANS_HUB_HOME": str(tmp_path / "home")})
+    bad = module_cli("add", str(path), "--name", "../x", env={"OPENTRANS_HUB_HOME": str(tmp_path / "home")})
     assert bad.returncode == 2 and "bad registry name" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_recipe_index(tmp_path):
     """A wheel (not only the editable checkout) carries masks/ as opentrans_hub/masks and finds it."""
     import shutil

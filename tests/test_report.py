@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
+from support.towers import make_tiny_resnet
 from torch import nn
 
 from opentrans_hub.errors import OpenTransError

@@ -60,7 +60,7 @@ def test_inputs_and_existing_outputs(tmp_path):
 
 
 def test_apply_checkpoint_never_writes_over_its_input(tmp_path):
-    from conftest import make_tiny_resnet
+    from support.towers import make_tiny_resnet
 
     tower = make_tiny_resnet()
     state = {f"backbone.clip_model.visual.{k}": v for k, v in tower.state_dict().items()}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
-from test_sparsity import assert_exact_zeros, batch, conv_masks, snapshot
+from support.sparsity import assert_exact_zeros, batch, conv_masks, snapshot
+from support.towers import make_tiny_resnet
 
 from opentrans_hub import apply_masks, verify_exact
 

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from support.processes import launch_ranks
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = pytest.mark.slow  # two processes, both training
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +16,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("ddp")
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if sys.platform.startswith("linux"):  # keep gloo on loopback even where the hostname resolves elsewhere
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(port), str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("DDP workers timed out")
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-3000:]
+    launch_ranks("ddp_worker", lambda rank, port: [rank, 2, port, out])
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 

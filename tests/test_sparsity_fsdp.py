@@ -7,12 +7,21 @@ sharding raised ``masked_fill_ got mixed torch.Tensor and DTensor``.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch.distributed as dist
-from fsdp_worker import launch
+from support.processes import launch_ranks
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")]
+
+
+def launch(mode: str, out: Path, world: int = 2) -> list[dict]:
+    """Run ``mode`` of ``workers/fsdp_worker.py`` on ``world`` ranks; what each rank saw."""
+    launch_ranks("fsdp_worker", lambda rank, port: [mode, out, rank, world, port], world=world)
+    return [json.loads((out / f"{mode}_rank{rank}.json").read_text()) for rank in range(world)]
 
 
 @pytest.fixture(scope="module")

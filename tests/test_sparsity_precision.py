@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
-from test_sparsity import OPTIMIZERS, assert_exact_zeros, batch, conv_masks, snapshot
+from support.sparsity import OPTIMIZERS, assert_exact_zeros, batch, conv_masks, snapshot
+from support.towers import make_tiny_resnet
 
 from opentrans_hub import apply_masks, verify_exact
 from opentrans_hub.sparsity import masks as sparsity_mod
@@ -24,7 +24,8 @@ def train(model, optimizer, dtype, steps=STEPS):
         optimizer.step()
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16],
+                         ids=["fp16", "bf16"])
 def test_every_optimizer_keeps_zeros_in_pure_low_precision(dtype):
     failures = []
     for kind in sorted(OPTIMIZERS):

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_resnet
+from support.towers import make_tiny_resnet
 from torch import nn
 
 from opentrans_hub.errors import OpenTransError

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
 from safetensors.torch import save_file
+from support.cli import main_in_process
+from support.towers import make_tiny_resnet
 
 from opentrans_hub.cli import main
 from opentrans_hub.formats.selection import LayerSelection
@@ -43,8 +44,9 @@ def tiny_family():
 
 
 def run_json(capsys, *argv):
-    assert main(list(argv)) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    code, out, _ = main_in_process(capsys, *argv)
+    assert code == 0
+    out = out.strip().splitlines()
     assert len(out) == 1
     return json.loads(out[0])
 

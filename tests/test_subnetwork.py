@@ -10,21 +10,14 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_resnet
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
-from torch import nn
+from support.sparsity import conv_masks
+from support.towers import make_tiny_resnet
 
 import opentrans_hub
 from opentrans_hub import OpenTransError, Subnetwork
 from opentrans_hub.formats.subnetwork import default_provenance
-
-
-def conv_masks(model: nn.Module, sparsity: float = 0.89, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1:]
-    params = dict(model.named_parameters())
-    return {n: torch.rand(params[n].shape, generator=gen) >= sparsity for n in names}
 
 
 @pytest.fixture(scope="module")

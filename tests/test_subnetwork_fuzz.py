@@ -12,14 +12,14 @@ import struct
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from support.fuzz import fuzz_settings, mutate
 
 from opentrans_hub import OpenTransError, Subnetwork
 from opentrans_hub.formats.subnetwork import default_provenance
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = fuzz_settings(200)
 
 
 def _sample() -> Subnetwork:
@@ -51,22 +51,7 @@ def test_valid_samples_decode():
 @FUZZ
 @given(data=st.data())
 def test_mutations_of_valid_files(encoding, data):
-    blob = bytearray(VALID[encoding])
-    for _ in range(data.draw(st.integers(1, 4), label="mutations")):
-        kind = data.draw(st.sampled_from(["flip", "truncate", "insert", "delete", "overwrite"]), label="kind")
-        pos = data.draw(st.integers(0, max(len(blob) - 1, 0)), label="pos")
-        if kind == "flip" and blob:
-            blob[pos] ^= 1 << data.draw(st.integers(0, 7), label="bit")
-        elif kind == "truncate":
-            del blob[pos:]
-        elif kind == "insert":
-            blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=16), label="inserted")
-        elif kind == "delete":
-            del blob[pos:pos + data.draw(st.integers(1, 16), label="deleted")]
-        elif blob:
-            chunk = data.draw(st.binary(min_size=1, max_size=8), label="overwrite")
-            blob[pos:pos + len(chunk)] = chunk
-    sub = decode(bytes(blob))
+    sub = decode(mutate(data, VALID[encoding], mutations=4, chunk=16, overwrite=True))
     if sub is not None:  # accepted only if it is still exactly the same content
         assert sub.sha256 == SAMPLE.sha256
         assert all(torch.equal(sub[n], SAMPLE[n]) for n in SAMPLE)

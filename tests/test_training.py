@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from imp_worker import PREFIX, TinyClassifier, make_optimizer, train_step
+from support.training import (
+    PREFIX,
+    TinyClassifier,
+    alternate_selection,
+    make_optimizer,
+    step_trains_only_selected,
+    train_step,
+)
 
 from opentrans_hub import NameMap, OpenTransError, Subnetwork
 from opentrans_hub.formats.selection import LayerSelection
@@ -124,12 +131,6 @@ def test_layer_selection_freezes_what_it_says(tmp_path):
     assert not torch.equal(params["head.weight"], before["head.weight"])
 
 
-def _alternate_selection(model) -> LayerSelection:
-    names = list(PruneScope(exclude_first=False).select(model.backbone.visual))
-    return LayerSelection([{"name": n, "trainable": i % 2 == 0} for i, n in enumerate(names)], arch="tiny/RN",
-                          policy={"name": "alternate"})
-
-
 def _freeze_tower(model) -> None:
     for param in model.backbone.visual.parameters():
         param.requires_grad_(False)
@@ -140,7 +141,7 @@ def test_selection_refuses_parameters_the_optimizer_does_not_hold():
     model = TinyClassifier()
     _freeze_tower(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    selection = _alternate_selection(model)
+    selection = alternate_selection(model)
     before = {name: p.requires_grad for name, p in model.named_parameters()}
     schedule = OpenTransSchedule(model, selection=selection, selection_map=NameMap.prefix(PREFIX), optimizer=optimizer)
     with pytest.raises(OpenTransError,
@@ -160,13 +161,7 @@ def test_selection_refuses_parameters_the_optimizer_does_not_hold():
     schedule.before_train()
     assert schedule.selection_result is report  # used, not repeated
     assert any("applied when the model was built" in m for m in messages)
-    before = {k: v.clone() for k, v in model.named_parameters()}
-    train_step(model, optimizer, 0)
-    schedule.after_step(0)
-    params = dict(model.named_parameters())
-    for layer in selection.layers:
-        full = PREFIX + layer["name"]
-        assert torch.equal(params[full], before[full]) != layer["trainable"], full
+    params = step_trains_only_selected(model, optimizer, schedule, selection)
     assert schedule.trained_params == schedule.trainable_params > 0
     # an optimizer that lost a parameter after the build is caught too
     short = torch.optim.SGD([params["head.weight"]], lr=0.1)
@@ -186,7 +181,7 @@ class _NoGradTower(TinyClassifier):
 
 def test_selection_on_a_tower_run_without_gradients_is_reported():
     model = _NoGradTower()
-    selection = _alternate_selection(model)
+    selection = alternate_selection(model)
     schedule = OpenTransSchedule(model, selection=selection, selection_map=NameMap.prefix(PREFIX))
     optimizer = make_optimizer(model)
     schedule.before_train()
@@ -202,7 +197,7 @@ def test_selection_on_a_tower_run_without_gradients_is_reported():
 
     trained = TinyClassifier()  # the same selection on a tower that does get gradients: no warning
     warned = []
-    schedule = OpenTransSchedule(trained, selection=_alternate_selection(trained), selection_map=NameMap.prefix(PREFIX),
+    schedule = OpenTransSchedule(trained, selection=alternate_selection(trained), selection_map=NameMap.prefix(PREFIX),
                                  warn=warned.append)
     optimizer = make_optimizer(trained)
     schedule.before_train()
@@ -246,13 +241,12 @@ def test_log_lines_say_when_things_ran_and_scalars_follow(subnetwork, tmp_path):
 
 _DDP_SELECTION = """
 import sys, torch, torch.distributed as dist
-from imp_worker import PREFIX, TinyClassifier
-from test_training import _alternate_selection
+from support.training import PREFIX, TinyClassifier, alternate_selection
 from opentrans_hub import NameMap, OpenTransError
 from opentrans_hub.integrations.training import OpenTransSchedule
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
 model = TinyClassifier()
-selection = _alternate_selection(model)
+selection = alternate_selection(model)
 ddp = torch.nn.parallel.DistributedDataParallel(model)
 try:
     OpenTransSchedule(ddp, selection=selection, selection_map=NameMap.prefix(PREFIX)).before_train()
@@ -265,16 +259,12 @@ dist.destroy_process_group()
 @pytest.mark.slow
 def test_selection_after_the_ddp_wrapper_is_refused():
     """DDP reduces the gradients of what was trainable when it was built: a selection after it must not pass."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    from hubserver import free_port
+    from support.processes import free_port, worker_env
 
-    tests = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": str(tests), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _DDP_SELECTION, str(free_port())], cwd=tests, env=env,
+    done = subprocess.run([sys.executable, "-c", _DDP_SELECTION, str(free_port())], env=worker_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "refused: the layer selection must be applied before the DistributedDataParallel wrapper" in done.stdout

@@ -3,15 +3,15 @@ subnetwork of another architecture are errors before anything changes, not "mapp
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from cli_util import assert_refused, cli_env, command
-from conftest import make_tiny_resnet
+from support.cli import assert_refused, cli_env, command
+from support.processes import install_copy, python_env
+from support.towers import make_tiny_resnet
 
 from opentrans_hub import OpenTransError, Subnetwork, get_plugin, load_backbone, masked_parameters
 from opentrans_hub.towers.archs import canonical_tensors
@@ -39,6 +39,7 @@ def ws(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_wrong_plugin_maps_nothing_and_names_the_right_one(ws):
     line = assert_refused(ws, "apply", "--plugin", "hanovs", "--subnetwork", "sub.safetensors", "--checkpoint",
                           "fcclip.pth", "--out", "o.pth", needles=("nothing was applied", "plugin 'fcclip'"))
@@ -67,17 +68,11 @@ def test_wrong_plugin_raises_in_the_api(ws, tmp_path):
 
 @pytest.fixture(scope="module")
 def dup_site(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("dup")
-    source = tmp / "src"
-    shutil.copytree(FIXTURE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = tmp / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(source)], check=True, capture_output=True, text=True)
-    return site
+    return install_copy(FIXTURE, tmp_path_factory.mktemp("dup"))
 
 
 def test_a_plugin_name_claimed_twice_is_an_error_wherever_it_is_used(dup_site, ws):
-    env = {"PYTHONPATH": str(dup_site)}
+    env = {"PYTHONPATH": python_env(dup_site)["PYTHONPATH"]}
     line = assert_refused(ws, "apply", "--plugin", "fcclip", "--subnetwork", "sub.safetensors", "--checkpoint",
                           "fcclip.pth", "--out", "o.pth", env=env, needles=("duplicate plugin name",))
     assert "opentrans-hub-fcclip" in line and "oth-dup-plugin 1.0.0" in line

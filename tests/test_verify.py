@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_resnet
-from imp_worker import PREFIX, TinyClassifier, make_optimizer, train_step
-from test_sparsity import conv_masks
+from support.sparsity import conv_masks
+from support.towers import make_tiny_resnet
+from support.training import PREFIX, TinyClassifier, make_optimizer, train_step
 from yacs.config import CfgNode
 
 from opentrans_hub import NameMap, OpenTransError, Subnetwork, apply_masks, bake, export_subnetwork, verify_exact

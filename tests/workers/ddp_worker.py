@@ -1,6 +1,7 @@
 """One rank of the DistributedDataParallel sparsity test (run by tests/test_sparsity_ddp.py, 2 processes, gloo).
 
-Usage: python ddp_worker.py RANK WORLD_SIZE PORT OUT_DIR. Writes OUT_DIR/rank{RANK}.json with what it saw.
+Usage: python ddp_worker.py RANK WORLD_SIZE PORT OUT_DIR. Writes OUT_DIR/rank{RANK}.json with what it saw;
+``tests/`` must be on PYTHONPATH (``support.processes`` starts the ranks).
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from support.sparsity import conv_masks, pruned_nonzeros
+from support.towers import make_tiny_resnet
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import make_tiny_resnet  # noqa: E402
-
-from opentrans_hub import (  # noqa: E402
+from opentrans_hub import (
     NameMap,
     Subnetwork,
     apply_masks,
@@ -25,18 +25,6 @@ from opentrans_hub import (  # noqa: E402
     masked_parameters,
     verify_exact,
 )
-
-
-def conv_masks(model: nn.Module, sparsity: float, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1:]
-    params = dict(model.named_parameters())
-    return {n: torch.rand(params[n].shape, generator=gen) >= sparsity for n in names}
-
-
-def pruned_nonzeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
-    params = dict(model.named_parameters())
-    return sum(int((params[n].detach()[~m] != 0).sum()) for n, m in masks.items())
 
 
 def steps(ddp: nn.Module, optimizer: torch.optim.Optimizer, rank: int, count: int, autocast: bool = False) -> None:

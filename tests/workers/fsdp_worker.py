@@ -1,7 +1,8 @@
 """One rank of the FSDP tests (run by tests/test_sparsity_fsdp.py; gloo on 127.0.0.1, CPU).
 
 Usage: python fsdp_worker.py MODE OUT_DIR RANK WORLD PORT, MODE in {rn50, vit (+ the FSDP1 checks), fsdp1}. Writes
-OUT_DIR/MODE_rank{RANK}.json with what the rank saw. ``launch`` starts all ranks and collects them.
+OUT_DIR/MODE_rank{RANK}.json with what the rank saw; ``tests/`` must be on PYTHONPATH (``support.processes``
+starts the ranks).
 Every check here is computed independently of the library where it can be (local shards against chunks of
 the full masks), besides ``verify_exact``.
 """
@@ -9,9 +10,6 @@ the full masks), besides ``verify_exact``.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -19,36 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from support.sparsity import conv_masks
 from torch import nn
 
 torch.set_num_threads(1)
 IMAGE = 32  # RN50 at 32 px: a 1x1 attnpool grid, every conv of the tower at a quarter of the 64 px cost
 T0 = time.perf_counter()
-
-
-# ------------------------------------------------------------------------------------------- launching
-def launch(mode: str, out: Path, world: int = 2, timeout: float = 240) -> list[dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent) + os.pathsep
-           + os.environ.get("PYTHONPATH", "")}
-    if sys.platform.startswith("linux"):
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-    procs = [subprocess.Popen([sys.executable, __file__, mode, str(out), str(rank), str(world), str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-        raise AssertionError(f"{mode} ranks timed out after {timeout}s") from None
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-4000:]
-    return [json.loads((out / f"{mode}_rank{rank}.json").read_text()) for rank in range(world)]
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -91,13 +65,6 @@ def rn50_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
 
 
-def conv_masks(model: nn.Module, sparsity: float, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    shapes = {n: p.shape for n, p in model.named_parameters()}
-    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1:]
-    return {n: torch.rand(shapes[n], generator=gen) >= sparsity for n in names}
-
-
 def images(step: int, rank: int, size: int = 2, image: int = IMAGE) -> torch.Tensor:
     return torch.randn(size, 3, image, image, generator=torch.Generator().manual_seed(100 * step + rank))
 
@@ -114,6 +81,15 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, steps: 
 
 
 # ------------------------------------------------------------------------------------------- checks
+def error_of(fn) -> str:
+    """An empty string when ``fn()`` returns, else "ExceptionType: message" (recorded for the test to assert)."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
 def local_rows(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The rows of ``full`` this rank's shard of ``param`` holds (fully_shard: torch.chunk on dim 0)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -243,15 +219,11 @@ def run_rn50(result: dict, rank: int, mesh, out: Path) -> None:
             rows = local_rows(masks[name], params[name])
             piece[~rows] = 0.5
     result["violation"] = verify_exact(other, raise_on_violation=False)
-    try:
-        verify_exact(other)
-        result["violation_raised"] = ""
-    except Exception as exc:  # noqa: BLE001 - recorded for the test to assert
-        result["violation_raised"] = f"{type(exc).__name__}: {exc}"
+    result["violation_raised"] = error_of(lambda: verify_exact(other))
 
 
 def run_fsdp1(result: dict, rank: int, mesh, out: Path) -> None:
-    from conftest import make_tiny_resnet
+    from support.towers import make_tiny_resnet
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     from opentrans_hub import apply_masks
@@ -259,29 +231,18 @@ def run_fsdp1(result: dict, rank: int, mesh, out: Path) -> None:
     model = make_tiny_resnet(width=8)
     masks = conv_masks(model, 0.5, seed=0)
     wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
-    try:
-        apply_masks(wrapped, {f"_fsdp_wrapped_module.{n}": m for n, m in masks.items()})
-        result["apply_after"] = ""
-    except Exception as exc:  # noqa: BLE001
-        result["apply_after"] = f"{type(exc).__name__}: {exc}"
+    result["apply_after"] = error_of(lambda: apply_masks(wrapped, {f"_fsdp_wrapped_module.{n}": m
+                                                                   for n, m in masks.items()}))
     model = make_tiny_resnet(width=8)
     apply_masks(model, masks)
     wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
-    try:
-        train(wrapped, optimizer, rank, steps=1, image=64)
-        result["step_after_wrap"] = ""
-    except Exception as exc:  # noqa: BLE001
-        result["step_after_wrap"] = f"{type(exc).__name__}: {exc}"
+    result["step_after_wrap"] = error_of(lambda: train(wrapped, optimizer, rank, steps=1, image=64))
     model = make_tiny_resnet(width=8)  # the default FSDP1 (flat parameters only)
     apply_masks(model, masks)
     wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
-    try:
-        train(wrapped, optimizer, rank, steps=1, image=64)
-        result["step_after_flat_wrap"] = ""
-    except Exception as exc:  # noqa: BLE001
-        result["step_after_flat_wrap"] = f"{type(exc).__name__}: {exc}"
+    result["step_after_flat_wrap"] = error_of(lambda: train(wrapped, optimizer, rank, steps=1, image=64))
 
 
 def quantized_vit(seed: int) -> nn.Module:

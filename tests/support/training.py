@@ -1,30 +1,26 @@
-"""A small real training task for the IMP tests, and the subprocess entry points they start.
+"""A small real training task shared by the IMP, schedule, verify and detectron2 tests and the IMP workers.
 
 The model is a reduced-width open_clip ModifiedResNet (RN50 names) at ``backbone.visual.`` with a linear
 head; the task classifies which quadrant of a noisy 32 px image holds a bright square. Each iteration's
 batch is generated from a seed made of the iteration (and the rank), so a run resumed at iteration ``i``
 sees exactly the batches an uninterrupted run sees.
-
-Run as a script:
-  python imp_worker.py resume OUT_DIR STEPS [--sleep-after-round S]   (killable IMP run with resume)
-  python imp_worker.py ddp OUT_DIR RANK WORLD PORT                     (one DDP rank, gloo on 127.0.0.1)
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 
 import torch
 from torch import nn
 
-torch.set_num_threads(1)
+from opentrans_hub.formats.selection import LayerSelection
 
 PREFIX = "backbone.visual."
 IMAGE = 32
 CLASSES = 4
+RESUME_SETTINGS = {"rate": 0.2, "rounds": 4, "period": 3}
+DDP_SETTINGS = {"rate": 0.25, "rounds": 3, "period": 2}
 
 
 class TinyClassifier(nn.Module):
@@ -68,11 +64,17 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
 
 
-# ------------------------------------------------------------------------------------------ resume
-RESUME_SETTINGS = {"rate": 0.2, "rounds": 4, "period": 3}
+def alternate_selection(model: TinyClassifier) -> LayerSelection:
+    """Every other layer of the tower's prune scope (first conv included) trainable."""
+    from opentrans_hub.methods.imp import PruneScope
+
+    names = list(PruneScope(exclude_first=False).select(model.backbone.visual))
+    return LayerSelection([{"name": n, "trainable": i % 2 == 0} for i, n in enumerate(names)], arch="tiny/RN",
+                          policy={"name": "alternate"})
 
 
 def run_resume(out_dir: str, steps: int, sleep_after_round: float) -> None:
+    """An IMP run that checkpoints after every round and resumes from the last one (killable between rounds)."""
     from opentrans_hub.io.checkpoints import write_checkpoint
     from opentrans_hub.methods.imp import IMPRunner
 
@@ -102,62 +104,15 @@ def run_resume(out_dir: str, steps: int, sleep_after_round: float) -> None:
     print("done", flush=True)
 
 
-# ------------------------------------------------------------------------------------------ DDP
-DDP_SETTINGS = {"rate": 0.25, "rounds": 3, "period": 2}
-
-
-def run_ddp(out_dir: str, rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-
-    from opentrans_hub.methods.imp import IMPRunner
-    from opentrans_hub.towers.backbones import weights_sha256
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        # rank-specific init: DDP broadcasts rank 0's parameters when it wraps the model
-        model = nn.parallel.DistributedDataParallel(TinyClassifier(seed=rank))
-        optimizer = make_optimizer(model)
-
-        def on_round(round_index: int, iteration: int, sub) -> None:
-            sub.save(os.path.join(out_dir, f"rank{rank}_round{round_index}.safetensors"))
-
-        runner = IMPRunner(model, prefix=PREFIX, arch="tiny/RN", out_dir=os.path.join(out_dir, "imp"),
-                           on_round=on_round, **DDP_SETTINGS)
-        runner.before_train()
-        for iteration in range(DDP_SETTINGS["rounds"] * DDP_SETTINGS["period"] + 1):
-            train_step(model, optimizer, iteration, rank)  # each rank sees its own data
-            runner.after_step(iteration)
-        with open(os.path.join(out_dir, f"rank{rank}_weights.txt"), "w") as handle:
-            # parameters only: BatchNorm running statistics follow each rank's own data
-            handle.write(weights_sha256(dict(model.module.named_parameters())))
-        # towers that differ on purpose (no DDP): the masks must still be rank 0's on every rank
-        lone = TinyClassifier(seed=100 + rank)
-        lone_runner = IMPRunner(lone, prefix=PREFIX, arch="tiny/RN", rate=0.5, rounds=1, period=1)
-        lone_runner.before_train()
-        lone_runner.after_step(0).save(os.path.join(out_dir, f"rank{rank}_lone.safetensors"))
-    finally:
-        dist.destroy_process_group()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="mode", required=True)
-    resume = sub.add_parser("resume")
-    resume.add_argument("out_dir")
-    resume.add_argument("steps", type=int)
-    resume.add_argument("--sleep-after-round", type=float, default=0.0)
-    ddp = sub.add_parser("ddp")
-    ddp.add_argument("out_dir")
-    ddp.add_argument("rank", type=int)
-    ddp.add_argument("world", type=int)
-    ddp.add_argument("port", type=int)
-    args = parser.parse_args(argv)
-    if args.mode == "resume":
-        run_resume(args.out_dir, args.steps, args.sleep_after_round)
-    else:
-        run_ddp(args.out_dir, args.rank, args.world, args.port)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def step_trains_only_selected(model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
+                              selection: LayerSelection, iteration: int = 0) -> dict[str, nn.Parameter]:
+    """One scheduled training step: exactly the selection's trainable layers (under ``PREFIX``) moved. Returns
+    the model's parameters after the step."""
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    train_step(model, optimizer, iteration)
+    schedule.after_step(iteration)
+    params = dict(model.named_parameters())
+    for layer in selection.layers:
+        full = PREFIX + layer["name"]
+        assert torch.equal(params[full], before[full]) != layer["trainable"], full
+    return params

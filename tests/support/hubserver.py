@@ -29,16 +29,24 @@ from pathlib import Path
 
 import yaml
 
+from support.processes import free_port
+
 LOOPBACK = "127.0.0.1"
 _GIT_ENV = {"GIT_AUTHOR_NAME": "hubserver", "GIT_AUTHOR_EMAIL": "hubserver@localhost",
             "GIT_COMMITTER_NAME": "hubserver", "GIT_COMMITTER_EMAIL": "hubserver@localhost",
             "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+def refuse_non_loopback(monkeypatch) -> None:
+    """Refuse, for one test, any connection from this process that is not to a loopback address."""
+    connect = socket.socket.connect
+
+    def guarded(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"test tried to reach {address!r}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
 def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:

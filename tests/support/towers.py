@@ -1,6 +1,8 @@
-"""Small open_clip towers with the real block structure (RN50: 3-4-6-3; ViT-B/16: 12 blocks), for inference tests.
+"""Small but real open_clip towers, so tests run in seconds on 2 CPU cores.
 
-The architectures are registered with open_clip as ordinary model configs (``RN50-oth-tiny``,
+``make_tiny_resnet``: open_clip's ModifiedResNet (RN50 names) at reduced width and depth. ``tower``: towers with the
+real block structure (RN50: 3-4-6-3; ViT-B/16: 12 blocks) at reduced width, for the name-map inference tests. Those
+architectures are registered with open_clip as ordinary model configs (``RN50-oth-tiny``,
 ``ViT-B-16-oth-tiny``, ``convnext-oth-tiny``: timm's ConvNeXt-atto trunk), so ``open_clip/RN50-oth-tiny`` builds
 through the same code as ``open_clip/RN50``: the towers are open_clip's own ModifiedResNet, VisionTransformer and
 TimmModel classes, at reduced width.
@@ -13,8 +15,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from layout_util import Box, place  # noqa: F401  (re-exported for tests importing them here)
 from torch import nn
+
+
+def make_tiny_resnet(seed: int = 0, width: int = 16, image_size: int = 64) -> nn.Module:
+    """open_clip's ModifiedResNet (the RN50 tower class, same parameter names) at reduced width/depth."""
+    from open_clip.modified_resnet import ModifiedResNet
+
+    torch.manual_seed(seed)
+    return ModifiedResNet(layers=(1, 1, 1, 1), output_dim=32, heads=2, image_size=image_size, width=width)
+
 
 RN_TINY = "open_clip/RN50-oth-tiny"
 VIT_TINY = "open_clip/ViT-B-16-oth-tiny"
@@ -69,3 +79,24 @@ def tower(arch: str, seed: int = 0) -> nn.Module:
     return nonzero_init(build_visual(arch), seed=seed)
 
 
+
+
+def finetuned(model: nn.Module, seed: int = 5, scale: float = 0.05) -> nn.Module:
+    """A copy whose weights moved a little from the start, as after fine-tuning."""
+    import copy
+
+    model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def use_tiny_family(monkeypatch, family: str = "tinytest", seed: int = 99) -> str:
+    """Make ``build_visual("<family>/resnet")`` build ``make_tiny_resnet(seed)`` (random init; weights come from
+    files) for one test; returns the arch id."""
+    from opentrans_hub.towers.backbones import BUILDERS
+
+    monkeypatch.setitem(BUILDERS, family, lambda name, pretrained: make_tiny_resnet(seed=seed))
+    return f"{family}/resnet"
