@@ -56,7 +56,6 @@ def test_ties_keep_network_order_and_layers_without_alpha_train():
     json.loads(sel.to_json())
 
 
-@pytest.mark.slow
 def test_manifest_round_trip_hash_and_reselect(tmp_path):
     metrics = compute_metrics(make_tiny_resnet())
     sel = select_layers(metrics, "median", arch="open_clip/RN50", weights_sha256="ab" * 32,
