@@ -32,7 +32,7 @@ proves the zeros on demand.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -203,6 +203,15 @@ class _Seen:
         self.after = False
 
 
+def _masked_params(optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, keep-mask) for every parameter of ``optimizer`` that a mask store holds."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            mask = _mask_for(param)
+            if mask is not None:
+                yield param, mask
+
+
 @torch.compiler.disable  # under torch.compile(opt.step): one eager call, not a trace per parameter
 def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if _PENDING:
@@ -221,32 +230,28 @@ def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
     after = type(optimizer) not in _ELEMENTWISE or closure is not None
     cleared = seen.cleared
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                mask = _mask_for(param)
-                if mask is None:
-                    continue
-                if mask.shape != param.shape:  # same object, new data: FSDP1's flat views (use_orig_params)
-                    raise OpenTransError(f"a masked parameter now has shape {tuple(param.shape)}, its mask "
-                                         f"{tuple(mask.shape)}. {FSDP1_HINT}")
-                keep = local(mask)
-                grad = param.grad
-                low = param.dtype in _AFTER_STEP_DTYPES
-                after = after or low
-                if grad is not None and not grad.is_sparse:
-                    # one multiply: the cheapest pass (torch.where(out=) costs a second, hidden copy). A NaN/inf
-                    # gradient stays NaN there; GradScaler skips such steps, otherwise call enforce() after.
-                    # float16 gradients overflow easily and get the NaN-proof fill.
-                    if low:
-                        local(grad).masked_fill_(~keep, 0)
-                    else:
-                        local(grad).mul_(keep)
-                if cleared.get(param) is not mask:
-                    # state from before this mask could move pruned weights: clear it there, once
-                    for value in optimizer.state.get(param, {}).values():
-                        if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                            local(value).masked_fill_(~keep, 0)
-                    cleared[param] = mask
+        for param, mask in _masked_params(optimizer):
+            if mask.shape != param.shape:  # same object, new data: FSDP1's flat views (use_orig_params)
+                raise OpenTransError(f"a masked parameter now has shape {tuple(param.shape)}, its mask "
+                                     f"{tuple(mask.shape)}. {FSDP1_HINT}")
+            keep = local(mask)
+            grad = param.grad
+            low = param.dtype in _AFTER_STEP_DTYPES
+            after = after or low
+            if grad is not None and not grad.is_sparse:
+                # one multiply: the cheapest pass (torch.where(out=) costs a second, hidden copy). A NaN/inf
+                # gradient stays NaN there; GradScaler skips such steps, otherwise call enforce() after.
+                # float16 gradients overflow easily and get the NaN-proof fill.
+                if low:
+                    local(grad).masked_fill_(~keep, 0)
+                else:
+                    local(grad).mul_(keep)
+            if cleared.get(param) is not mask:
+                # state from before this mask could move pruned weights: clear it there, once
+                for value in optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        local(value).masked_fill_(~keep, 0)
+                cleared[param] = mask
     seen.after = after
 
 
@@ -266,15 +271,11 @@ def _optimizer_post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: An
     if seen is not None and not seen.after:
         return
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                mask = _mask_for(param)
-                if mask is None:
-                    continue
-                if param.dtype in _AFTER_STEP_DTYPES:
-                    zero_pruned_(param, mask)
-                else:
-                    local(param).mul_(local(mask))
+        for param, mask in _masked_params(optimizer):
+            if param.dtype in _AFTER_STEP_DTYPES:
+                zero_pruned_(param, mask)
+            else:
+                local(param).mul_(local(mask))
 
 
 def _ensure_global_hooks() -> None:
