@@ -103,8 +103,8 @@ def test_written_plugin_installs_lists_and_checks(files, tmp_path):
     plugin_dir = tmp_path / "myseg-opentrans"
     done = cli(files, "map", files["ckpt"], "--arch", RN_TINY, "--write-plugin", plugin_dir, "--name", "myseg")
     assert done.returncode == 0, done.stderr
-    module = (plugin_dir / "myseg_opentrans" / "__init__.py").read_text()
-    assert module.count("evidence:") >= 5 and (plugin_dir / "README.md").exists()
+    spec = json.loads((plugin_dir / "myseg_opentrans" / "plugin.json").read_text())
+    assert sum("evidence:" in rule["evidence"] for rule in spec["rules"]) >= 5 and (plugin_dir / "README.md").exists()
     site = tmp_path / "site"
     pip_install(plugin_dir, site)
     listing = cli(files, "plugins", "list", "--json", site=site, tiny=False)
