@@ -133,7 +133,9 @@ def test_apply_and_check_with_the_auto_plugin(files, tmp_path, capsys):
                                         "--checkpoint", files["ckpt"], "--out", out, "--json")
     assert code == 0, err
     reference = tmp_path / "reference.pth"
-    report = get_plugin("deeplabv3-d2").apply_checkpoint(files["ckpt"], files["sub"], reference, arch="open_clip/RN50")
+    # the hand-written plugin knows the tiny test tower by RN50's names only: another arch, so allow_partial
+    report = get_plugin("deeplabv3-d2").apply_checkpoint(files["ckpt"], files["sub"], reference, arch="open_clip/RN50",
+                                                         allow_partial=True)
     got, want = torch.load(out, weights_only=True), torch.load(reference, weights_only=True)
     assert got["iteration"] == 7 and got["model"].keys() == want["model"].keys()
     assert all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
