@@ -18,7 +18,8 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OpenTransError
@@ -96,8 +97,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
         old_mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         old_mode = None
+    with new_folders(path.parent):
+        _write_new(path, data, old_mode, overwrite)
+    return path
+
+
+def _write_new(path: Path, data: bytes, old_mode: int | None, overwrite: bool) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise OpenTransError(f"cannot write ({exc.strerror or exc})", path=path) from None
@@ -117,7 +123,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
         if isinstance(exc, OSError):
             raise OpenTransError(f"cannot write ({exc.strerror or exc})", path=path) from None
         raise
-    return path
+
+
+@contextmanager
+def new_folders(folder: str | os.PathLike) -> Iterator[Path]:
+    """Create ``folder`` and its missing parents; if the block fails, remove again those it created (when still
+    empty), so a refused write leaves no trace."""
+    folder = Path(folder)
+    missing = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OpenTransError(f"cannot write ({exc.strerror or exc})", path=folder) from None
+    try:
+        yield folder
+    except BaseException:
+        for made in missing:  # deepest first
+            try:
+                made.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
