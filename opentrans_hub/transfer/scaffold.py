@@ -126,7 +126,7 @@ def plugin_spec(name: str, arch: str, name_map: NameMap, report: Any, target_nam
 
 def check_plugin_name(name: str) -> None:
     """A new plugin's name: safe characters, not the built-in ``auto``, not an installed plugin's."""
-    from .plugins import discover
+    from .discovery import discover
 
     if not isinstance(name, str) or not _NAME.match(name):
         raise OpenTransError(f"bad plugin name {name!r}: letters, digits, '.', '_' and '-' only")
