@@ -132,6 +132,8 @@ def test_apply_and_check_with_the_auto_plugin(files, tmp_path, capsys):
     code, stdout, err = main_in_process(capsys, "apply", "--plugin", "auto", "--subnetwork", files["sub"],
                                         "--checkpoint", files["ckpt"], "--out", out, "--json")
     assert code == 0, err
+    rules = [line for line in err.splitlines() if line.startswith("opentrans-hub apply: auto rule: ")]
+    assert rules and any("res{g1+1}" in line for line in rules)  # the inferred rules are shown, one line each
     reference = tmp_path / "reference.pth"
     # the hand-written plugin knows the tiny test tower by RN50's names only: another arch, so allow_partial
     report = get_plugin("deeplabv3-d2").apply_checkpoint(files["ckpt"], files["sub"], reference, arch="open_clip/RN50",
