@@ -56,8 +56,6 @@ def _say_inferred(plugin: Any) -> None:
                     f"tensors mapped, {len(report.unmapped)} unmapped; {len(name_map.rules)} rules:"), file=sys.stderr)
     for rule in name_map.rules:
         print(printable(f"opentrans-hub apply: auto rule: {rule}"), file=sys.stderr)
-    for note in report.notes:
-        print(printable(f"opentrans-hub apply: warning: {note}"), file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ when a tower was found and mapped; an ambiguous layout exits 2 naming the candid
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ._common import print_json, printable, table
 
@@ -45,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
             print_json({"arch": args.arch, "tower": None, "ok": False, "error": str(exc),
                         "candidates": exc.candidates})
         raise
-    for note in report.notes:
-        print(f"opentrans-hub map: warning: {printable(note)}", file=sys.stderr)
     written = None
     if args.write_plugin:
         names = list(target_tensors(args.checkpoint)[0])  # the plugin maps without DDP's prefix; apply adds it
