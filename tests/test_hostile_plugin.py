@@ -8,25 +8,23 @@ surrogates reach the generated plugin only as data; it installs, imports, maps t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from inference_layouts import RN_TINY, register, tower
+from support.processes import TESTS, pip_install, python_env
+from support.towers import RN_TINY, register, tower
 
 SCRIPT = Path(sys.executable).with_name("opentrans-hub")
-TESTS = Path(__file__).resolve().parent
 INJECTION = 'ck""" if __import__("os").system("touch PWNED") else """.pth'
 PREFIX = "bb\"'\n\x1b[2J\u00e9\u4e2d\udcff."
 
 
 def run(tmp: Path, *args: str, site: Path | None = None) -> subprocess.CompletedProcess:
-    path = [str(tmp / "custom")] + ([str(site)] if site else []) + [os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path),
-           "OPENTRANS_HUB_HOME": str(tmp / "home")}
+    env = python_env(tmp / "custom", TESTS, *([site] if site else []), OMP_NUM_THREADS="1",
+                     OPENTRANS_HUB_HOME=str(tmp / "home"))
     return subprocess.run([str(SCRIPT), *args], capture_output=True, timeout=300, env=env, cwd=tmp)
 
 
@@ -35,8 +33,7 @@ def crafted(tmp_path_factory) -> Path:
     register()
     tmp = tmp_path_factory.mktemp("hostile_plugin")
     (tmp / "custom").mkdir()
-    (tmp / "custom" / "sitecustomize.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-                                                     "import inference_layouts\ninference_layouts.register()\n")
+    (tmp / "custom" / "sitecustomize.py").write_text("from support import towers\ntowers.register()\n")
     state = {PREFIX + name: value for name, value in tower(RN_TINY, seed=3).state_dict().items()}
     torch.save({"model": state}, tmp / INJECTION)
     return tmp
@@ -58,8 +55,7 @@ def test_crafted_names_stay_data_in_a_written_plugin(crafted):
     spec = json.loads((crafted / "p" / "x_opentrans" / "plugin.json").read_text())
     assert spec["rules"][0] == {**spec["rules"][0], "kind": "prefix", "pattern": PREFIX}
     site = crafted / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(crafted / "p")], check=True, capture_output=True)
+    pip_install(crafted / "p", site)
     check = run(crafted, "plugins", "check", "x", "--checkpoint", INJECTION, "--arch", RN_TINY, "--json", site=site)
     assert check.returncode == 0, check.stderr
     counts = json.loads(check.stdout.decode().splitlines()[-1])["counts"]
@@ -67,6 +63,7 @@ def test_crafted_names_stay_data_in_a_written_plugin(crafted):
     assert not (crafted / "PWNED").exists() and not Path("PWNED").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["auto", "AUTO", "fcclip", "bad name", "x;y", "a\nb"])
 def test_a_written_plugin_cannot_take_a_reserved_or_installed_name(crafted, name):
     done = run(crafted, "map", INJECTION, "--arch", RN_TINY, "--write-plugin", f"q-{abs(hash(name))}", "--name", name)

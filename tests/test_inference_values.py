@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from inference_layouts import RN_TINY, register, tower
+from support.towers import RN_TINY, register, tower
 
 from opentrans_hub import OpenTransWarning, infer_name_map
 

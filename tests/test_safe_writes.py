@@ -100,6 +100,7 @@ def test_an_output_checked_as_new_is_never_replaced(tmp_path):
         atomic_write_bytes(out, b"mine", overwrite=False)
 
 
+@pytest.mark.slow
 def test_two_packs_to_one_new_output_one_wins(tmp_path):
     gen = torch.Generator().manual_seed(0)
     state = {f"layer{i}.weight": torch.randn(1024, 1024, generator=gen) for i in range(6)}
