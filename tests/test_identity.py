@@ -128,7 +128,8 @@ def test_load_and_inspect_flag_names_foreign_to_the_declared_arch(tmp_path):
     tower = make_tiny_resnet()
     good = Subnetwork({n: torch.ones(p.shape, dtype=torch.bool) for n, p in tower.named_parameters()
                        if n.startswith("layer1.") and p.dim() == 4}, arch="open_clip/RN50")
-    assert good.noncanonical() is not None  # RN50's tower is known; tiny widths are not RN50's shapes
+    odd = good.noncanonical()  # RN50's tower is known; tiny widths are not RN50's shapes: every conv is named
+    assert odd is not None and len(good) > 0 and set(odd) == set(good.masks)
     prefixed = Subnetwork({f"clip_model.visual.{n}": torch.ones(64, 64, 1, 1, dtype=torch.bool)
                            for n in ["layer1.0.conv1.weight"]}, arch="open_clip/RN50")
     path = prefixed.save(tmp_path / "prefixed.safetensors")

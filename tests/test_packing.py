@@ -110,10 +110,10 @@ def test_subnetwork_refuses_nonzero_pruned_positions_unless_forced(tmp_path):
     key = "backbone.visual.layer1.0.conv1.weight"
     pruned = (~sub["layer1.0.conv1.weight"]).reshape(-1).nonzero().reshape(-1)
     checkpoint["model"][key].view(-1)[pruned[:5]] = 0.5
-    checkpoint["model"][key].view(-1)[pruned[5]] = -0.0  # -0.0 would come back as +0.0: not zero either
+    checkpoint["model"][key].view(-1)[pruned[5]] = -0.0  # zero, as verify_exact counts it: pruned, not refused
     torch.save(checkpoint, tmp_path / "dirty.pth")
     out = tmp_path / "dirty.sparse.safetensors"
-    with pytest.raises(OpenTransError, match=r"tensor 'backbone\.visual\.layer1\.0\.conv1\.weight': 6 pruned "
+    with pytest.raises(OpenTransError, match=r"tensor 'backbone\.visual\.layer1\.0\.conv1\.weight': 5 pruned "
                                              r"positions are not zero.*force"):
         pack_checkpoint(tmp_path / "dirty.pth", out, subnetwork=sub)
     assert not out.exists()

@@ -43,6 +43,7 @@ def test_pack_inspect_unpack_round_trip(files):
     layer = next(x for x in stats["layers"] if x["name"] == "model.backbone.visual.layer1.0.conv2.weight")
     assert layer["kept"] == int(sub["layer1.0.conv2.weight"].sum()) and layer["packed_bytes"] < layer["dense_bytes"]
     text = cli("inspect", "model.sparse.safetensors", cwd=folder)
+    assert text.returncode == 0, text.stderr
     assert "dense" in text.stdout and "layer1.0.conv2.weight" in text.stdout
 
     back = cli("unpack", "model.sparse.safetensors", "--out", "restored.pth", cwd=folder)

@@ -61,6 +61,8 @@ def test_registry_name_and_torch_hub(tmp_path, tiny_arch, monkeypatch):
     Registry().add(packed, "my-finetuned-tiny")
     by_name = load_backbone(tiny_arch, pretrained="my-finetuned-tiny")
     assert set(masked_parameters(by_name)) == {n for n, keep in sub.masks.items() if not keep.all()}
+    assert by_name.state_dict().keys() == tower.state_dict().keys()
+    assert all(torch.equal(by_name.state_dict()[k], v) for k, v in tower.state_dict().items())  # the weights too
     hub = torch.hub.load(str(REPO), "clip_backbone", source="local", arch=tiny_arch, pretrained=str(packed))
     assert set(masked_parameters(hub)) == set(masked_parameters(by_name))
     assert all(torch.equal(a, b) for a, b in zip(hub.state_dict().values(), tower.state_dict().values()))

@@ -1,10 +1,14 @@
-"""Issue 12 item 6 at the API: every writer goes through _atomic, which refuses what is not a regular file and
-gives new files the mode open() would (only ever inside tmp folders: as root a write to /dev/... is real)."""
+"""Every writer goes through io.atomic, which refuses what is not a regular file, gives new files the mode open()
+would, and never lets two writers both create one file (only ever inside tmp folders: as root a write to
+/dev/... is real)."""
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +87,43 @@ def test_a_device_node_is_never_replaced(tmp_path, sub):
     with pytest.raises(OpenTransError, match="character device"):
         sub.save(node)
     assert stat.S_ISCHR(os.lstat(node).st_mode)
+
+
+def test_an_output_checked_as_new_is_never_replaced(tmp_path):
+    out = tmp_path / "new.bin"
+    check_output(out, overwrite=False)  # a command checks its output first ...
+    out.write_bytes(b"the other writer's")  # ... another writer creates it meanwhile ...
+    with pytest.raises(OpenTransError, match="another writer"):
+        atomic_write_bytes(out, b"mine")  # ... and this write fails instead of replacing it
+    assert out.read_bytes() == b"the other writer's" and not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(OpenTransError, match="another writer"):
+        atomic_write_bytes(out, b"mine", overwrite=False)
+
+
+@pytest.mark.slow
+def test_two_packs_to_one_new_output_one_wins(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    state = {f"layer{i}.weight": torch.randn(1024, 1024, generator=gen) for i in range(6)}
+    for tensor in state.values():
+        tensor[torch.rand(tensor.shape, generator=gen) < 0.9] = 0
+    torch.save(state, tmp_path / "a.pth")
+    state["layer0.weight"][0, 0] = 7.0  # the second writer packs other content
+    torch.save(state, tmp_path / "b.pth")
+    script = Path(sys.executable).with_name("opentrans-hub")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENTRANS_HUB_HOME": str(tmp_path / "home")}
+    out = tmp_path / "o.safetensors"
+    procs = [subprocess.Popen([str(script), "pack", str(tmp_path / name), "--zeros", "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for name in ("a.pth", "b.pth")]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, _, err in results if code == 2)
+    assert len(loser.strip().splitlines()) == 1 and "o.safetensors" in loser and "Traceback" not in loser
+    winner = "a.pth" if results[0][0] == 0 else "b.pth"
+    unpacked = tmp_path / "check.pth"
+    assert subprocess.run([str(script), "unpack", str(tmp_path / "o.safetensors"), "--out", str(unpacked)], env=env,
+                          capture_output=True).returncode == 0
+    got, want = torch.load(unpacked, weights_only=True), torch.load(tmp_path / winner, weights_only=True)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not list(tmp_path.glob(".*"))  # no temporary or spool file left behind

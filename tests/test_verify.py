@@ -50,11 +50,13 @@ def test_export_subnetwork_gives_back_what_was_applied_in_canonical_names():
         export_subnetwork(model, prefix="head.")
 
 
-def _run_with_sabotage(schedule: OpenTransSchedule, model, steps: int, sabotage_at: int, masks) -> list[int]:
+def _run_with_sabotage(schedule: OpenTransSchedule, model, steps: int, sabotage_at: int, masks,
+                       done: list[int] | None = None) -> list[int]:
+    """Train ``steps`` iterations; ``done`` collects each iteration whose ``after_step`` returned."""
     optimizer = make_optimizer(model)
     params = dict(model.named_parameters())
     schedule.before_train()
-    done = []
+    done = [] if done is None else done
     for iteration in range(steps):
         train_step(model, optimizer, iteration)
         if iteration == sabotage_at:  # an update outside torch.optim that knows nothing of masks (EMA, hand edit)
@@ -76,11 +78,13 @@ def test_schedule_verifies_every_n_and_fails_loudly_on_a_violation():
     done = _run_with_sabotage(schedule, model, steps=4, sabotage_at=99, masks=masks)
     assert done == [0, 1, 2, 3]
     assert [(it, ev) for it, ev in schedule.events if ev == "verify"] == [(1, "verify"), (3, "verify")]
-    # a pruned weight moved at iteration 4: the next verification (after iteration 5) raises
+    # a pruned weight moved at iteration 4: the next verification (after iteration 5) raises, not a later one
     model = TinyClassifier()
     schedule = OpenTransSchedule(model, subnetwork=sub, name_map=NameMap.prefix(PREFIX), verify_every=2)
+    done: list[int] = []
     with pytest.raises(OpenTransError, match="pruned weights are not exactly 0.0"):
-        _run_with_sabotage(schedule, model, steps=8, sabotage_at=4, masks=masks)
+        _run_with_sabotage(schedule, model, steps=8, sabotage_at=4, masks=masks, done=done)
+    assert done == [0, 1, 2, 3, 4]
 
 
 def test_detectron2_verify_period_key_reaches_the_schedule(tmp_path):

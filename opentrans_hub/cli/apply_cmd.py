@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
-from ._common import add_overwrite, check_out, print_json
+from ._common import add_overwrite, check_out, print_json, printable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,13 +38,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _print_report(report_dict: dict[str, Any], header: str) -> None:
     counts = report_dict["counts"]
-    print(f"{header}: mapped {counts['mapped']}, dropped {counts['dropped']}, unmapped {counts['unmapped']}")
+    print(printable(f"{header}: mapped {counts['mapped']}, dropped {counts['dropped']}, unmapped {counts['unmapped']}"))
     for item in report_dict["dropped"]:
-        print(f"  dropped   {item['source']}: {item['reason']}")
+        print(printable(f"  dropped   {item['source']}: {item['reason']}"))
     for item in report_dict["unmapped"]:
-        print(f"  unmapped  {item['source']}: {item['reason']}")
+        print(printable(f"  unmapped  {item['source']}: {item['reason']}"))
     for name in report_dict.get("uncovered", []):
-        print(f"  dense     {name}: no counterpart in the subnetwork's architecture (--allow-partial)")
+        print(printable(f"  dense     {name}: no counterpart in the subnetwork's architecture (--allow-partial)"))
+
+
+def _say_inferred(plugin: Any) -> None:
+    """What the ``auto`` plugin inferred, on stderr, one line per rule: an apply never maps unseen rules."""
+    report, name_map = getattr(plugin, "last_report", None), getattr(plugin, "last_map", None)
+    if report is None or name_map is None:
+        return
+    print(printable(f"opentrans-hub apply: auto: tower {report.tower or '(top level)'!r}, {len(report.tensors)} "
+                    f"tensors mapped, {len(report.unmapped)} unmapped; {len(name_map.rules)} rules:"), file=sys.stderr)
+    for rule in name_map.rules:
+        print(printable(f"opentrans-hub apply: auto rule: {rule}"), file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         subnetwork = load_subnetwork(args.subnetwork)
         report = plugin.apply_checkpoint(args.checkpoint, subnetwork, args.out, strict=args.strict, arch=args.arch,
                                          allow_partial=args.allow_partial)
+        _say_inferred(plugin)
         info = {"plugin": plugin.name, "arch": args.arch or subnetwork.arch, "subnetwork": subnetwork.sha256,
                 "sparsity": subnetwork.sparsity, "checkpoint": args.checkpoint, "out": args.out, **report.to_dict()}
         if args.json:
@@ -68,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     selection = load_selection(args.selection)
     state = read_state_dict(args.checkpoint)
     flags, report = plugin.map_selection(selection, state, arch=args.arch)
+    _say_inferred(plugin)
     report.check(strict=args.strict, source=args.checkpoint)
     manifest = {"format": "opentrans-hub/mapped-selection", "plugin": plugin.name, "arch": args.arch or selection.arch,
                 "selection": selection.sha256, "checkpoint": args.checkpoint,

@@ -8,9 +8,8 @@ when a tower was found and mapped; an ambiguous layout exits 2 naming the candid
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ._common import print_json, table
+from ._common import print_json, printable, table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import OpenTransError
     from ..transfer.inference import AmbiguousTowerError, infer_name_map
     from ..transfer.inference.report import target_tensors
-    from ..transfer.scaffold import rules_text, write_plugin
+    from ..transfer.scaffold import rule_lines, write_plugin
 
     if args.write_plugin and not args.name:
         raise OpenTransError("--write-plugin needs --name NAME (the plugin's name)")
@@ -45,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
             print_json({"arch": args.arch, "tower": None, "ok": False, "error": str(exc),
                         "candidates": exc.candidates})
         raise
-    for note in report.notes:
-        print(f"opentrans-hub map: warning: {note}", file=sys.stderr)
     written = None
     if args.write_plugin:
         names = list(target_tensors(args.checkpoint)[0])  # the plugin maps without DDP's prefix; apply adds it
@@ -60,11 +57,14 @@ def run(args: argparse.Namespace) -> int:
             for t in report.tensors.values()]
     print(table(rows, ["canonical", "target", "transform", "confidence", "evidence"]))
     for source, reason in report.unmapped.items():
-        print(f"unmapped  {source}: {reason}")
-    print(f"\n{args.arch}: tower {report.tower!r} ({report.structure}); mapped {len(report.tensors)}, unmapped "
-          f"{len(report.unmapped)}; rules:")
-    print(rules_text(name_map, report))
+        print(printable(f"unmapped  {source}: {reason}"))
+    print()
+    print(printable(f"{args.arch}: tower {report.tower!r} ({report.structure}); mapped {len(report.tensors)}, "
+                    f"unmapped {len(report.unmapped)}; rules:"))
+    for line in rule_lines(name_map, report):
+        print(printable(line))
     if written:
         where = str(written) if written.is_absolute() or str(written).startswith(".") else f"./{written}"
-        print(f"\nwrote plugin {args.name!r} to {written}: pip install {where}")
+        print()
+        print(printable(f"wrote plugin {args.name!r} to {written}: pip install {where}"))
     return 0

@@ -6,7 +6,9 @@ regular file: a symbolic link, a FIFO, a device node or a socket given as the ou
 would swap it for a regular file, e.g. turn ``/dev/full`` into a file). The new file gets the mode ``open()``
 would give it (``0o666`` less the umask, or the mode of the regular file it replaces), not ``mkstemp``'s 0600.
 Command-line writers also call :func:`check_output` before any work, to refuse an existing output without
-``--overwrite`` and an output that is one of the command's inputs.
+``--overwrite`` and an output that is one of the command's inputs. An output checked as new stays new: its
+write commits with a no-replace link, so of two writers racing to create one file exactly one succeeds and the
+other fails naming the file (``overwrite=False`` asks the same of any single write).
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OpenTransError
 
 _UMASK_LOCK = threading.Lock()
+#: outputs checked as new (``check_output(..., overwrite=False)`` on a missing file): their writes never replace
+_MUST_STAY_NEW: set[str] = set()
 
 
 def _umask() -> int:
@@ -60,22 +65,45 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = True,
             raise OpenTransError("output is also an input; write to another file", path=path)
     if info is not None and not overwrite:
         raise OpenTransError("output exists; pass --overwrite to replace it", path=path)
+    if info is None and not overwrite:
+        _MUST_STAY_NEW.add(os.path.abspath(path))
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+def _commit(tmp: str, path: Path, exclusive: bool) -> None:
+    """Put the finished temporary file at ``path``: replacing what is there, or, ``exclusive``, only where
+    nothing is (a hard link fails on an existing name, so one of two racing writers wins)."""
+    if not exclusive:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OpenTransError("output was created by another writer meanwhile; nothing was written (pass "
+                             "--overwrite to replace it)", path=path) from None
+    os.unlink(tmp)
+    _MUST_STAY_NEW.discard(os.path.abspath(path))
 
-    A failure (no permission, disk full, a folder in the way, a target that is not a regular file) raises
-    :class:`OpenTransError` naming the file, and leaves the old file, if any, as it was.
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename it into place.
+
+    Without ``overwrite`` (or when ``path`` was checked as a new output) an existing file is never replaced: the
+    write fails naming it. A failure (no permission, disk full, a folder in the way, a target that is not a
+    regular file) raises :class:`OpenTransError` naming the file, and leaves the old file, if any, as it was.
     """
     path = check_output(path)
     try:
         old_mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         old_mode = None
+    with new_folders(path.parent):
+        _write_new(path, data, old_mode, overwrite)
+    return path
+
+
+def _write_new(path: Path, data: bytes, old_mode: int | None, overwrite: bool) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise OpenTransError(f"cannot write ({exc.strerror or exc})", path=path) from None
@@ -86,7 +114,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         check_output(path)  # still not a link or device (it may have been made meanwhile)
-        os.replace(tmp, path)
+        _commit(tmp, path, exclusive=not overwrite or os.path.abspath(path) in _MUST_STAY_NEW)
     except BaseException as exc:
         try:
             os.unlink(tmp)
@@ -95,7 +123,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if isinstance(exc, OSError):
             raise OpenTransError(f"cannot write ({exc.strerror or exc})", path=path) from None
         raise
-    return path
+
+
+@contextmanager
+def new_folders(folder: str | os.PathLike) -> Iterator[Path]:
+    """Create ``folder`` and its missing parents; if the block fails, remove again those it created (when still
+    empty), so a refused write leaves no trace."""
+    folder = Path(folder)
+    missing = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OpenTransError(f"cannot write ({exc.strerror or exc})", path=folder) from None
+    try:
+        yield folder
+    except BaseException:
+        for made in missing:  # deepest first
+            try:
+                made.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -127,6 +179,6 @@ def map_file(path: str | os.PathLike) -> bytes | mmap.mmap:
         raise OpenTransError(f"cannot read ({exc.strerror or exc})", path=path) from None
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     """Text flavour of :func:`atomic_write_bytes` (UTF-8)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)

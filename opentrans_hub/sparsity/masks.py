@@ -31,6 +31,7 @@ proves the zeros on demand.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..errors import OpenTransError
+from ..errors import OpenTransError, OpenTransWarning
 from .sharding import FSDP1_HINT, check_not_fsdp1, is_dtensor, local, shard_like
 
 _ATTR = "_opentrans_masks"
@@ -212,6 +213,23 @@ def _masked_params(optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Ten
                 yield param, mask
 
 
+def warn_float16_eps(optimizer: torch.optim.Optimizer) -> bool:
+    """Warn (once per optimizer, at its first step) when float16 parameters meet an ``eps`` that float16 rounds
+    to 0: Adam-type and RMSprop updates then divide 0 by 0, and every weight, kept or pruned, dense models too,
+    becomes NaN within steps. torch's defaults (1e-8, 1e-10) do; the library cannot change the optimizer."""
+    for group in optimizer.param_groups:
+        eps = group.get("eps")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+            continue
+        if any(p.dtype == torch.float16 for p in group["params"]) and float(torch.tensor(eps).half()) == 0.0:
+            warnings.warn(f"{type(optimizer).__name__} steps float16 parameters with eps={eps:g}, which float16 "
+                          "rounds to 0: its updates divide 0 by 0 and the weights become NaN. Use an eps float16 "
+                          "holds (1e-4), autocast with float32 master weights, or bfloat16", OpenTransWarning,
+                          stacklevel=3)
+            return True
+    return False
+
+
 @torch.compiler.disable  # under torch.compile(opt.step): one eager call, not a trace per parameter
 def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if _PENDING:
@@ -221,6 +239,8 @@ def _optimizer_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
     seen = _SEEN.get(optimizer)
     # optimizer.load_state_dict installs a new state dict (made while the old one is alive, so its id
     # differs): state loaded from a checkpoint taken before the mask is cleared again
+    if seen is None:
+        warn_float16_eps(optimizer)
     if seen is None or seen.state_id != id(optimizer.state):
         seen = _SEEN[optimizer] = _Seen(id(optimizer.state))
     # Any optimizer but torch's elementwise ones (preconditioners such as Shampoo, LBFGS), or a closure that

@@ -21,7 +21,7 @@ from ..formats.subnetwork import Subnetwork
 from ..naming.namemap import MappingReport, NameMap
 from ..sparsity.masks import apply_masks, check_mask_target, zeroed
 from ..zoo.registry import load_selection, load_subnetwork
-from .coverage import check_coverage, require_mapped
+from .coverage import check_coverage, check_same_arch, require_mapped
 from .selection import SelectionReport, select_trainable
 
 
@@ -32,9 +32,11 @@ def plan_masks(subnetwork: Subnetwork, name_map: NameMap, shapes: Mapping[str, t
     """Masks keyed by the target's names, after every check an apply makes; raises before anything changes.
 
     ``shapes`` are the target's tensor shapes by name. Refused: a shape mismatch; nothing mapped, or fewer
-    than half of the ``promised`` names; with ``strict``, any unmapped name; and Conv/Linear weights in the
-    tower (``scope``) that ``arch`` (default: the subnetwork's) has no counterpart for, unless ``allow_partial``.
+    than half of the ``promised`` names; with ``strict``, any unmapped name; and, unless ``allow_partial``, a
+    target ``arch`` other than the subnetwork's or Conv/Linear weights in the tower (``scope``) that ``arch``
+    (default: the subnetwork's) has no counterpart for.
     """
+    check_same_arch(arch or subnetwork.arch, subnetwork.arch, allow_partial)
     masks, report = name_map.resolve(subnetwork.masks, shapes)
     report.check(strict=strict, source=source)
     require_mapped(report, len(subnetwork), promised=promised, source=source, hint=hint)

@@ -34,6 +34,7 @@ class AutoPlugin(Plugin):
         self.tower = tower
         self.weights = weights
         self.last_report: Any = None
+        self.last_map: NameMap | None = None
 
     def name_map(self, arch: str) -> NameMap:
         raise OpenTransError("the 'auto' plugin has no fixed rules: it infers them per model or checkpoint "
@@ -50,7 +51,7 @@ class AutoPlugin(Plugin):
             raise OpenTransError("the 'auto' plugin needs the target's tensors (a model, state dict or checkpoint), "
                                  f"not a {type(target).__name__}")
         name_map, report = infer_name_map(target, arch, weights=self.weights, tower=self.tower)
-        self.last_report = report
+        self.last_report, self.last_map = report, name_map
         logging.getLogger("opentrans_hub").info("plugin 'auto' on %s: tower %r, %d tensors mapped, %d unmapped; "
                                                 "rules:\n%s", arch, report.tower, len(report.tensors),
                                                 len(report.unmapped), report.rules)

@@ -15,6 +15,7 @@ from ..formats.selection import LayerSelection
 from ..formats.subnetwork import Subnetwork
 from ..zoo.registry import Registry, default_registry
 from ..zoo.remote import fetch, weights_file
+from .coverage import check_same_arch
 
 
 def _pretrained(pretrained: str | os.PathLike | None, registry: Registry | None
@@ -39,21 +40,6 @@ def _pretrained(pretrained: str | os.PathLike | None, registry: Registry | None
     if weights is not None and Path(weights).is_file():
         return open_packed(weights, required=False) or weights
     return weights
-
-
-def _check_same_arch(tower_arch: str, sub_arch: str, allow_partial: bool) -> None:
-    """Two open_clip ids that differ are two architectures (RN50 and RN101 share their first blocks' shapes)."""
-    from ..towers.backbones import parse_arch
-
-    if sub_arch == "unknown":
-        return
-    try:
-        tower, sub = parse_arch(tower_arch), parse_arch(sub_arch)
-    except OpenTransError:
-        return
-    if tower[0] == sub[0] == "open_clip" and tower != sub and not allow_partial:
-        raise OpenTransError(f"the subnetwork is for {sub_arch}, the tower is open_clip/{tower[1]}; nothing was "
-                             "applied (allow_partial=True applies what fits and leaves the rest dense)")
 
 
 def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = None,
@@ -94,7 +80,7 @@ def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = Non
         tower = build_visual(arch, weights)  # a bare name means open_clip
     if subnetwork is not None:
         sub = load_subnetwork(subnetwork, registry)
-        _check_same_arch(arch, sub.arch, allow_partial)
+        check_same_arch(arch, sub.arch, allow_partial)
         report = apply_subnetwork(tower, sub, strict=strict, allow_partial=allow_partial, scope="")
         if not exact:
             bake(tower)
@@ -102,7 +88,7 @@ def load_backbone(arch: str = "RN50", pretrained: str | os.PathLike | None = Non
                                       "dense": list(report.uncovered)}
     if selection is not None:
         chosen = load_selection(selection, registry)
-        _check_same_arch(arch, chosen.arch, allow_partial)
+        check_same_arch(arch, chosen.arch, allow_partial, "selection")
         report = chosen.apply(tower, strict=strict)  # listed layers as selected; norms and the rest frozen
         tower.opentrans_selection = {"sha256": chosen.sha256, "trainable": len(report.trainable)}
     return tower

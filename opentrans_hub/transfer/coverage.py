@@ -83,3 +83,19 @@ def check_coverage(arch: str, name_map: NameMap, shapes: Mapping[str, Sequence[i
                              "applied (allow_partial=True / --allow-partial leaves them dense)", path=source,
                              tensor=uncovered[0])
     return report.uncovered
+
+
+def check_same_arch(target_arch: str, artefact_arch: str, allow_partial: bool, what: str = "subnetwork") -> None:
+    """Refuse an artefact made for another open_clip architecture than the target's (RN50 and RN101 share their
+    first blocks' shapes, so names and shapes alone map an RN50 subnetwork onto most of an RN101 tower)."""
+    from ..towers.backbones import parse_arch
+
+    if "unknown" in (target_arch, artefact_arch) or allow_partial:
+        return
+    try:
+        target, artefact = parse_arch(target_arch), parse_arch(artefact_arch)
+    except OpenTransError:
+        return
+    if target[0] == artefact[0] == "open_clip" and target != artefact:
+        raise OpenTransError(f"the {what} is for {artefact_arch}, the target is open_clip/{target[1]}; nothing was "
+                             "applied (allow_partial / --allow-partial applies what fits and leaves the rest dense)")

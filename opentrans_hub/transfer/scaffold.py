@@ -1,13 +1,15 @@
 """Write an installable plugin distribution from an inferred NameMap (``opentrans-hub map --write-plugin``).
 
-The distribution holds a ``pyproject.toml`` declaring the ``opentrans_hub.plugins`` entry point, one module with
-the :class:`~opentrans_hub.plugins.Plugin` and its rules (each rule commented with the evidence that made it),
-and a short README. It is written into a fresh folder next to ``DIR`` and renamed into place, so a failure
-leaves nothing behind; an existing non-empty ``DIR`` is refused.
+The distribution holds a ``pyproject.toml`` declaring the ``opentrans_hub.plugins`` entry point, one module
+whose code is the same for every plugin, its data (``plugin.json``: name, architecture, tower path, the rules
+with the evidence behind each) and a short README. Nothing read from a checkpoint becomes source code. It is
+written into a fresh folder next to ``DIR`` and renamed into place, so a failure leaves nothing behind; an
+existing non-empty ``DIR`` is refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -66,11 +68,10 @@ def _evidence_comment(rule: Rule, sources: list[str], report: Any) -> str:
     return f"{len(covered)} tensor(s); evidence: {detail or 'shapes'}" + (f"; {low} low-confidence" if low else "")
 
 
-def rules_text(name_map: NameMap, report: Any) -> str:
-    """The rule text with one evidence comment per rule."""
+def rule_lines(name_map: NameMap, report: Any) -> list[str]:
+    """Each rule's text with its evidence comment (one entry per rule; a crafted name may hold a newline)."""
     coverage = _coverage(name_map, list(report.tensors) + list(report.unmapped))
-    return "\n".join(f"{rule}  # {_evidence_comment(rule, sources, report)}"
-                     for rule, sources in zip(name_map.rules, coverage))
+    return [f"{rule}  # {_evidence_comment(rule, sources, report)}" for rule, sources in zip(name_map.rules, coverage)]
 
 
 def _tower_path(report: Any, target_names: list[str]) -> str | None:
@@ -80,40 +81,73 @@ def _tower_path(report: Any, target_names: list[str]) -> str | None:
     return "" if {n.split(".")[0] for n in target_names} <= used else None
 
 
+#: the generated module: constant code, the same for every plugin; everything that came from the checkpoint
+#: (names, prefixes, rules, the file name) is data in ``plugin.json`` beside it, never source text
+_MODULE = '''"""An opentrans-hub plugin written by ``opentrans-hub map --write-plugin``.
+
+Its name, architecture, tower path and name-map rules (each with the evidence that made it) are data, read from
+``plugin.json`` beside this file. Check it on a real checkpoint with ``opentrans-hub plugins check``.
+"""
+
+import json
+from importlib.resources import files
+
+from opentrans_hub import NameMap, Plugin, Rule
+
+_SPEC = json.loads(files(__name__).joinpath("plugin.json").read_text(encoding="utf-8"))
+_RULES = NameMap([Rule(kind=r["kind"], pattern=r["pattern"], targets=tuple(r["targets"]), guard=r["guard"],
+                       dim=r["dim"], spec=r["spec"]) for r in _SPEC["rules"]])
+
+plugin = Plugin(
+    name=_SPEC["name"],
+    frameworks=tuple(_SPEC["frameworks"]),
+    archs={_SPEC["arch"]: _RULES},
+    tower_path=_SPEC["tower_path"],
+    description=_SPEC["description"],
+)
+'''
+
+#: names a generated plugin may not take: the built-in one
+RESERVED = {"auto"}
+
+
+def plugin_spec(name: str, arch: str, name_map: NameMap, report: Any, target_names: list[str],
+                source: str = "") -> dict[str, Any]:
+    """The generated plugin's data: what ``plugin.json`` holds."""
+    coverage = _coverage(name_map, list(report.tensors) + list(report.unmapped))
+    rules = [{"kind": rule.kind, "pattern": rule.pattern, "targets": list(rule.targets), "guard": rule.guard,
+              "dim": rule.dim, "spec": rule.spec, "evidence": _evidence_comment(rule, sources, report)}
+             for rule, sources in zip(name_map.rules, coverage)]
+    return {"format": "opentrans-hub/plugin-spec", "format_version": 1, "name": name, "frameworks": [name],
+            "arch": arch, "tower_path": _tower_path(report, target_names),
+            "description": f"{name}: inferred map, tower at {report.tower or '(top level)'}",
+            "inferred_from": os.path.basename(source) if source else "", "rules": rules}
+
+
+def check_plugin_name(name: str) -> None:
+    """A new plugin's name: safe characters, not the built-in ``auto``, not an installed plugin's."""
+    from .discovery import discover
+
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise OpenTransError(f"bad plugin name {name!r}: letters, digits, '.', '_' and '-' only")
+    if name.lower() in RESERVED:
+        raise OpenTransError(f"plugin name {name!r} is the built-in plugin's; choose another")
+    installed = {found.lower() for found in discover()[0]}
+    if name.lower() in installed:
+        raise OpenTransError(f"plugin name {name!r} is taken by an installed plugin; choose another")
+
+
 def write_plugin(directory: str | os.PathLike, name: str, arch: str, name_map: NameMap, report: Any,
                  target_names: list[str], source: str = "") -> Path:
     """Write the plugin distribution ``name`` for ``arch`` into ``directory`` (which must not hold anything)."""
-    if not _NAME.match(name):
-        raise OpenTransError(f"bad plugin name {name!r}: letters, digits, '.', '_' and '-' only")
+    check_plugin_name(name)
     directory = Path(directory)
     if directory.is_symlink() or (directory.exists() and (not directory.is_dir() or any(directory.iterdir()))):
         raise OpenTransError("exists and is not an empty folder; choose a new one (nothing was written)",
                              path=directory)
     module = re.sub(r"\W", "_", name.lower()) + "_opentrans"
     distribution = f"{name.lower()}-opentrans"
-    tower_path = _tower_path(report, target_names)
-    body = rules_text(name_map, report).replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
-    origin = source or "a checkpoint"
-    module_text = f'''"""opentrans-hub plugin for {name}, inferred by ``opentrans-hub map`` from {origin}.
-
-Rules carry open_clip's canonical {arch} tower names onto {name}'s parameter names; each is commented with the
-evidence that made it. Check it on a real checkpoint with ``opentrans-hub plugins check {name} --checkpoint ...``.
-"""
-
-from opentrans_hub import Plugin
-
-_MAP = """
-{body}
-"""
-
-plugin = Plugin(
-    name={name!r},
-    frameworks=({name!r},),
-    archs={{{arch!r}: _MAP}},
-    tower_path={tower_path!r},
-    description={f"{name}: inferred map, tower at {report.tower or '(top level)'}"!r},
-)
-'''
+    spec = plugin_spec(name, arch, name_map, report, target_names, source)
     pyproject = f'''[build-system]
 requires = ["setuptools>=61"]
 build-backend = "setuptools.build_meta"
@@ -126,16 +160,19 @@ requires-python = ">=3.10"
 dependencies = ["opentrans-hub"]
 
 [project.entry-points."opentrans_hub.plugins"]
-{name} = "{module}:plugin"
+"{name}" = "{module}:plugin"
 
 [tool.setuptools]
 packages = ["{module}"]
+
+[tool.setuptools.package-data]
+"{module}" = ["plugin.json"]
 '''
     readme = f"""# {distribution}
 
-An opentrans-hub plugin for **{name}**, written by `opentrans-hub map --write-plugin` from
-{source or "a checkpoint"} for `{arch}` (tower at `{report.tower or "the top level"}`, {len(report.tensors)} tensors
-mapped, {len(report.unmapped)} unmapped). The rules and the evidence behind each are in `{module}/__init__.py`.
+An opentrans-hub plugin for **{name}**, written by `opentrans-hub map --write-plugin` for `{arch}`
+({len(report.tensors)} tensors mapped, {len(report.unmapped)} unmapped). The rules and the evidence behind each
+are in `{module}/plugin.json`.
 
 ```bash
 pip install .
@@ -143,13 +180,14 @@ opentrans-hub plugins check {name} --checkpoint model_final.pth --arch {arch}
 opentrans-hub apply --plugin {name} --subnetwork SUBNETWORK --checkpoint model_final.pth --out pruned.pth
 ```
 """
-    compile(module_text, f"{module}/__init__.py", "exec")  # never write a module that does not parse
     parent = directory.parent if str(directory.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
     try:
         (staging / module).mkdir()
-        (staging / module / "__init__.py").write_text(module_text)
+        (staging / module / "__init__.py").write_text(_MODULE, encoding="utf-8")
+        (staging / module / "plugin.json").write_text(json.dumps(spec, indent=1, ensure_ascii=True) + "\n",
+                                                      encoding="utf-8")
         (staging / "pyproject.toml").write_text(pyproject)
         (staging / "README.md").write_text(readme)
         if directory.exists():

@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import tempfile
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from ..formats.packed import PackedReader, open_packed
 from ..formats.subnetwork import ENCODINGS, Subnetwork, default_provenance
 from ..formats.subnetwork_codec import encode_parts
 from ..io import packed_spec as sf
-from ..io.atomic import atomic_write_bytes
+from ..io.atomic import atomic_write_bytes, new_folders
 from ..io.atomic import check_output as check_safe_output
 from ..io.checkpoints import find_prefixes, find_state_dict, is_safetensors_name, load_checkpoint
 from ..io.tree import decode_tree, encode_tree
@@ -56,17 +58,17 @@ def check_output(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> P
 def _spool_to(out: Path, write) -> int:
     """Run ``write(handle)`` into a nameless spool file next to ``out`` (same disk; gone on any failure), then
     hand its mapped bytes to the library's atomic writer: readers see the old file or the whole new one."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        spool = tempfile.TemporaryFile(prefix=f".{out.name}.", suffix=".spool", dir=out.parent)
-    except OSError as exc:
-        raise OpenTransError(f"cannot write ({exc.strerror or exc})", path=out) from None
-    with spool:
-        size = write(spool)
-        spool.flush()
-        with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            atomic_write_bytes(out, mapped)
-        return size
+    with new_folders(out.parent):
+        try:
+            spool = tempfile.TemporaryFile(prefix=f".{out.name}.", suffix=".spool", dir=out.parent)
+        except OSError as exc:
+            raise OpenTransError(f"cannot write ({exc.strerror or exc})", path=out) from None
+        with spool:
+            size = write(spool)
+            spool.flush()
+            with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) if size else nullcontext(b"") as mapped:
+                atomic_write_bytes(out, mapped)
+            return size
 
 
 # ----------------------------------------------------------------------------------------- masks
@@ -75,11 +77,9 @@ def _savings(tensor: torch.Tensor, kept: int) -> bool:
     return (tensor.numel() + 7) // 8 + kept * tensor.element_size() < tensor.numel() * tensor.element_size()
 
 
-def _masks_from_zeros(state: Mapping[str, torch.Tensor], include: str | None) -> dict[str, torch.Tensor]:
-    """Keep-masks from exact (+0.0 bitwise) zeros, for every floating 2-D+ weight that packing makes smaller."""
-    import re
-
-    pattern = re.compile(include) if include else None
+def _masks_from_zeros(state: Mapping[str, torch.Tensor], pattern: re.Pattern | None) -> dict[str, torch.Tensor]:
+    """Keep-masks from exact +0.0 (bitwise: a -0.0 or a NaN is a value to keep, so unpacking gives the file back
+    bit-identical), for every floating 2-D+ weight that packing makes smaller; ``pattern`` narrows them by name."""
     masks = {}
     for key, tensor in state.items():
         if (not tensor.is_floating_point() or tensor.dim() < 2 or not key.endswith("weight")
@@ -89,6 +89,21 @@ def _masks_from_zeros(state: Mapping[str, torch.Tensor], include: str | None) ->
         if _savings(tensor, sf.count(keep)):
             masks[key] = keep
     return masks
+
+
+def _nonzero(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor != 0`` elementwise (-0.0 is zero, NaN is not), for every floating dtype a packed file holds."""
+    tensor = tensor.detach()
+    return (tensor.float() if tensor.element_size() == 1 else tensor) != 0
+
+
+def _include_pattern(include: str | None) -> re.Pattern | None:
+    if not include:
+        return None
+    try:
+        return re.compile(include)
+    except re.error as exc:
+        raise OpenTransError(f"--include {include!r} is not a regular expression ({exc})") from None
 
 
 def _locate(sub: Subnetwork, state: Mapping[str, torch.Tensor], prefix: str | None, source: str) -> dict[str, str]:
@@ -140,6 +155,9 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
     """
     if (subnetwork is None) == (not zeros):
         raise OpenTransError("choose the masks: a subnetwork or zeros=True (exactly one)")
+    if include is not None and not zeros:
+        raise OpenTransError("include (--include) narrows the masks found from zeros; a subnetwork's masks are "
+                             "its own (drop --include, or use --zeros)")
     if dtype is not None and dtype not in sf.CASTS:
         raise OpenTransError(f"unknown dtype {dtype!r}; choose one of {', '.join(sf.CASTS)}")
     if encoding not in ENCODINGS:
@@ -149,27 +167,37 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
     if not is_safetensors_name(out):
         raise OpenTransError("a packed file is safetensors: name it *.safetensors (e.g. model.sparse.safetensors)",
                              path=out)
-    if isinstance(checkpoint, Mapping):
-        obj, source_meta = dict(checkpoint), None
-    else:  # read by content; a safetensors input's metadata (a packed one's: its dense form's) is carried over
-        loaded = load_checkpoint(checkpoint)
-        obj, source_meta = loaded.obj, loaded.metadata
-    tensors: dict[str, torch.Tensor] = {}
-    tree = encode_tree(obj, tensors)
-    bad = next((k for k in tensors if "::" in k), None)
-    if bad is not None:
-        raise OpenTransError("tensor names with '::' cannot be packed", path=source, tensor=bad)
+    pattern = _include_pattern(include)
+    try:
+        if isinstance(checkpoint, Mapping):
+            obj, source_meta = dict(checkpoint), None
+        else:  # read by content; a safetensors input's metadata (a packed one's: its dense form's) is carried over
+            loaded = load_checkpoint(checkpoint)
+            obj, source_meta = loaded.obj, loaded.metadata
+        tensors: dict[str, torch.Tensor] = {}
+        tree = encode_tree(obj, tensors)
+    except RecursionError:
+        raise OpenTransError("the checkpoint nests too deeply to be packed", path=source) from None
+    for key in tensors:
+        if "::" in key:
+            raise OpenTransError("tensor names with '::' cannot be packed", path=source, tensor=key)
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OpenTransError("tensor name is not valid UTF-8 (it holds an unpaired surrogate)", path=source,
+                                 tensor=ascii(key)[1:-1]) from None
     _, trail = find_state_dict(obj, source)
     head = f"{trail}." if trail else ""
     state = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
 
     if zeros:
-        masks = _masks_from_zeros(state, include)
+        masks = _masks_from_zeros(state, pattern)
         if not masks:
             raise OpenTransError("no weight tensor has enough exact zeros to pack (nothing looks pruned)",
                                  path=source)
-        sub = Subnetwork(masks, arch=arch or "unknown",
-                         provenance=default_provenance("import", kind="zeros", include=include))
+        provenance = {k: v for k, v in default_provenance("import", kind="zeros", include=include).items()
+                      if k != "created"}  # the same input packs to the same bytes
+        sub = Subnetwork(masks, arch=arch or "unknown", provenance=provenance)
         located = {name: name for name in masks}
     else:
         from .registry import load_subnetwork
@@ -179,6 +207,7 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
             raise OpenTransError(f"the subnetwork was found on {sub.arch!r}, not {arch!r}")
         located = _locate(sub, state, prefix, source)
         _check_zero(sub, located, state, force_zero, source)
+    negative_zeros = _signed_zeros(sub, located, state)
     key_of = {name: head + key for name, key in located.items()}  # subnetwork name -> tensor key
     mask_names = {key: name for name, key in key_of.items()}
     sub_meta, blobs = encode_parts(sub.masks, sub.arch, sub.provenance, sub.sha256, encoding)
@@ -196,11 +225,13 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
             name = mask_names[key]
             keep = sub[name].reshape(-1)
             stored = cast if cast is not None and cast != tensor.dtype else None
+            if stored is not None:
+                _check_cast(tensor, keep, stored, dtype, key, source)
             spec = sf.TensorSpec(key, dtype_name, tuple(tensor.shape), sf.count(keep),
                                  sf.dtype_name(stored, key) if stored is not None else None)
             sizes[key + sf.KEPT_SUFFIX] = spec.kept * (stored or tensor.dtype).itemsize
             sizes[key + sf.MASK_SUFFIX] = len(blobs[name])
-            zero_already = stored is None and (zeros or not force_zero)  # pruned positions are +0.0 bitwise
+            zero_already = stored is None and (zeros or not force_zero) and name not in negative_zeros
             hashes[key] = sf.tensor_hash(key, tensor.detach().cpu() if zero_already else _dense(tensor, keep, stored))
         specs.append(spec)
     content_sha256 = sf.content_sha256(hashes, tree)
@@ -221,8 +252,9 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
 
     metadata = {"format": sf.FORMAT, "format_version": str(sf.FORMAT_VERSION), "content_sha256": content_sha256,
                 "state": trail, "arch": sub.arch, "cast": dtype or "", "library": f"opentrans-hub {__version__}",
-                "masks": json.dumps(mask_names), "subnetwork": json.dumps(sub_meta),
-                "source_metadata": json.dumps(source_meta or {}), "method": "zeros" if zeros else "subnetwork"}
+                "masks": json.dumps(mask_names, sort_keys=True), "subnetwork": json.dumps(sub_meta, sort_keys=True),
+                "source_metadata": json.dumps(source_meta or {}, sort_keys=True),
+                "method": "zeros" if zeros else "subnetwork"}  # sorted keys: the same input, the same bytes
     size = _spool_to(out, lambda handle: sf.write(handle, specs, parts, sizes, metadata, tree=tree))
     dense = sum(s.dense_bytes for s in specs)
     masked = [s for s in specs if s.masked]
@@ -252,11 +284,11 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
 
 def _check_zero(sub: Subnetwork, located: Mapping[str, str], state: Mapping[str, torch.Tensor], force_zero: bool,
                 source: str) -> None:
-    """Refuse (before writing anything) a checkpoint whose pruned positions are not exactly +0.0."""
+    """Refuse (before writing anything) a checkpoint whose pruned positions are not zero (+0.0 or -0.0)."""
     offenders = []
     for name, key in located.items():
         pruned = ~sub[name].reshape(-1)
-        count = int((sf.bits(state[key])[pruned] != 0).sum())
+        count = int(_nonzero(state[key]).reshape(-1)[pruned].sum())
         if count:
             offenders.append((key, count))
     if offenders and not force_zero:
@@ -265,6 +297,28 @@ def _check_zero(sub: Subnetwork, located: Mapping[str, str], state: Mapping[str,
         raise OpenTransError(f"{count:,} pruned positions are not zero (in {len(offenders)} tensor(s), {total:,} in "
                              "all): this checkpoint was not trained with this subnetwork's masks; pass force_zero "
                              "(--force-zero) to zero them", path=source, tensor=key)
+
+
+def _check_cast(tensor: torch.Tensor, keep: torch.Tensor, stored: torch.dtype, dtype: str, key: str,
+                source: str) -> None:
+    """Refuse a cast of the kept values that turns a finite value into inf or a nonzero one into zero (more than
+    the dtype's rounding): the packed file would not hold the weights that were trained."""
+    values = tensor.detach().reshape(-1)[keep]
+    cast = values.to(stored)
+    overflow = int((torch.isfinite(values) & ~torch.isfinite(cast)).sum())
+    underflow = int(((values != 0) & (cast == 0)).sum())
+    if overflow or underflow:
+        biggest = float(values[torch.isfinite(values)].abs().max()) if overflow else 0.0
+        what = [f"{overflow:,} finite value(s) into inf (largest |value| {biggest:.4g})"] if overflow else []
+        what += [f"{underflow:,} nonzero value(s) into 0"] if underflow else []
+        raise OpenTransError(f"casting the kept values to {dtype} turns {' and '.join(what)}; nothing was written "
+                             "(keep the dtype, or bf16, which has float32's range)", path=source, tensor=key)
+
+
+def _signed_zeros(sub: Subnetwork, located: Mapping[str, str], state: Mapping[str, torch.Tensor]) -> set[str]:
+    """Masks whose pruned positions hold a -0.0 somewhere: packing stores them as +0.0, the one pruned value."""
+    return {name for name, key in located.items()
+            if bool((sf.bits(state[key])[~sub[name].reshape(-1)] != 0).any())}
 
 
 def packed_stats(reader: PackedReader) -> dict[str, Any]:
@@ -365,5 +419,10 @@ def _torch_save(handle, reader: PackedReader, folder: Path) -> int:
             del tensor
         obj = decode_tree(reader.tree, dense.__getitem__, reader.source)
         start = handle.tell()
-        torch.save(obj, handle)
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as exc:  # torch's writer wraps a Ctrl-C: report it as the interrupt it is
+            if isinstance(exc.__context__, KeyboardInterrupt) or "KeyboardInterrupt" in str(exc):
+                raise KeyboardInterrupt from None
+            raise
         return handle.tell() - start

@@ -271,12 +271,14 @@ def match_scope(canonical: list[Item], targets: list[Item], rel_c: str,
                 evidence = [f"names {similarity:.2f}"] if similarity >= 0.4 else []
                 score = 2 * similarity + penalty
                 value = _value_evidence(c, t, transform)
-                if transform == "identity" and len(c.shape) == 2 and c.shape[0] == c.shape[1] \
-                        and leaf_role(c.name) == "param" and leaf_role(t.name) == "weight":
-                    # x @ P stored as a Linear's weight (x @ W.T): square, so only values can tell the orientation
+                if transform == "identity" and len(c.shape) == 2 and c.shape[0] == c.shape[1]:
+                    # a square matrix may be stored transposed (x @ P as a Linear's x @ W.T, or a re-implemented
+                    # projection): only values can tell the orientation; without them a param -> weight pair is
+                    # left undecided, anything else keeps its orientation
                     flipped = _value_evidence(c, t, "transpose")
                     if value is None and flipped is None:
-                        transform = "uncertain-transpose"
+                        if leaf_role(c.name) == "param" and leaf_role(t.name) == "weight":
+                            transform = "uncertain-transpose"
                     elif flipped is not None and (value is None or flipped[0] > value[0]):
                         transform, value = "transpose", flipped
                 if value is not None:

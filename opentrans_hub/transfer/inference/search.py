@@ -11,10 +11,11 @@ only while that crosses no other run of blocks (a decoder, a text tower, a KD co
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...errors import OpenTransError
+from ...errors import OpenTransError, OpenTransWarning
 from ...naming.namemap import NameMap, common_module_prefix
 from .match import Item, Pair, find_blocks, match_scope
 from .report import (
@@ -305,26 +306,32 @@ def infer_name_map(target: Any, arch: str, weights: Any = None, tower: str | Non
                                        f"{', '.join(chosen.runs)}")
     report.candidates = [c.describe(sizes) for c in candidates]
     by_source = {p.c.name: p for p in chosen.pairs}
+    hits, misses = chosen.value_hits()
+    trust_values = values is not None and hits > misses  # wrong weights contradict everything alike
     for c in c_all:
         pair = by_source.get(c.name)
         if pair is None:
             report.unmapped[c.name] = chosen.reasons.get(c.name, "no counterpart found")
+            continue
+        contradiction = next((e for e in pair.evidence if "uncorrelated" in e), None)
+        if trust_values and contradiction:  # the weights fit this tower, and not this pair: no guess is mapped
+            report.unmapped[c.name] = f"the only candidate {pair.t.name!r} contradicts the weights ({contradiction})"
             continue
         evidence = list(pair.evidence)
         if chosen.order_evidence and pair.c.block:
             evidence.append(chosen.order_evidence)
         report.tensors[c.name] = TensorInference(c.name, list(pair.t.parts or (pair.t.name,)), pair.transform,
                                                  evidence, pair.confidence)
-    hits, misses = chosen.value_hits()
     if values is not None and misses > hits:
         report.notes.append(f"the weights do not look like this tower's start: {misses} paired tensors have "
                             f"uncorrelated values, {hits} agree (pairs rest on names and structure; check --weights)")
     low = [s for s, t in report.tensors.items() if t.confidence == "low"]
     if low:
+        hint = "; --weights adds value evidence" if values is None else ""
         report.notes.append(f"{len(low)} pair(s) rest on weak evidence (name order or contradicting values), first "
-                            f"{low[0]!r}; --weights adds value evidence")
-    for note in report.notes:
-        log.warning("infer_name_map(%s): %s", arch, note)
+                            f"{low[0]!r}{hint}")
+    for note in report.notes:  # once, loud: the CLI shows it as one warning line
+        warnings.warn(f"infer_name_map({arch}): {note}", OpenTransWarning, stacklevel=2)
     if not report.tensors:
         raise OpenTransError(f"a tower was found at {chosen.prefix!r} but none of its tensors could be paired",
                              path=source)
