@@ -120,7 +120,7 @@ def decode_parts(metadata: Mapping[str, str], blobs: Mapping[str, bytes | memory
     if format_name(metadata.get("format")) != FORMAT:
         raise OpenTransError(f"not an opentrans-hub subnetwork (format={metadata.get('format')!r})", path=source)
     version = metadata.get("format_version", "")
-    if not version.isdigit():
+    if not (version.isascii() and version.isdigit()):  # str.isdigit() also takes '¹', which int() refuses
         raise OpenTransError(f"bad format_version {version!r}", path=source)
     if int(version) > FORMAT_VERSION:
         raise OpenTransError(f"format version {version} is newer than this library reads ({FORMAT_VERSION}); "

@@ -59,7 +59,7 @@ class PackedContainer:
         if format_name(meta.get("format")) != FORMAT:
             raise self._error(f"not an opentrans-hub packed file (format={meta.get('format')!r})")
         version = meta.get("format_version", "")
-        if not (version.isdigit() and 1 <= int(version) <= FORMAT_VERSION):
+        if not (version.isascii() and version.isdigit() and 1 <= int(version) <= FORMAT_VERSION):
             raise self._error(f"format version {version!r} is not one this library reads (1 to {FORMAT_VERSION})")
         self.version = int(version)
         self.meta = meta
@@ -109,6 +109,8 @@ class PackedContainer:
             raise self._error("embedded subnetwork header is missing or not a subnetwork's")
         if self.mask_names and self.sub_meta.get("encoding") not in ENCODINGS:
             raise self._error(f"embedded subnetwork has an unknown encoding {self.sub_meta.get('encoding')!r}")
+        if not _SHA256.fullmatch(self.content_sha256):
+            raise self._error("header has no content_sha256 (64 hex digits), so its content cannot be verified")
         if self.mask_names and not _SHA256.fullmatch(self.sub_meta.get("sha256", "")):
             raise self._error("embedded subnetwork has no sha256 (64 hex digits), so its masks cannot be verified")
         if self.mask_names and (self.meta.get("arch") or "unknown") != self.arch:
