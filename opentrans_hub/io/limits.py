@@ -80,7 +80,7 @@ def max_decode_bytes() -> tuple[int, str]:
     """(the limit in bytes, where it comes from: ``--max-bytes``, the environment variable, or the default)."""
     chosen = _OVERRIDE.get()
     if chosen is not None:
-        return chosen, "--max-bytes"
+        return chosen, "set by --max-bytes or decode_limit()"
     if os.environ.get(ENV, "").strip():
         try:
             return parse_size(os.environ[ENV]), ENV
