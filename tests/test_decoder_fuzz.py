@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
-WORKER = Path(__file__).with_name("fuzz_worker.py")
+from support.processes import worker, worker_env
+
 HEADROOM = 1 << 30  # above what the worker maps once torch is imported (about 3.3 GB of address space on its own)
 
 
 def test_decoders_accept_or_refuse_cleanly_under_a_memory_limit(tmp_path):
-    done = subprocess.run([sys.executable, str(WORKER), "300", str(HEADROOM)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
+    done = subprocess.run([*worker("fuzz_worker"), "300", str(HEADROOM)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300, env=worker_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["address_space_limit"] > HEADROOM

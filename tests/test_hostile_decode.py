@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_util import assert_refused, cli_env, command, run_cli, tree_state
-from crafted import edit_json, edit_meta, edit_subnetwork, mask_bomb, replace_tensors, split, zeros_frame
 from safetensors import safe_open
 from safetensors.torch import save_file
+from support.cli import assert_refused, cli_env, command, run_cli, tree_state
+from support.crafted import edit_json, edit_meta, edit_subnetwork, mask_bomb, replace_tensors, split, zeros_frame
 
 from opentrans_hub import Subnetwork
 from opentrans_hub.zoo.packing import pack_checkpoint

@@ -21,9 +21,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from crafted import edit_json, edit_meta, split
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.crafted import edit_json, edit_meta, split
 
 from opentrans_hub import LayerSelection, OpenTransError, Subnetwork
 from opentrans_hub.formats.packed import PackedFile, PackedReader
@@ -48,7 +48,7 @@ def samples() -> dict[str, bytes]:
             path = Path(folder) / f"{encoding}.safetensors"
             pack_checkpoint({"model": state, "iteration": 7}, path, subnetwork=sub, encoding=encoding)
             out[f"packed {encoding}"] = path.read_bytes()
-    out["packed v1"] = (Path(__file__).parent / "fixtures" / "packed-v1.safetensors").read_bytes()
+    out["packed v1"] = (Path(__file__).resolve().parents[1] / "fixtures" / "packed-v1.safetensors").read_bytes()
     layers = [{"name": k, "param": k, "kind": "conv" if v.dim() == 4 else "linear", "shape": list(v.shape),
                "alpha": 2.0 + i, "trainable": bool(i % 2)} for i, (k, v) in enumerate(state.items()) if v.dim() > 1]
     out["selection"] = LayerSelection(layers, arch="open_clip/RN50", policy={"name": "median"}).to_bytes()
