@@ -14,7 +14,7 @@ from .version import __version__ as __version__
 
 #: public name -> the module (below this package) that defines it
 _PUBLIC = {
-    "OpenTransError": "errors", "OpenTransWarning": "errors",
+    "OpenTransError": "errors", "OpenTransWarning": "errors", "decode_limit": "io.limits",
     "NameMap": "naming.namemap", "Rule": "naming.namemap", "MappingReport": "naming.namemap",
     "TIMM_CLIP_RESNET_RULES": "towers.timm_names",
     "Subnetwork": "formats.subnetwork", "LayerSelection": "formats.selection",

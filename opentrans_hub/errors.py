@@ -1,7 +1,8 @@
 """The one error type the library raises for bad input.
 
 Every message names the file (and the tensor, where there is one), so a user who gets a corrupted mask or
-a checkpoint that does not fit knows which file to look at without reading a traceback.
+a checkpoint that does not fit knows which file to look at without reading a traceback. A message is one line:
+control characters a file put into it (a newline in a recorded hash) are shown escaped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ class OpenTransError(Exception):
         if tensor is not None:
             where.append(f"tensor {tensor!r}")
         self.detail = message
-        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+        text = f"{': '.join(where)}: {message}" if where else message
+        if not text.isprintable():
+            text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+        super().__init__(text)
 
 
 class OpenTransWarning(UserWarning):

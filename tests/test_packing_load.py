@@ -143,6 +143,10 @@ def test_mask_bits_moved_onto_zeros_are_refused(tmp_path, tiny_arch):
     assert str(info.value).startswith(f"{bad}: ") and "\n" not in str(info.value)
     with pytest.raises(OpenTransError, match="content hash mismatch"):
         tower_masks(bad, dict(tower.named_parameters()))
-    shown = run_cli(tmp_path, "inspect", bad.name)
-    assert shown.returncode == 2 and shown.stdout == ""
-    assert shown.stderr.count("\n") == 1 and bad.name in shown.stderr and "hash mismatch" in shown.stderr
+    shown = run_cli(tmp_path, "inspect", bad.name)  # the header alone: it describes, and says it verified nothing
+    assert shown.returncode == 0 and "not verified" in shown.stdout and "(verified)" not in shown.stdout
+    for argv in (["verify", bad.name], ["unpack", bad.name, "--out", "swapped.pth"]):
+        refused = run_cli(tmp_path, *argv)
+        assert refused.returncode == 2 and refused.stdout == "", argv
+        assert refused.stderr.count("\n") == 1 and bad.name in refused.stderr and "hash mismatch" in refused.stderr
+    assert not (tmp_path / "swapped.pth").exists()

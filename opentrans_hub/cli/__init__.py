@@ -3,8 +3,9 @@
 Each command module exposes ``register(subparsers)`` which adds its parser and sets ``func`` to a
 callable taking the parsed arguments and returning an exit code. Errors (the library's, bad arguments,
 files that cannot be read or written) are printed as one line with exit code 2 (no traceback unless
-``--debug``, which works before or after the sub-command); with ``--json`` the error is also one JSON object
-``{"error": ...}`` on stdout. A closed pipe (``opentrans-hub list | head``) ends the command quietly.
+``--debug``, which works before or after the sub-command); running out of memory is one such line too; with
+``--json`` the error is also one JSON object ``{"error": ...}`` on stdout. A closed pipe
+(``opentrans-hub list | head``) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -125,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         _report(args.command, f"{where}{exc.strerror or exc}", as_json)
+        return 2
+    except MemoryError:  # an allocation the decode limit allowed but the machine could not give
+        if debug:
+            raise
+        _report(args.command, "out of memory (an input may claim more than this machine holds; lower "
+                "OPENTRANS_HUB_MAX_DECODE_BYTES or --max-bytes to refuse such files before decoding)", as_json)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -45,3 +45,21 @@ def check_out(args: Any, path: Any, *inputs: Any) -> None:
 
     if path is not None:
         check_output(path, overwrite=bool(getattr(args, "overwrite", False)), inputs=inputs)
+
+
+def add_max_bytes(parser: Any) -> None:
+    """``--max-bytes``: the most a decode of the input may materialise (``64G``, ``512M``, bytes)."""
+    parser.add_argument("--max-bytes", metavar="SIZE", type=_size, default=None,
+                        help="refuse inputs that decode to more than SIZE (512M, 64G; default: "
+                             "$OPENTRANS_HUB_MAX_DECODE_BYTES, else the least of 64 GiB, memory and address space)")
+
+
+def _size(text: str) -> int:
+    import argparse
+
+    from ..io.limits import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

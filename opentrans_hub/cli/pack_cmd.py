@@ -1,14 +1,15 @@
 """``opentrans-hub pack CKPT (--subnetwork REF | --zeros) --out FILE`` and ``unpack FILE --out CKPT``.
 
 Pack writes a pruned checkpoint as a compact sparse file (mask bits + kept values); unpack gives the dense
-checkpoint back bit-identical. Neither ever writes over its input.
+checkpoint back bit-identical, after checking both hashes, and refuses a file that would decode to more than the
+decode limit (``--max-bytes``). Neither ever writes over its input.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ._common import add_overwrite, check_out, print_json
+from ._common import add_max_bytes, add_overwrite, check_out, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("packed", metavar="FILE")
     p.add_argument("--out", required=True, metavar="CKPT", help=".pth (any checkpoint) or .safetensors (flat)")
     add_overwrite(p)
+    add_max_bytes(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_unpack)
 
@@ -56,13 +58,18 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_unpack(args: argparse.Namespace) -> int:
+    from ..io.limits import decode_limit
     from ..zoo.packing import unpack
 
     check_out(args, args.out, args.packed)
-    info = unpack(args.packed, args.out)
+    with decode_limit(args.max_bytes):
+        info = unpack(args.packed, args.out)
     if args.json:
         print_json(info)
-    else:
-        print(f"wrote {info['out']}: {info['bytes']:,} bytes, {info['tensors']} tensors "
-              f"({info['masked_tensors']} unpacked from masks), content sha256 {info['content_sha256'][:16]} verified")
+        return 0
+    checked = f"content sha256 {info['content_sha256'][:16]}"
+    if info["subnetwork_sha256"]:
+        checked += f" and subnetwork sha256 {info['subnetwork_sha256'][:16]}"
+    print(f"wrote {info['out']}: {info['bytes']:,} bytes, {info['tensors']} tensors "
+          f"({info['masked_tensors']} unpacked from masks), {checked} verified")
     return 0

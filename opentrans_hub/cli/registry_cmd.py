@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from ._common import print_json, printable, table
+from ._common import add_max_bytes, print_json, printable, table
 
 if TYPE_CHECKING:
     from ..zoo.registry import Registry
@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("verify", help="re-check the hashes of a registry entry, hf:// ref or file")
     p.add_argument("ref", metavar="NAME|PATH")
     _common(p)
+    add_max_bytes(p)
     p.set_defaults(func=run_verify)
 
     p = subparsers.add_parser("add", help="add a subnetwork (.safetensors) or selection (.json) file by name")
@@ -79,11 +80,17 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    result = _registry(args).verify(args.ref)
+    from ..io.limits import decode_limit
+
+    with decode_limit(args.max_bytes):
+        result = _registry(args).verify(args.ref)
     if args.json:
         print_json(result)
     else:
         print(f"ok: {args.ref} ({result['kind']}, sha256 {result['sha256']})")
+        if result.get("unhashed_fields"):
+            print(f"note: this packed file's format version does not hash its header's "
+                  f"{', '.join(result['unhashed_fields'])}: those are not verified (pack the file again to cover them)")
     return 0
 
 

@@ -6,6 +6,8 @@ The file format and its dense reader live in :mod:`opentrans_hub.io` (:mod:`~ope
 what they decode. Here the masks get their meaning: :class:`PackedReader` rebuilds the embedded Subnetwork and
 checks it against its own sha256, which is what catches mask bits moved onto positions that hold zeros (the dense
 content, and so its hash, is then unchanged). Every mask it gives is verified that way unless ``verify=False``.
+From format version 2 the dense content hash also covers the embedded subnetwork's sha256, so a registry or Hub
+manifest that pins ``content_sha256`` pins the masks too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ class PackedReader(PackedContainer):
         if self._subnetwork is None:
             self._subnetwork = Subnetwork.from_parts(*self.embedded(), source=self.source)
         return self._subnetwork
+
+    def verify_subnetwork(self) -> str | None:
+        """Check the embedded subnetwork against its own sha256 without keeping its masks; returns the sha256
+        (None when the file holds no masked tensor)."""
+        if not self.mask_names:
+            return None
+        if self._subnetwork is not None:
+            return self._subnetwork.sha256
+        return Subnetwork.from_parts(*self.embedded(), source=self.source).sha256
 
     def masks(self, verify: bool = True) -> dict[str, torch.Tensor]:
         """Tensor key -> keep-mask for every masked tensor, from the (verified) embedded Subnetwork."""
@@ -76,9 +87,10 @@ def is_packed(path: str | os.PathLike) -> bool:
 class PackedFile:
     """A packed sparse checkpoint as a registry/Hub artefact: its bytes, verified on decode.
 
-    ``sha256`` is the dense content hash; ``subnetwork`` the embedded mask (its own sha256); ``arch`` and
-    ``provenance`` come from that mask, so model cards can name the base model. Both hashes are checked on
-    construction unless ``verify=False`` (for forensics on a damaged file).
+    ``sha256`` is the content hash; ``subnetwork`` the embedded mask (its own sha256); ``arch`` and
+    ``provenance`` come from that mask, so model cards can name the base model (the header's own ``arch`` field
+    is never read). Both hashes are checked on construction unless ``verify=False`` (for forensics on a damaged
+    file).
     """
 
     kind = "packed"
@@ -113,7 +125,7 @@ class PackedFile:
 
     @property
     def arch(self) -> str:
-        return self.reader.meta.get("arch") or "unknown"
+        return self._subnetwork.arch if self._subnetwork is not None else "unknown"
 
     @property
     def provenance(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import OpenTransError
 from ..io.atomic import atomic_write_text, read_bytes
+from ..io.limits import check_json, out_of_memory
 from ..io.sniff import SELECTION_FORMAT, format_name, sniff
 from ..towers.archs import check_arch, check_tensor_name
 
@@ -118,10 +119,13 @@ class LayerSelection:
         found = sniff(data)
         if found.kind not in ("json", "text"):
             raise OpenTransError(f"is {found.describe()}, not a layer selection (JSON)", path=source)
+        check_json(len(data), "the manifest", source)
         try:
             payload = json.loads(data.decode("utf-8-sig"))  # a byte-order mark some editors add is harmless
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise OpenTransError("not valid JSON", path=source) from None
+        except MemoryError:
+            raise out_of_memory(len(data), "parsing the manifest", source) from None
         return cls.from_dict(payload, source=source, verify=verify)
 
     @classmethod

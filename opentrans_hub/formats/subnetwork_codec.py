@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 from ..errors import OpenTransError
 from ..io.bitmask import ENCODINGS, BitCodec, check_encoding, pack_bits
 from ..io.container import read_layout
+from ..io.limits import check_decode
 from ..io.sniff import SUBNETWORK_FORMAT, format_name
 from ..towers.archs import check_arch, check_tensor_name
 
@@ -118,7 +120,7 @@ def decode_parts(metadata: Mapping[str, str], blobs: Mapping[str, bytes | memory
     if format_name(metadata.get("format")) != FORMAT:
         raise OpenTransError(f"not an opentrans-hub subnetwork (format={metadata.get('format')!r})", path=source)
     version = metadata.get("format_version", "")
-    if not version.isdigit():
+    if not (version.isascii() and version.isdigit()):  # str.isdigit() also takes '¹', which int() refuses
         raise OpenTransError(f"bad format_version {version!r}", path=source)
     if int(version) > FORMAT_VERSION:
         raise OpenTransError(f"format version {version} is newer than this library reads ({FORMAT_VERSION}); "
@@ -136,12 +138,18 @@ def decode_parts(metadata: Mapping[str, str], blobs: Mapping[str, bytes | memory
     if set(shapes) != set(blobs):
         missing = sorted(set(shapes) ^ set(blobs))[:3]
         raise OpenTransError(f"header shapes and stored tensors disagree (e.g. {missing})", path=source)
-    masks: dict[str, torch.Tensor] = {}
-    for name in sorted(blobs):
+    total = 0
+    for name in sorted(blobs):  # every shape and stored size checked before any mask is decoded
         shape = shapes[name]
         if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in shape)):
             raise OpenTransError(f"bad shape {str(shape)[:80]}", path=source, tensor=name)
+        codec.check_stored(blobs[name], tuple(shape), source, name)
+        total += math.prod(shape)
+    check_decode(total, f"decoding {len(blobs)} mask{'s' * (len(blobs) != 1)} (a byte per weight)", source)
+    masks: dict[str, torch.Tensor] = {}
+    for name in sorted(blobs):
+        shape = shapes[name]
         masks[name] = torch.from_numpy(codec.decode(blobs[name], tuple(shape), source, name).reshape(shape))
     declared = metadata.get("sha256")
     return Decoded(masks, arch, provenance, declared if isinstance(declared, str) else None)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import OpenTransError
+from .limits import check_json, out_of_memory
 from .sniff import MAX_HEADER_BYTES
 
 #: safetensors dtype name -> bytes per element
@@ -56,10 +57,13 @@ def read_layout(data: bytes | memoryview, source: str, *, dtypes: Mapping[str, i
     if length > max_header or 8 + length > size:
         raise OpenTransError(f"truncated or not safetensors: header length {length} exceeds the file ({size} bytes)",
                              path=source)
+    check_json(length, "the header", source)
     try:
         header = json.loads(bytes(data[8:8 + length]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise OpenTransError("safetensors header is not valid JSON", path=source) from None
+    except MemoryError:
+        raise out_of_memory(length, "parsing the header", source) from None
     if not isinstance(header, dict):
         raise OpenTransError("safetensors header is not a JSON object", path=source)
     metadata = header.pop("__metadata__", {})

@@ -1,7 +1,9 @@
 """The reader of packed sparse checkpoints (format: :mod:`opentrans_hub.io.packed_spec`): dense tensors, verified.
 
 :class:`PackedContainer` checks the whole header up front, decodes tensors one at a time and checks the dense
-content hash once the last one is decoded, so what it gives is what was packed. It sits with the other readers
+content hash once the last one is decoded, so what it gives is what was packed. Opening reads the header alone
+(every size it claims checked against the file, masks' stored sizes against their shapes); decoding first checks
+what it will materialise against the decode limit (:mod:`opentrans_hub.io.limits`). It sits with the other readers
 in :mod:`opentrans_hub.io` because every checkpoint reader takes a packed file as it is
 (:func:`opentrans_hub.io.checkpoints.read_checkpoint`). The masks as masks (the embedded Subnetwork, verified by
 its own sha256) are :class:`opentrans_hub.formats.packed.PackedReader`'s.
@@ -10,30 +12,38 @@ its own sha256) are :class:`opentrans_hub.formats.packed.PackedReader`'s.
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import OpenTransError
+from ..errors import OpenTransError, OpenTransWarning
 from .bitmask import ENCODINGS, BitCodec
 from .container import read_layout
+from .limits import check_decode, out_of_memory
 from .packed_spec import (
     FORMAT,
     FORMAT_VERSION,
     KEPT_SUFFIX,
     MASK_SUFFIX,
+    UNHASHED_IN_V1,
     TensorSpec,
     bits,
+    bound_fields,
     content_sha256,
     count,
     stored_names,
     tensor_hash,
     torch_dtype,
 )
-from .sniff import SUBNETWORK_FORMAT, format_name
+from .sniff import OURS, SUBNETWORK_FORMAT, format_name
 from .tree import decode_tree
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CASTS = {"BF16": "bf16", "F16": "fp16"}
 
 
 class PackedContainer:
@@ -49,8 +59,9 @@ class PackedContainer:
         if format_name(meta.get("format")) != FORMAT:
             raise self._error(f"not an opentrans-hub packed file (format={meta.get('format')!r})")
         version = meta.get("format_version", "")
-        if not version.isdigit() or int(version) > FORMAT_VERSION:
-            raise self._error(f"format version {version!r} is not one this library reads ({FORMAT_VERSION})")
+        if not (version.isascii() and version.isdigit() and 1 <= int(version) <= FORMAT_VERSION):
+            raise self._error(f"format version {version!r} is not one this library reads (1 to {FORMAT_VERSION})")
+        self.version = int(version)
         self.meta = meta
         self.entries = layout.entries
         self.tree = self.json_field("tree", dict)
@@ -60,8 +71,11 @@ class PackedContainer:
         self.sub_meta: dict[str, str] = self.json_field("subnetwork", dict) if self.mask_names else {}
         self.content_sha256 = meta.get("content_sha256", "")
         self.state_trail = meta.get("state", "")
+        self._source_meta: dict[str, str] = (self.json_field("source_metadata", dict) if "source_metadata" in meta
+                                             else {})
         self._check_header()
         self._codec = BitCodec(self.sub_meta["encoding"], source) if self.mask_names else None
+        self._check_sizes()
 
     def _error(self, message: str, tensor: str | None = None) -> OpenTransError:
         return OpenTransError(message, path=self.source, tensor=tensor)
@@ -95,6 +109,54 @@ class PackedContainer:
             raise self._error("embedded subnetwork header is missing or not a subnetwork's")
         if self.mask_names and self.sub_meta.get("encoding") not in ENCODINGS:
             raise self._error(f"embedded subnetwork has an unknown encoding {self.sub_meta.get('encoding')!r}")
+        if not _SHA256.fullmatch(self.content_sha256):
+            raise self._error("header has no content_sha256 (64 hex digits), so its content cannot be verified")
+        if self.mask_names and not _SHA256.fullmatch(self.sub_meta.get("sha256", "")):
+            raise self._error("embedded subnetwork has no sha256 (64 hex digits), so its masks cannot be verified")
+        if self.mask_names and (self.meta.get("arch") or "unknown") != self.arch:
+            raise self._error(f"header arch {self.meta.get('arch')!r} is not the embedded subnetwork's {self.arch!r}")
+        if not all(isinstance(v, str) for v in self._source_meta.values()):
+            raise self._error("header field 'source_metadata' must map strings to strings")
+        if (format_name(self._source_meta.get("format")) or "").startswith(OURS):
+            raise self._error("header field 'source_metadata' declares an opentrans-hub format; a dense checkpoint's "
+                              "metadata cannot")
+
+    def _check_sizes(self) -> None:
+        """Every mask's stored bytes can hold the bits its tensor's shape needs (without decoding any): so the
+        dense sizes the header claims are bounded by the file (:meth:`BitCodec.check_stored`)."""
+        assert self._codec is not None or not self.mask_names
+        for key in self.mask_names:
+            try:
+                self._codec.check_stored(self.raw(key + MASK_SUFFIX), self.specs[key].shape, self.source, key)
+            except OpenTransError as exc:
+                raise self._error(f"mask bits: {exc.detail}", tensor=key) from None
+
+    # ------------------------------------------------------------------ header facts (not yet verified)
+    @property
+    def arch(self) -> str:
+        """The architecture: the embedded subnetwork's (covered by its sha256), ``unknown`` without masks."""
+        return (self.sub_meta.get("arch") or "unknown") if self.mask_names else "unknown"
+
+    @property
+    def cast(self) -> str | None:
+        """The dtype kept values are stored in when cast (``bf16``, ``fp16``), from the tensors' specs."""
+        casts = sorted({_CASTS.get(s.stored, s.stored.lower()) for s in self.specs.values() if s.stored})
+        return ",".join(casts) or None
+
+    @property
+    def dense_bytes(self) -> int:
+        """What decoding the whole checkpoint materialises."""
+        return sum(spec.dense_bytes for spec in self.specs.values())
+
+    @property
+    def unverified_fields(self) -> tuple[str, ...]:
+        """Header fields that change meaning but this file's content hash does not cover (version 1 files)."""
+        return UNHASHED_IN_V1 if self.version < 2 else ()
+
+    def bound(self) -> dict[str, Any]:
+        """The header fields a version 2 content hash covers, as this file records them."""
+        return bound_fields(self.mask_names, self.sub_meta.get("sha256") if self.mask_names else None,
+                            self._source_meta, self.state_trail)
 
     def json_field(self, key: str, kind: type) -> Any:
         """A JSON field of the header metadata, checked to be a ``kind``."""
@@ -107,8 +169,15 @@ class PackedContainer:
         return value
 
     def source_metadata(self) -> dict[str, str] | None:
-        """The safetensors metadata the packed checkpoint had (a dense safetensors file's), else None."""
-        return self.json_field("source_metadata", dict) if "source_metadata" in self.meta else None
+        """The safetensors metadata the packed checkpoint had (a dense safetensors file's), else None. Covered by
+        the content hash from version 2; a version 1 file's is given with a warning that it is unverified."""
+        if "source_metadata" not in self.meta:
+            return None
+        if self._source_meta and self.version < 2:
+            warnings.warn(f"{self.source}: format version 1, whose content sha256 does not cover source_metadata: "
+                          "it is carried over unverified (pack the file again to cover it)", OpenTransWarning,
+                          stacklevel=2)
+        return dict(self._source_meta)
 
     # ------------------------------------------------------------------ tensors
     def raw(self, name: str) -> memoryview:
@@ -144,10 +213,20 @@ class PackedContainer:
         return torch.from_numpy(keep)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """The dense tensor ``key`` (zeros at pruned positions); every count and dtype is checked."""
+        """The dense tensor ``key`` (zeros at pruned positions); every count and dtype is checked, and its size
+        against the decode limit before anything is allocated."""
         spec = self.specs.get(key)
         if spec is None:
             raise self._error("the tree names a tensor the header does not describe", tensor=key)
+        need = spec.dense_bytes + (spec.numel if spec.masked else 0)  # a masked one holds its bool mask too
+        check_decode(need, "decoding this tensor", self.source, key)
+        try:
+            return self._decode(spec)
+        except MemoryError:
+            raise out_of_memory(need, "decoding this tensor", self.source, key) from None
+
+    def _decode(self, spec: TensorSpec) -> torch.Tensor:
+        key = spec.key
         if not spec.masked:
             return self._stored(key, spec.dtype).reshape(spec.shape)
         mask = self._mask_bits(key)
@@ -165,14 +244,17 @@ class PackedContainer:
         """Every dense tensor (key order, or ``order``), one at a time; the content hash is checked after the
         last one, so a consumer commits its output only once the iteration has finished. ``verify=False``
         skips that check (for forensics on a damaged file)."""
+        keys = list(order if order is not None else self.specs)
+        check_decode(sum(self.specs[k].dense_bytes for k in keys if k in self.specs),
+                     f"decoding {len(keys)} tensors dense", self.source)
         hashes = {}
-        for key in order if order is not None else self.specs:
+        for key in keys:
             tensor = self.tensor(key)
             hashes[key] = tensor_hash(key, tensor)
             yield key, tensor
         if set(hashes) != set(self.specs):
             raise self._error("internal: not every tensor was decoded")
-        actual = content_sha256(hashes, self.tree)
+        actual = content_sha256(hashes, self.tree, self.bound(), self.version)
         if verify and actual != self.content_sha256:
             raise self._error(f"content sha256 {actual[:16]}... is not the recorded {self.content_sha256[:16]}... "
                               "(tampered or corrupted)")

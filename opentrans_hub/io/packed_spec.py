@@ -9,8 +9,15 @@ rank) as ``KEY::mask`` and the kept values in order as ``KEY::kept``, in the ten
 * ``tensors``: per tensor key its dtype, shape and kept count (:class:`TensorSpec`);
 * ``subnetwork``: the header of the Subnetwork the masks form, so it is rebuilt and verified with its own
   sha256; ``masks``: tensor key -> the mask's name in that Subnetwork; ``state``: where the state dict sits;
+* ``source_metadata``: the safetensors metadata of the packed checkpoint, which unpacking to safetensors writes;
 * ``content_sha256``: sha256 over the dense content (names, dtypes, shapes, bytes of what unpacking gives, plus
-  the tree), checked whenever the file is decoded.
+  the tree) and, from format version 2, over every other field that changes meaning (:func:`bound_fields`: the
+  masks' identity, ``source_metadata``, ``state``), checked whenever the file is decoded.
+
+``arch`` and ``cast`` are written for readers of version 1 but never read: the architecture is the embedded
+subnetwork's (inside its sha256) and the cast is the ``stored`` dtypes of the tensors. ``library`` and
+``method`` are information. Version 1 files still read; what their hash does not cover is
+:data:`UNHASHED_IN_V1`.
 
 Bits are copied through integer views, so ``-0.0`` and NaN payloads in kept positions survive exactly. The reader
 is :mod:`opentrans_hub.io.packed`; packing a checkpoint is :mod:`opentrans_hub.zoo.packing`.
@@ -33,7 +40,9 @@ from ..errors import OpenTransError
 from .sniff import PACKED_FORMAT
 
 FORMAT = PACKED_FORMAT
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the fields a version 1 file's content hash leaves out (version 2 covers them)
+UNHASHED_IN_V1 = ("masks", "subnetwork.sha256", "source_metadata", "state")
 MASK_SUFFIX, KEPT_SUFFIX = "::mask", "::kept"
 MAX_NUMEL = 1 << 40
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -134,13 +143,32 @@ def tensor_hash(key: str, tensor: torch.Tensor) -> bytes:
     return digest.digest()
 
 
-def content_sha256(hashes: Mapping[str, bytes], tree: Any) -> str:
-    """The dense content hash: per-tensor hashes in key order, then the tree (so any write order works)."""
-    digest = hashlib.sha256(b"opentrans-hub/packed/v1\0")
+def bound_fields(masks: Mapping[str, str], subnetwork_sha256: str | None, source_metadata: Mapping[str, str],
+                 state: str) -> dict[str, Any]:
+    """The header fields a version 2 content hash covers besides the dense content and the tree: tensor key ->
+    mask name, the embedded subnetwork's sha256 (which covers its architecture, names, shapes and bits), the
+    metadata unpacking writes, and where the state dict sits."""
+    return {"masks": dict(masks), "subnetwork_sha256": subnetwork_sha256 or "",
+            "source_metadata": dict(source_metadata), "state": state}
+
+
+def content_sha256(hashes: Mapping[str, bytes], tree: Any, bound: Mapping[str, Any] | None = None,
+                   version: int = FORMAT_VERSION) -> str:
+    """The content hash: per-tensor hashes in key order, then the tree (so any write order works), then for
+    version 2 the :func:`bound_fields` (required there, ignored for version 1)."""
+    digest = hashlib.sha256(f"opentrans-hub/packed/v{version}\0".encode())
     for key in sorted(hashes):
         digest.update(hashes[key])
-    digest.update(b"tree\0" + json.dumps(tree, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    digest.update(b"tree\0" + _canonical(tree))
+    if version >= 2:
+        if bound is None:
+            raise OpenTransError("internal: a version 2 content hash needs the bound header fields")
+        digest.update(b"\0header\0" + _canonical(bound))
     return digest.hexdigest()
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 # ----------------------------------------------------------------------------------------- writing

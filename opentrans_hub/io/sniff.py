@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..errors import OpenTransError
+from .limits import JSON_EXPANSION, max_decode_bytes
 
 SUBNETWORK_FORMAT = "opentrans-hub/subnetwork"
 PACKED_FORMAT = "opentrans-hub/packed"
@@ -68,11 +69,12 @@ def header_length(data: bytes | memoryview) -> int | None:
 
 def sniff(data: bytes | memoryview) -> Sniffed:
     """What ``data`` (a whole file, or at least its safetensors header) holds; never raises. JSON text is parsed
-    up to 64 MiB (a manifest); longer text counts as ``text``."""
+    up to 64 MiB (a manifest) and only while its objects fit the decode limit; longer text counts as ``text``
+    (and its reader then refuses it, saying why)."""
     if not len(data):
         return Sniffed("empty")
     length = header_length(data)
-    if length is not None and 8 + length <= len(data):
+    if length is not None and 8 + length <= len(data) and _affordable(length):
         header = _json(bytes(data[8:8 + length]), bom=False)
         if isinstance(header, dict):
             meta = header.get("__metadata__")
@@ -80,7 +82,7 @@ def sniff(data: bytes | memoryview) -> Sniffed:
             return Sniffed("safetensors", format_name(meta.get("format")) if meta else None, meta)
     head = bytes(data[:64]).removeprefix(_BOM).lstrip()[:1]
     if head in (b"{", b"["):
-        value = _json(bytes(data), bom=True) if len(data) <= MAX_JSON_BYTES else _INVALID
+        value = _json(bytes(data), bom=True) if len(data) <= MAX_JSON_BYTES and _affordable(len(data)) else _INVALID
         if value is _INVALID:
             return Sniffed("text")
         return Sniffed("json", format_name(value.get("format")) if isinstance(value, dict) else None)
@@ -114,8 +116,16 @@ def sniff_file(path: str | os.PathLike) -> Sniffed:
 _INVALID = object()
 
 
+def _affordable(nbytes: int) -> bool:
+    """Whether parsing ``nbytes`` of JSON stays within the decode limit (:mod:`opentrans_hub.io.limits`)."""
+    try:
+        return JSON_EXPANSION * nbytes <= max_decode_bytes()[0]
+    except OpenTransError:  # a malformed limit: the reader that follows reports it
+        return False
+
+
 def _json(raw: bytes, bom: bool) -> object:
     try:
         return json.loads(raw.decode("utf-8-sig" if bom else "utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except (UnicodeDecodeError, ValueError, RecursionError, MemoryError):  # the readers then say why, and bounded
         return _INVALID

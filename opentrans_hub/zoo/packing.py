@@ -35,6 +35,7 @@ from ..io import packed_spec as sf
 from ..io.atomic import atomic_write_bytes, new_folders
 from ..io.atomic import check_output as check_safe_output
 from ..io.checkpoints import find_prefixes, find_state_dict, is_safetensors_name, load_checkpoint
+from ..io.limits import check_decode
 from ..io.tree import decode_tree, encode_tree
 
 __all__ = ["load_sparse", "pack_checkpoint", "unpack"]
@@ -234,7 +235,7 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
             zero_already = stored is None and (zeros or not force_zero) and name not in negative_zeros
             hashes[key] = sf.tensor_hash(key, tensor.detach().cpu() if zero_already else _dense(tensor, keep, stored))
         specs.append(spec)
-    content_sha256 = sf.content_sha256(hashes, tree)
+    content_sha256 = sf.content_sha256(hashes, tree, sf.bound_fields(mask_names, sub.sha256, source_meta or {}, trail))
 
     def parts(spec: sf.TensorSpec):
         tensor = tensors[spec.key].detach().cpu()
@@ -322,7 +323,8 @@ def _signed_zeros(sub: Subnetwork, located: Mapping[str, str], state: Mapping[st
 
 
 def packed_stats(reader: PackedReader) -> dict[str, Any]:
-    """Dense vs packed bytes and per-tensor sparsity (what ``inspect`` prints)."""
+    """Dense vs packed bytes and per-tensor sparsity (what ``inspect`` prints), from the header alone: nothing is
+    decoded, so nothing here is verified yet (the architecture and hashes are the ones the file records)."""
     layers = []
     for key in reader.mask_names:
         spec = reader.specs[key]
@@ -334,13 +336,15 @@ def packed_stats(reader: PackedReader) -> dict[str, Any]:
     dense = sum(s.dense_bytes for s in reader.specs.values())
     masked_dense = sum(layer["dense_bytes"] for layer in layers)
     masked_packed = sum(layer["packed_bytes"] for layer in layers)
-    return {"path": reader.source, "content_sha256": reader.content_sha256, "file_bytes": reader.size,
+    return {"path": reader.source, "format_version": reader.version, "content_sha256": reader.content_sha256,
+            "subnetwork_sha256": reader.sub_meta.get("sha256") if reader.mask_names else None,
+            "unhashed_fields": list(reader.unverified_fields), "file_bytes": reader.size,
             "dense_bytes": dense, "ratio": reader.size / dense if dense else 0.0, "tensors": len(reader.specs),
             "masked_tensors": len(layers), "masked_dense_bytes": masked_dense,
             "masked_packed_bytes": masked_packed,
             "masked_sparsity": (1 - sum(x["kept"] for x in layers) / max(sum(x["numel"] for x in layers), 1)),
-            "encoding": reader.sub_meta.get("encoding"), "arch": reader.meta.get("arch", "unknown"),
-            "cast": reader.meta.get("cast") or None, "state": reader.state_trail, "layers": layers}
+            "encoding": reader.sub_meta.get("encoding"), "arch": reader.arch, "cast": reader.cast,
+            "state": reader.state_trail, "layers": layers}
 
 
 def tower_masks(packed: str | os.PathLike | PackedReader, names: Any) -> dict[str, torch.Tensor]:
@@ -371,20 +375,32 @@ def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Write the dense checkpoint of a packed file to ``out`` (``.safetensors`` when it is a flat tensor dict,
-    else ``torch.save``), bit-identical to what was packed; verified before anything is written."""
+    else ``torch.save``), bit-identical to what was packed; verified (the content hash, then the embedded
+    subnetwork's own sha256) before the output is committed. What it would write is checked against the decode limit
+    (:mod:`opentrans_hub.io.limits`) before anything is decoded."""
     out = check_output(out, path)
     reader = open_packed(path)
+    check_decode(reader.dense_bytes, f"unpacking {len(reader.specs)} tensors dense", reader.source)
     if is_safetensors_name(out):
         flat = reader.tree.get("d") if isinstance(reader.tree, dict) else None
         if not isinstance(flat, list) or not all(isinstance(v, dict) and "t" in v and k == {"s": v["t"]}
                                                  for k, v in flat):
             raise OpenTransError("this checkpoint nests entries beyond a flat tensor dict; unpack it to a .pth "
                                  "file (safetensors holds only a flat dict of tensors)", path=out)
-        size = _spool_to(out, lambda handle: _write_dense_safetensors(handle, reader))
-    else:
-        size = _spool_to(out, lambda handle: _torch_save(handle, reader, out.parent))
+    checked: list[str | None] = []
+
+    def write(handle) -> int:
+        size = (_write_dense_safetensors(handle, reader) if is_safetensors_name(out)
+                else _torch_save(handle, reader, out.parent))
+        checked.append(reader.verify_subnetwork())  # after the content hash, before the output is committed
+        return size
+
+    size = _spool_to(out, write)
+    subnetwork_sha256 = checked[0]
     return {"out": str(out), "bytes": size, "content_sha256": reader.content_sha256,
-            "tensors": len(reader.specs), "masked_tensors": len(reader.mask_names)}
+            "subnetwork_sha256": subnetwork_sha256, "format_version": reader.version,
+            "unhashed_fields": list(reader.unverified_fields), "tensors": len(reader.specs),
+            "masked_tensors": len(reader.mask_names)}
 
 
 def _write_dense_safetensors(handle, reader: PackedReader) -> int:

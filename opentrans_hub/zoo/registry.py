@@ -363,10 +363,14 @@ class Registry:
         entry = self.entry(text) if NAME_PATTERN.fullmatch(text) else None
         if entry is not None:
             obj = self.load(text)
-            return {"name": text, "kind": entry.kind, "sha256": obj.sha256, "file_sha256": entry.file_sha256,
-                    "path": str(entry.path), "ok": True}
-        obj, source = self.resolve(text)
-        return {"ref": text, "source": source, "kind": kind_of(obj), "sha256": obj.sha256, "ok": True}
+            out = {"name": text, "kind": entry.kind, "sha256": obj.sha256, "file_sha256": entry.file_sha256,
+                   "path": str(entry.path), "ok": True}
+        else:
+            obj, source = self.resolve(text)
+            out = {"ref": text, "source": source, "kind": kind_of(obj), "sha256": obj.sha256, "ok": True}
+        if kind_of(obj) == "packed" and obj.reader.unverified_fields:  # an old packed file: say what it leaves out
+            out["unhashed_fields"] = list(obj.reader.unverified_fields)
+        return out
 
     def materialise(self, name: str, weights: str | os.PathLike | None = None, download: bool = False,
                     progress: bool = False) -> Entry:
