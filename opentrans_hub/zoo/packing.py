@@ -19,6 +19,7 @@ import mmap
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,7 +37,7 @@ from ..io.atomic import atomic_write_bytes, new_folders
 from ..io.atomic import check_output as check_safe_output
 from ..io.checkpoints import find_prefixes, find_state_dict, is_safetensors_name, load_checkpoint
 from ..io.limits import check_decode
-from ..io.tree import decode_tree, encode_tree
+from ..io.tree import TreeEncoder, decode_tree, tensor_nodes, view_of
 
 __all__ = ["load_sparse", "pack_checkpoint", "unpack"]
 
@@ -175,11 +176,11 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
         else:  # read by content; a safetensors input's metadata (a packed one's: its dense form's) is carried over
             loaded = load_checkpoint(checkpoint)
             obj, source_meta = loaded.obj, loaded.metadata
-        tensors: dict[str, torch.Tensor] = {}
-        tree = encode_tree(obj, tensors)
+        encoder = TreeEncoder()
+        tree = encoder.encode(obj)
     except RecursionError:
         raise OpenTransError("the checkpoint nests too deeply to be packed", path=source) from None
-    for key in tensors:
+    for key in encoder.tensors:
         if "::" in key:
             raise OpenTransError("tensor names with '::' cannot be packed", path=source, tensor=key)
         try:
@@ -189,9 +190,11 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
                                  tensor=ascii(key)[1:-1]) from None
     _, trail = find_state_dict(obj, source)
     head = f"{trail}." if trail else ""
-    state = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+    state = {k[len(head):]: v for k, v in encoder.tensors.items() if k.startswith(head)}  # tied names too
 
     if zeros:
+        encoder.share()  # what shares storage is stored once: masks are found on what is stored
+        state = {k[len(head):]: v for k, v in encoder.tensors.items() if k.startswith(head) and "::" not in k}
         masks = _masks_from_zeros(state, pattern)
         if not masks:
             raise OpenTransError("no weight tensor has enough exact zeros to pack (nothing looks pruned)",
@@ -208,6 +211,14 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
             raise OpenTransError(f"the subnetwork was found on {sub.arch!r}, not {arch!r}")
         located = _locate(sub, state, prefix, source)
         _check_zero(sub, located, state, force_zero, source)
+        views = encoder.share(prefer={head + key for key in located.values()})
+        shared = next((key for key in located.values() if head + key in views), None)
+        if shared is not None:
+            base = views[head + shared]["of"]
+            raise OpenTransError(f"the tensor shares its storage with {base!r}, which is stored for both; a mask "
+                                 "applies to a tensor stored on its own or to the one spanning the others",
+                                 path=source, tensor=head + shared)
+    tensors = encoder.tensors
     negative_zeros = _signed_zeros(sub, located, state)
     key_of = {name: head + key for name, key in located.items()}  # subnetwork name -> tensor key
     mask_names = {key: name for name, key in key_of.items()}
@@ -354,7 +365,7 @@ def tower_masks(packed: str | os.PathLike | PackedReader, names: Any) -> dict[st
     decoder) are not. ``packed``: a path, or a reader already open."""
     reader = packed if isinstance(packed, PackedReader) else open_packed(packed)
     names = set(names)
-    prefixes = find_prefixes(reader.specs, names)
+    prefixes = find_prefixes({*reader.specs, *(node["t"] for node in tensor_nodes(reader.tree))}, names)
     if len(prefixes) != 1:
         what = "no" if not prefixes else f"{len(prefixes)} ({prefixes[:3]})"
         raise OpenTransError(f"the packed file's masks do not fit the model: {what} prefix holds every one of its "
@@ -381,16 +392,17 @@ def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     out = check_output(out, path)
     reader = open_packed(path)
     check_decode(reader.dense_bytes, f"unpacking {len(reader.specs)} tensors dense", reader.source)
+    flat: list | None = None
     if is_safetensors_name(out):
         flat = reader.tree.get("d") if isinstance(reader.tree, dict) else None
-        if not isinstance(flat, list) or not all(isinstance(v, dict) and "t" in v and k == {"s": v["t"]}
-                                                 for k, v in flat):
+        if not isinstance(flat, list) or not all(isinstance(k, dict) and set(k) == {"s"} and isinstance(v, dict)
+                                                 and "t" in v for k, v in flat):
             raise OpenTransError("this checkpoint nests entries beyond a flat tensor dict; unpack it to a .pth "
                                  "file (safetensors holds only a flat dict of tensors)", path=out)
     checked: list[str | None] = []
 
     def write(handle) -> int:
-        size = (_write_dense_safetensors(handle, reader) if is_safetensors_name(out)
+        size = (_write_dense_safetensors(handle, reader, flat) if is_safetensors_name(out)
                 else _torch_save(handle, reader, out.parent))
         checked.append(reader.verify_subnetwork())  # after the content hash, before the output is committed
         return size
@@ -399,22 +411,55 @@ def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     subnetwork_sha256 = checked[0]
     return {"out": str(out), "bytes": size, "content_sha256": reader.content_sha256,
             "subnetwork_sha256": subnetwork_sha256, "format_version": reader.version,
-            "unhashed_fields": list(reader.unverified_fields), "tensors": len(reader.specs),
+            "unhashed_fields": list(reader.unverified_fields),
+            "tensors": len({node["t"] for node in tensor_nodes(reader.tree)}),
             "masked_tensors": len(reader.mask_names)}
 
 
-def _write_dense_safetensors(handle, reader: PackedReader) -> int:
-    dense = [sf.TensorSpec(s.key, s.dtype, s.shape) for s in reader.specs.values()]
-    sizes = {s.key: s.dense_bytes for s in dense}
-    meta = reader.source_metadata() or {}
-    stream = reader.tensors(order=[s.key for s in sf.write_order(dense)])  # the writer's order: one at a time
+def _write_dense_safetensors(handle, reader: PackedReader, flat: list) -> int:
+    """Every name of a flat checkpoint as its own dense tensor (safetensors shares no storage: a tied tensor is
+    written under each of its names), decoded one stored tensor at a time."""
+    nodes = {k["s"]: v for k, v in flat}
+    dense, source = [], {}
+    for name, node in nodes.items():
+        view = node.get("v")
+        if view is None:
+            source[name] = node["t"]
+            spec = reader.specs.get(node["t"]) if isinstance(node["t"], str) else None
+            if spec is None:
+                raise OpenTransError("the tree names a tensor the header does not describe", path=reader.source,
+                                     tensor=str(node["t"]))
+            dense.append(sf.TensorSpec(name, spec.dtype, spec.shape))
+        else:
+            if not isinstance(view, dict) or not isinstance(view.get("of"), str):
+                raise OpenTransError(f"bad view record {str(view)[:80]}", path=reader.source, tensor=name)
+            source[name] = view["of"]
+            dense.append(sf.TensorSpec.from_json(name, {"dtype": view.get("dtype"), "shape": view.get("shape")},
+                                                 reader.source))
+    order = sf.write_order(dense)
+    uses = Counter(source.values())
+    needed = list(dict.fromkeys(source[spec.key] for spec in order))
+    stream = reader.tensors(order=needed + [k for k in reader.specs if k not in uses])  # the writer's order
+    held: dict[str, torch.Tensor] = {}
+
+    def stored(key: str) -> torch.Tensor:
+        if key not in held:
+            got, tensor = next(stream)
+            assert got == key
+            held[key] = tensor
+        tensor = held[key]
+        uses[key] -= 1
+        if not uses[key]:
+            del held[key]
+        return tensor
 
     def parts(spec: sf.TensorSpec):
-        key, tensor = next(stream)
-        assert key == spec.key
+        node = nodes[spec.key]
+        tensor = (view_of(stored, node["v"], node["t"], reader.source) if "v" in node
+                  else stored(node["t"]))
         yield _bytes(tensor)
 
-    written = sf.write(handle, dense, parts, sizes, meta)
+    written = sf.write(handle, dense, parts, {s.key: s.dense_bytes for s in dense}, reader.source_metadata() or {})
     for _ in stream:  # finish the hash check before the spool is committed
         pass
     return written
