@@ -6,10 +6,10 @@
 dotted path; anything else is refused, naming the entry. A tensor node also carries what torch restores:
 ``"p": 1`` for an ``nn.Parameter``, ``"g": 1`` for ``requires_grad``.
 
-Sharing is kept, as ``torch.save`` keeps it. The same tensor object met twice gives the same node (one key, one
-stored tensor, one object again after decoding). Distinct tensors over one storage (tied weights saved from a state
-dict, slices of one buffer) become views of one stored tensor (:meth:`TreeEncoder.share`):
-``"v": {"of": stored key, "at": byte offset, "dtype", "shape", "stride"}``, stored once and rebuilt over one storage.
+Sharing is kept, as ``torch.save`` keeps it. The same tensor object met again gives an alias node
+``{"t": key, "a": first key}`` (stored once, one object again after decoding). Distinct tensors over one storage
+(tied weights saved from a state dict, slices of one buffer) become views of one stored tensor
+(:meth:`TreeEncoder.share`): ``"v": {"of": stored key, "at": byte offset, "dtype", "shape", "stride"}``.
 ``decode_tree`` rebuilds the object, refusing any view that would reach outside its stored tensor.
 """
 
@@ -28,6 +28,7 @@ from .packed_spec import dtype_name, torch_dtype
 #: the name a stored tensor gets when no tensor of a shared storage spans the others (``::`` is never a tensor key's)
 STORAGE_SUFFIX = "::storage"
 _TENSOR_FIELDS = frozenset({"t", "p", "g", "v"})
+_ALIAS_FIELDS = frozenset({"t", "a"})
 _MAX_NDIM = 16
 
 
@@ -38,6 +39,7 @@ class TreeEncoder:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self.nodes: dict[str, dict[str, Any]] = {}  # key -> its tensor node (views are recorded into it)
+        self.aliases: dict[str, str] = {}  # key -> the key the same tensor object was first met under
         self._seen: dict[int, dict[str, Any]] = {}  # id(tensor) -> its node: the same object, the same node
 
     def encode(self, obj: Any, path: tuple = ()) -> Any:
@@ -59,18 +61,15 @@ class TreeEncoder:
         return _scalar(obj, path)
 
     def _tensor(self, obj: torch.Tensor, path: tuple) -> dict[str, Any]:
-        node = self._seen.get(id(obj))
-        if node is not None:
-            return node
+        key = self._key(path)
+        first = self._seen.get(id(obj))
+        if first is not None:  # the same object under another name
+            self.aliases[key] = first["t"]
+            return {"t": key, "a": first["t"]}
         if obj.layout != torch.strided or obj.is_quantized or obj.device.type == "meta":
             where = ".".join(map(str, path)) or "<top level>"
             raise OpenTransError(f"entry {where!r} is a {obj.layout} {'quantized ' if obj.is_quantized else ''}"
                                  f"tensor on {obj.device.type}; packed files hold dense strided tensors with data")
-        key = ".".join(map(str, path)) or "tensor"
-        base, n = key, 1
-        while key in self.tensors:
-            n += 1
-            key = f"{base}#{n}"
         node = {"t": key}
         if isinstance(obj, torch.nn.Parameter):
             node["p"] = 1
@@ -80,6 +79,15 @@ class TreeEncoder:
         self.nodes[key] = node
         self._seen[id(obj)] = node
         return node
+
+    def _key(self, path: tuple) -> str:
+        """The tensor's dotted path, made unique (``#2``...) where two paths read the same."""
+        key = ".".join(map(str, path)) or "tensor"
+        base, n = key, 1
+        while key in self.tensors or key in self.aliases:
+            n += 1
+            key = f"{base}#{n}"
+        return key
 
     def share(self, prefer: Collection[str] = ()) -> dict[str, dict[str, Any]]:
         """Store every storage that several tensors view once: one of them (a contiguous one spanning the others,
@@ -203,8 +211,8 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------- decoding
 def decode_tree(node: Any, tensor: Callable[[str], torch.Tensor], source: str) -> Any:
-    """Rebuild the object from its JSON node, asking ``tensor(key)`` for each stored tensor; a key met again is
-    the same object again, views are rebuilt over their stored tensor's storage."""
+    """Rebuild the object from its JSON node, asking ``tensor(key)`` for each stored tensor; an alias is the same
+    object again, views are rebuilt over their stored tensor's storage."""
     return _Decoder(tensor, source).decode(node)
 
 
@@ -212,7 +220,7 @@ class _Decoder:
     def __init__(self, tensor: Callable[[str], torch.Tensor], source: str):
         self.tensor = tensor
         self.source = source
-        self.built: dict[str, tuple[dict[str, Any], torch.Tensor]] = {}
+        self.built: dict[str, torch.Tensor] = {}  # key -> the object decoded for it (aliases: the same one)
 
     def error(self, node: Any) -> OpenTransError:
         return OpenTransError(f"bad tree node {str(node)[:60]}", path=self.source)
@@ -242,15 +250,15 @@ class _Decoder:
 
     def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
         key = node["t"]
-        if not isinstance(key, str) or not set(node) <= _TENSOR_FIELDS or not all(
+        if "a" in node and set(node) == _ALIAS_FIELDS and isinstance(key, str) and isinstance(node["a"], str):
+            if node["a"] not in self.built or key in self.built:
+                raise OpenTransError("the tree names an alias of a tensor it has not given before, or a name twice",
+                                     path=self.source, tensor=key)
+            self.built[key] = self.built[node["a"]]
+            return self.built[key]
+        if not isinstance(key, str) or not set(node) <= _TENSOR_FIELDS or key in self.built or not all(
                 node.get(flag, 0) in (0, 1) and not isinstance(node.get(flag, 0), float) for flag in ("p", "g")):
             raise self.error(node)
-        if key in self.built:  # the same object met again; its node must say the same
-            first, obj = self.built[key]
-            if first != node:
-                raise OpenTransError("the tree gives one tensor two different descriptions", path=self.source,
-                                     tensor=key)
-            return obj
         obj = view_of(self.tensor, node["v"], key, self.source) if "v" in node else self.tensor(key)
         try:
             if node.get("p"):
@@ -259,7 +267,7 @@ class _Decoder:
                 obj.requires_grad_(True)
         except RuntimeError:  # requires_grad on an integer tensor
             raise OpenTransError(f"a {obj.dtype} tensor cannot require grad", path=self.source, tensor=key) from None
-        self.built[key] = (node, obj)
+        self.built[key] = obj
         return obj
 
 def view_of(tensor: Callable[[str], torch.Tensor], record: Any, key: str, source: str) -> torch.Tensor:

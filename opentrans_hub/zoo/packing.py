@@ -140,6 +140,24 @@ def _locate(sub: Subnetwork, state: Mapping[str, torch.Tensor], prefix: str | No
     return located
 
 
+def _stored_keys(encoder: TreeEncoder, keys: Mapping[str, str], source: str) -> dict[str, str]:
+    """Subnetwork name -> the key its masked tensor is stored under, once storage sharing is resolved: a tied
+    name's first name; a mask may not cover two names of one tensor, nor a view that another tensor stores."""
+    stored = {name: encoder.aliases.get(key, key) for name, key in keys.items()}
+    twice = [key for key, n in Counter(stored.values()).items() if n > 1]
+    if twice:
+        names = sorted(k for k, v in keys.items() if stored[k] == twice[0])
+        raise OpenTransError(f"the subnetwork masks one tensor twice, under the tied names {names}", path=source,
+                             tensor=twice[0])
+    views = encoder.share(prefer=set(stored.values()))
+    for name, key in stored.items():
+        if key in views:
+            raise OpenTransError(f"the tensor shares its storage with {views[key]['of']!r}, which is stored for "
+                                 "both; a mask applies to a tensor stored on its own or to the one spanning the "
+                                 "others", path=source, tensor=keys[name])
+    return stored
+
+
 # ----------------------------------------------------------------------------------------- pack
 def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str | os.PathLike, *,
                     subnetwork: str | os.PathLike | Subnetwork | None = None, zeros: bool = False,
@@ -190,7 +208,8 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
                                  tensor=ascii(key)[1:-1]) from None
     _, trail = find_state_dict(obj, source)
     head = f"{trail}." if trail else ""
-    state = {k[len(head):]: v for k, v in encoder.tensors.items() if k.startswith(head)}  # tied names too
+    state = {k[len(head):]: v for k, v in encoder.tensors.items() if k.startswith(head)}
+    state.update({k[len(head):]: encoder.tensors[first] for k, first in encoder.aliases.items() if k.startswith(head)})
 
     if zeros:
         encoder.share()  # what shares storage is stored once: masks are found on what is stored
@@ -203,6 +222,7 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
                       if k != "created"}  # the same input packs to the same bytes
         sub = Subnetwork(masks, arch=arch or "unknown", provenance=provenance)
         located = {name: name for name in masks}
+        key_of = {name: head + name for name in masks}  # subnetwork name -> stored tensor key
     else:
         from .registry import load_subnetwork
 
@@ -211,16 +231,9 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
             raise OpenTransError(f"the subnetwork was found on {sub.arch!r}, not {arch!r}")
         located = _locate(sub, state, prefix, source)
         _check_zero(sub, located, state, force_zero, source)
-        views = encoder.share(prefer={head + key for key in located.values()})
-        shared = next((key for key in located.values() if head + key in views), None)
-        if shared is not None:
-            base = views[head + shared]["of"]
-            raise OpenTransError(f"the tensor shares its storage with {base!r}, which is stored for both; a mask "
-                                 "applies to a tensor stored on its own or to the one spanning the others",
-                                 path=source, tensor=head + shared)
+        key_of = _stored_keys(encoder, {name: head + key for name, key in located.items()}, source)
     tensors = encoder.tensors
     negative_zeros = _signed_zeros(sub, located, state)
-    key_of = {name: head + key for name, key in located.items()}  # subnetwork name -> tensor key
     mask_names = {key: name for name, key in key_of.items()}
     sub_meta, blobs = encode_parts(sub.masks, sub.arch, sub.provenance, sub.sha256, encoding)
     cast = sf.CASTS.get(dtype) if dtype else None
@@ -419,7 +432,9 @@ def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
 def _write_dense_safetensors(handle, reader: PackedReader, flat: list) -> int:
     """Every name of a flat checkpoint as its own dense tensor (safetensors shares no storage: a tied tensor is
     written under each of its names), decoded one stored tensor at a time."""
-    nodes = {k["s"]: v for k, v in flat}
+    by_key = {v["t"]: v for _, v in flat if isinstance(v["t"], str) and "a" not in v}
+    nodes = {k["s"]: by_key.get(v["a"], v) if isinstance(v.get("a"), str) else v for k, v in flat}  # alias: its
+    # tensor's node
     dense, source = [], {}
     for name, node in nodes.items():
         view = node.get("v")
