@@ -66,7 +66,7 @@ class TreeEncoder:
         if first is not None:  # the same object under another name
             self.aliases[key] = first["t"]
             return {"t": key, "a": first["t"]}
-        if obj.layout != torch.strided or obj.is_quantized or obj.device.type == "meta":
+        if obj.layout is not torch.strided or obj.is_quantized or obj.is_meta:
             where = ".".join(map(str, path)) or "<top level>"
             raise OpenTransError(f"entry {where!r} is a {obj.layout} {'quantized ' if obj.is_quantized else ''}"
                                  f"tensor on {obj.device.type}; packed files hold dense strided tensors with data")
@@ -93,13 +93,15 @@ class TreeEncoder:
         """Store every storage that several tensors view once: one of them (a contiguous one spanning the others,
         ``prefer``'s first) or, when none spans them, the bytes they span under ``KEY::storage``; the others become
         views of it, recorded in their nodes and dropped from :attr:`tensors`. Returns view key -> view record."""
-        groups: dict[tuple[str, int], list[str]] = {}
+        groups: dict[tuple[torch.device, int], list[str]] = {}
         for key, tensor in self.tensors.items():
-            if tensor.numel():
-                groups.setdefault((str(tensor.device), tensor.untyped_storage().data_ptr()), []).append(key)
+            if tensor.numel():  # the storage's address, without making a storage object per tensor
+                start = tensor.data_ptr() - tensor.storage_offset() * tensor.element_size()
+                groups.setdefault((tensor.device, start), []).append(key)
         views: dict[str, dict[str, Any]] = {}
         for keys in groups.values():
-            keys = [k for k in keys if not _overlaps(self.tensors[k])]  # expanded views are stored as values
+            if len(keys) > 1:
+                keys = [k for k in keys if not _overlaps(self.tensors[k])]  # expanded views are stored as values
             if len(keys) > 1:
                 views.update(self._share_group(keys, prefer))
         return views
@@ -156,7 +158,7 @@ def tensor_nodes(tree: Any) -> Iterator[dict[str, Any]]:
 
 def _plain(obj: Any, path: tuple) -> Any:
     """A node that holds no tensor of the checkpoint (dict keys, set items, ``_metadata``)."""
-    return TreeEncoder().encode(obj, path)
+    return {"s": obj} if type(obj) is str else TreeEncoder().encode(obj, path)
 
 
 def _scalar(obj: Any, path: tuple) -> Any:
