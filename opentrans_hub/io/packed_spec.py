@@ -103,7 +103,7 @@ class TensorSpec:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape)}
-        if self.masked:
+        if self.kept is not None:
             out["kept"] = self.kept
             if self.stored:
                 out["stored"] = self.stored
@@ -205,8 +205,13 @@ def write(handle: BinaryIO, specs: list[TensorSpec], parts: Callable[[TensorSpec
     offset = 0
     order = write_order(specs)
     for spec in order:
+        if spec.kept is None:  # the common case, without building its list of stored names
+            size = sizes[spec.key]
+            header[spec.key] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
+            offset += size
+            continue
         for name, dtype, shape in stored_names(spec):
-            shape = (sizes[name],) if name.endswith(MASK_SUFFIX) and spec.masked else shape
+            shape = (sizes[name],) if name.endswith(MASK_SUFFIX) else shape
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + sizes[name]]}
             offset += sizes[name]
     meta = dict(metadata)

@@ -35,6 +35,7 @@ from ..io import packed_spec as sf
 from ..io.atomic import atomic_write_bytes, new_folders
 from ..io.atomic import check_output as check_safe_output
 from ..io.checkpoints import find_prefixes, find_state_dict, is_safetensors_name, load_checkpoint
+from ..io.gcpause import gc_paused
 from ..io.limits import check_decode
 from ..io.tree import TreeEncoder, decode_tree, tensor_nodes, view_of
 from .pack_masks import (
@@ -83,6 +84,7 @@ def _spool_to(out: Path, write) -> int:
 
 
 # ----------------------------------------------------------------------------------------- pack
+@gc_paused()
 def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str | os.PathLike, *,
                     subnetwork: str | os.PathLike | Subnetwork | None = None, zeros: bool = False,
                     dtype: str | None = None, force_zero: bool = False, encoding: str = "packbits",
@@ -283,6 +285,7 @@ def tower_masks(packed: str | os.PathLike | PackedReader, names: Any) -> dict[st
 
 
 # ----------------------------------------------------------------------------------------- unpack / load
+@gc_paused()
 def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The dense model state dict (zeros at pruned positions) of a packed file, verified."""
     reader = open_packed(path)
@@ -291,6 +294,7 @@ def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+@gc_paused()
 def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Write the dense checkpoint of a packed file to ``out`` (``.safetensors`` when it is a flat tensor dict,
     else ``torch.save``), bit-identical to what was packed; verified (the content hash, then the embedded
