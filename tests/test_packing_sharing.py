@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_util import run_cli
-from test_packing import same
+from support.artefacts import same
+from support.cli import run_cli
 
 from opentrans_hub import OpenTransError, Subnetwork
 from opentrans_hub.formats.packed import open_packed
