@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..io.gcpause import gc_paused
 from ._common import print_json, printable, table
 
 
@@ -32,6 +33,7 @@ def describe(path: str) -> dict:
     return info
 
 
+@gc_paused()  # a header of many tensors is millions of small objects, none in a cycle
 def run(args: argparse.Namespace) -> int:
     from ..formats.packed import is_packed
 

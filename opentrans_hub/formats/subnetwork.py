@@ -93,7 +93,11 @@ class Subnetwork:
             if mask.dim() < 2 or mask.numel() == 0:
                 raise OpenTransError(f"mask of shape {tuple(mask.shape)}: masks cover Conv/Linear weights, which are "
                                      "non-empty and at least 2-D (not biases, norms or scalars)", tensor=name)
-            checked[name] = mask.detach().to("cpu").contiguous()
+            if type(mask) is not torch.Tensor:  # a Parameter or another subclass: the plain tensor
+                mask = mask.detach()
+            if mask.device.type != "cpu":
+                mask = mask.cpu()
+            checked[name] = mask if mask.is_contiguous() else mask.contiguous()  # one call per mask when it is
         self._masks = dict(sorted(checked.items()))
         self.arch = arch
         self.provenance: dict[str, Any] = dict(provenance or {})

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import OpenTransError
 from .atomic import atomic_write_bytes, map_file
+from .gcpause import gc_paused
 from .packed import PackedContainer
 from .sniff import PACKED_FORMAT, sniff
 
@@ -27,6 +28,7 @@ from .sniff import PACKED_FORMAT, sniff
 NESTING_KEYS = ("model", "state_dict", "module", "backbone")
 
 
+@gc_paused()
 def _read(path: Path) -> tuple[Any, dict[str, str] | None]:
     """(the object a checkpoint file holds, the safetensors metadata its dense form had), by its content."""
     if path.is_dir():

@@ -103,7 +103,7 @@ class TensorSpec:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape)}
-        if self.masked:
+        if self.kept is not None:
             out["kept"] = self.kept
             if self.stored:
                 out["stored"] = self.stored
@@ -132,14 +132,31 @@ def stored_names(spec: TensorSpec) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(spec.key + KEPT_SUFFIX, spec.stored or spec.dtype, (spec.kept,)), (spec.key + MASK_SUFFIX, "U8", (-1,))]
 
 
+def as_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's bytes in C order as a flat uint8 array (no copy when it is contiguous): through numpy where
+    numpy has the dtype (one call per tensor), else through an integer view (bfloat16, float8)."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    try:
+        array = tensor.numpy()
+    except (TypeError, RuntimeError):  # a dtype numpy lacks
+        array = bits(tensor.contiguous()).numpy()
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    return array.reshape(-1).view(np.uint8)
+
+
 def tensor_hash(key: str, tensor: torch.Tensor) -> bytes:
     """sha256 of one dense tensor: its name, dtype, shape and bytes."""
-    digest = hashlib.sha256()
+    return raw_hash(key, _DTYPES[tensor.dtype], tuple(tensor.shape), as_bytes(tensor) if tensor.numel() else b"")
+
+
+def raw_hash(key: str, dtype: str, shape: tuple[int, ...], data: Any) -> bytes:
+    """:func:`tensor_hash` of a tensor given by its file dtype name, shape and bytes in C order (a buffer)."""
     encoded = key.encode("utf-8")
-    digest.update(struct.pack("<Q", len(encoded)) + encoded + _DTYPES[tensor.dtype].encode() + b"\0")
-    digest.update(struct.pack("<Q", tensor.dim()) + struct.pack(f"<{tensor.dim()}Q", *tensor.shape))
-    if tensor.numel():
-        digest.update(memoryview(bits(tensor.contiguous()).numpy()).cast("B"))
+    digest = hashlib.sha256(struct.pack("<Q", len(encoded)) + encoded + dtype.encode() + b"\0"
+                            + struct.pack(f"<{len(shape) + 1}Q", len(shape), *shape))
+    digest.update(data)
     return digest.digest()
 
 
@@ -188,8 +205,13 @@ def write(handle: BinaryIO, specs: list[TensorSpec], parts: Callable[[TensorSpec
     offset = 0
     order = write_order(specs)
     for spec in order:
+        if spec.kept is None:  # the common case, without building its list of stored names
+            size = sizes[spec.key]
+            header[spec.key] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
+            offset += size
+            continue
         for name, dtype, shape in stored_names(spec):
-            shape = (sizes[name],) if name.endswith(MASK_SUFFIX) and spec.masked else shape
+            shape = (sizes[name],) if name.endswith(MASK_SUFFIX) else shape
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + sizes[name]]}
             offset += sizes[name]
     meta = dict(metadata)

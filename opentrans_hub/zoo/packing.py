@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import tempfile
+from collections import Counter
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,8 +35,19 @@ from ..io import packed_spec as sf
 from ..io.atomic import atomic_write_bytes, new_folders
 from ..io.atomic import check_output as check_safe_output
 from ..io.checkpoints import find_prefixes, find_state_dict, is_safetensors_name, load_checkpoint
+from ..io.gcpause import gc_paused
 from ..io.limits import check_decode
-from ..io.tree import decode_tree, encode_tree
+from ..io.tree import TreeEncoder, decode_tree, tensor_nodes, view_of
+from .pack_masks import (
+    check_cast,
+    check_zero,
+    element_bits,
+    include_pattern,
+    locate,
+    masks_from_zeros,
+    signed_zeros,
+    stored_keys,
+)
 
 __all__ = ["load_sparse", "pack_checkpoint", "unpack"]
 
@@ -72,74 +83,8 @@ def _spool_to(out: Path, write) -> int:
             return size
 
 
-# ----------------------------------------------------------------------------------------- masks
-def _savings(tensor: torch.Tensor, kept: int) -> bool:
-    """Whether bits + kept values are smaller than the dense tensor."""
-    return (tensor.numel() + 7) // 8 + kept * tensor.element_size() < tensor.numel() * tensor.element_size()
-
-
-def _masks_from_zeros(state: Mapping[str, torch.Tensor], pattern: re.Pattern | None) -> dict[str, torch.Tensor]:
-    """Keep-masks from exact +0.0 (bitwise: a -0.0 or a NaN is a value to keep, so unpacking gives the file back
-    bit-identical), for every floating 2-D+ weight that packing makes smaller; ``pattern`` narrows them by name."""
-    masks = {}
-    for key, tensor in state.items():
-        if (not tensor.is_floating_point() or tensor.dim() < 2 or not key.endswith("weight")
-                or (pattern is not None and not pattern.search(key))):
-            continue
-        keep = (sf.bits(tensor) != 0).reshape(tensor.shape)
-        if _savings(tensor, sf.count(keep)):
-            masks[key] = keep
-    return masks
-
-
-def _nonzero(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor != 0`` elementwise (-0.0 is zero, NaN is not), for every floating dtype a packed file holds."""
-    tensor = tensor.detach()
-    return (tensor.float() if tensor.element_size() == 1 else tensor) != 0
-
-
-def _include_pattern(include: str | None) -> re.Pattern | None:
-    if not include:
-        return None
-    try:
-        return re.compile(include)
-    except re.error as exc:
-        raise OpenTransError(f"--include {include!r} is not a regular expression ({exc})") from None
-
-
-def _locate(sub: Subnetwork, state: Mapping[str, torch.Tensor], prefix: str | None, source: str) -> dict[str, str]:
-    """Subnetwork name -> state key: ``prefix + name``; without a prefix, the one prefix under which every
-    mask finds a tensor of its shape (the bare tower, ``visual.``, ``module.``, a framework's tower path)."""
-    names = list(sub.masks)
-    if prefix is None:
-        first = names[0]
-        fits = find_prefixes(state, names)
-        if not fits:
-            raise OpenTransError(f"the subnetwork's tensors are not in the checkpoint under any one prefix "
-                                 f"(first: {first!r}); pass prefix= (--prefix) naming where the tower sits",
-                                 path=source, tensor=first)
-        if len(fits) > 1:
-            raise OpenTransError(f"the subnetwork fits the checkpoint under several prefixes ({fits[:3]}); "
-                                 "pass prefix= (--prefix) to choose one", path=source)
-        prefix = fits[0]
-    located = {}
-    for name, mask in sub.masks.items():
-        key = prefix + name
-        tensor = state.get(key)
-        if tensor is None:
-            raise OpenTransError(f"checkpoint has no tensor {key!r} for this mask; nothing was written",
-                                 path=source, tensor=name)
-        if tuple(tensor.shape) != tuple(mask.shape):
-            raise OpenTransError(f"mask shape {tuple(mask.shape)} != tensor shape {tuple(tensor.shape)}; "
-                                 "nothing was written", path=source, tensor=key)
-        if not tensor.is_floating_point():
-            raise OpenTransError(f"masks apply to floating tensors, this one is {tensor.dtype}", path=source,
-                                 tensor=key)
-        located[name] = key
-    return located
-
-
 # ----------------------------------------------------------------------------------------- pack
+@gc_paused()
 def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str | os.PathLike, *,
                     subnetwork: str | os.PathLike | Subnetwork | None = None, zeros: bool = False,
                     dtype: str | None = None, force_zero: bool = False, encoding: str = "packbits",
@@ -168,86 +113,89 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
     if not is_safetensors_name(out):
         raise OpenTransError("a packed file is safetensors: name it *.safetensors (e.g. model.sparse.safetensors)",
                              path=out)
-    pattern = _include_pattern(include)
+    pattern = include_pattern(include)
     try:
         if isinstance(checkpoint, Mapping):
             obj, source_meta = dict(checkpoint), None
         else:  # read by content; a safetensors input's metadata (a packed one's: its dense form's) is carried over
             loaded = load_checkpoint(checkpoint)
             obj, source_meta = loaded.obj, loaded.metadata
-        tensors: dict[str, torch.Tensor] = {}
-        tree = encode_tree(obj, tensors)
+        encoder = TreeEncoder()
+        tree = encoder.encode(obj)
     except RecursionError:
         raise OpenTransError("the checkpoint nests too deeply to be packed", path=source) from None
-    for key in tensors:
-        if "::" in key:
-            raise OpenTransError("tensor names with '::' cannot be packed", path=source, tensor=key)
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:
-            raise OpenTransError("tensor name is not valid UTF-8 (it holds an unpaired surrogate)", path=source,
-                                 tensor=ascii(key)[1:-1]) from None
+    _check_names(encoder.tensors, source)
     _, trail = find_state_dict(obj, source)
     head = f"{trail}." if trail else ""
-    state = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+    tensors = encoder.tensors  # what is stored, once storage sharing is resolved below
 
     if zeros:
-        masks = _masks_from_zeros(state, pattern)
-        if not masks:
+        encoder.share()  # masks are found on what is stored
+        data = {key: sf.as_bytes(tensor.cpu()) for key, tensor in tensors.items()}
+        keeps = masks_from_zeros({k: v for k, v in tensors.items() if k.startswith(head) and "::" not in k}, data,
+                                 pattern)
+        if not keeps:
             raise OpenTransError("no weight tensor has enough exact zeros to pack (nothing looks pruned)",
                                  path=source)
         provenance = {k: v for k, v in default_provenance("import", kind="zeros", include=include).items()
                       if k != "created"}  # the same input packs to the same bytes
-        sub = Subnetwork(masks, arch=arch or "unknown", provenance=provenance)
-        located = {name: name for name in masks}
+        sub = Subnetwork({k[len(head):]: torch.from_numpy(keep.reshape(tensors[k].shape)) for k, keep in keeps.items()},
+                         arch=arch or "unknown", provenance=provenance)
+        key_of = {key[len(head):]: key for key in keeps}  # subnetwork name -> stored tensor key
+        negative_zeros: set[str] = set()  # masks of exact +0.0: every pruned position already is one
     else:
         from .registry import load_subnetwork
 
         sub = load_subnetwork(subnetwork, registry)
         if arch is not None and arch != sub.arch:
             raise OpenTransError(f"the subnetwork was found on {sub.arch!r}, not {arch!r}")
-        located = _locate(sub, state, prefix, source)
-        _check_zero(sub, located, state, force_zero, source)
-    negative_zeros = _signed_zeros(sub, located, state)
-    key_of = {name: head + key for name, key in located.items()}  # subnetwork name -> tensor key
+        state = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+        state.update({k[len(head):]: tensors[first] for k, first in encoder.aliases.items() if k.startswith(head)})
+        located = locate(sub, state, prefix, source)  # tied names too
+        check_zero(sub, located, state, force_zero, source)
+        key_of = stored_keys(encoder, {name: head + key for name, key in located.items()}, source)
+        negative_zeros = signed_zeros(sub, located, state)
+        data = {key: sf.as_bytes(tensor.cpu()) for key, tensor in tensors.items()}
+        keeps = {key: sub[name].reshape(-1).numpy() for name, key in key_of.items()}
     mask_names = {key: name for name, key in key_of.items()}
     sub_meta, blobs = encode_parts(sub.masks, sub.arch, sub.provenance, sub.sha256, encoding)
     cast = sf.CASTS.get(dtype) if dtype else None
 
     specs, sizes, hashes = [], {}, {}
     for key in sorted(tensors):
-        tensor = tensors[key]
-        dtype_name = sf.dtype_name(tensor.dtype, key, source)
-        if key not in mask_names:
-            spec = sf.TensorSpec(key, dtype_name, tuple(tensor.shape))
-            sizes[key] = tensor.numel() * tensor.element_size()
-            hashes[key] = sf.tensor_hash(key, tensor.detach().cpu())
+        tensor, raw = tensors[key], data[key]
+        name, dtype_name, shape = mask_names.get(key), sf.dtype_name(tensor.dtype, key, source), tuple(tensor.shape)
+        if name is None:
+            specs.append(sf.TensorSpec(key, dtype_name, shape))
+            sizes[key] = raw.nbytes
+            hashes[key] = sf.raw_hash(key, dtype_name, shape, raw)
+            continue
+        keep = keeps[key]
+        stored = cast if cast is not None and cast != tensor.dtype else None
+        if stored is not None:
+            check_cast(tensor, torch.from_numpy(keep), stored, dtype, key, source)
+        spec = sf.TensorSpec(key, dtype_name, shape, int(np.count_nonzero(keep)),
+                             sf.dtype_name(stored, key) if stored is not None else None)
+        sizes[key + sf.KEPT_SUFFIX] = spec.kept * (stored or tensor.dtype).itemsize
+        sizes[key + sf.MASK_SUFFIX] = len(blobs[name])
+        if stored is None and (zeros or not force_zero) and name not in negative_zeros:  # packing changes no bit
+            hashes[key] = sf.raw_hash(key, dtype_name, shape, raw)
         else:
-            name = mask_names[key]
-            keep = sub[name].reshape(-1)
-            stored = cast if cast is not None and cast != tensor.dtype else None
-            if stored is not None:
-                _check_cast(tensor, keep, stored, dtype, key, source)
-            spec = sf.TensorSpec(key, dtype_name, tuple(tensor.shape), sf.count(keep),
-                                 sf.dtype_name(stored, key) if stored is not None else None)
-            sizes[key + sf.KEPT_SUFFIX] = spec.kept * (stored or tensor.dtype).itemsize
-            sizes[key + sf.MASK_SUFFIX] = len(blobs[name])
-            zero_already = stored is None and (zeros or not force_zero) and name not in negative_zeros
-            hashes[key] = sf.tensor_hash(key, tensor.detach().cpu() if zero_already else _dense(tensor, keep, stored))
+            hashes[key] = sf.tensor_hash(key, _dense(tensor, torch.from_numpy(keep), stored))
         specs.append(spec)
     content_sha256 = sf.content_sha256(hashes, tree, sf.bound_fields(mask_names, sub.sha256, source_meta or {}, trail))
 
     def parts(spec: sf.TensorSpec):
-        tensor = tensors[spec.key].detach().cpu()
+        raw = data[spec.key]
         if not spec.masked:
-            yield _bytes(tensor)
+            yield raw
             return
-        name = mask_names[spec.key]
-        values = sf.bits(tensor)[sub[name].reshape(-1)].view(tensor.dtype)
+        tensor = tensors[spec.key]
+        values = element_bits(raw, tensor.element_size())[keeps[spec.key]]
         if spec.stored:
-            values = values.to(sf.torch_dtype(spec.stored))
-        yield _bytes(values)
-        yield blobs[name]
+            values = sf.as_bytes(torch.from_numpy(values).view(tensor.dtype).to(sf.torch_dtype(spec.stored)))
+        yield values.view(np.uint8)
+        yield blobs[mask_names[spec.key]]
 
     from ..version import __version__
 
@@ -259,10 +207,23 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
     size = _spool_to(out, lambda handle: sf.write(handle, specs, parts, sizes, metadata, tree=tree))
     dense = sum(s.dense_bytes for s in specs)
     masked = [s for s in specs if s.masked]
+    kept, numel = sum(s.kept for s in masked), sum(s.numel for s in masked)
     return {"out": str(out), "content_sha256": content_sha256, "subnetwork_sha256": sub.sha256, "arch": sub.arch,
             "dense_bytes": dense, "packed_bytes": size, "ratio": size / dense if dense else 0.0,
-            "masked_tensors": len(masked), "sparsity": sub.sparsity, "dtype": dtype, "encoding": encoding,
-            "forced_zero": bool(force_zero and not zeros)}
+            "masked_tensors": len(masked), "sparsity": 1 - kept / numel if numel else 0.0, "dtype": dtype,
+            "encoding": encoding, "forced_zero": bool(force_zero and not zeros)}
+
+
+def _check_names(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse names the format cannot hold: ``::`` (its own suffixes) and unpaired surrogates (not UTF-8)."""
+    for key in tensors:
+        if "::" in key:
+            raise OpenTransError("tensor names with '::' cannot be packed", path=source, tensor=key)
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OpenTransError("tensor name is not valid UTF-8 (it holds an unpaired surrogate)", path=source,
+                                 tensor=ascii(key)[1:-1]) from None
 
 
 def _dense(tensor: torch.Tensor, keep: torch.Tensor, stored: torch.dtype | None) -> torch.Tensor:
@@ -277,49 +238,8 @@ def _dense(tensor: torch.Tensor, keep: torch.Tensor, stored: torch.dtype | None)
     return out.view(tensor.dtype).reshape(tensor.shape)
 
 
-def _bytes(tensor: torch.Tensor) -> memoryview:
-    if not tensor.numel():
-        return memoryview(b"")
-    return memoryview(sf.bits(tensor.contiguous()).numpy()).cast("B")
-
-
-def _check_zero(sub: Subnetwork, located: Mapping[str, str], state: Mapping[str, torch.Tensor], force_zero: bool,
-                source: str) -> None:
-    """Refuse (before writing anything) a checkpoint whose pruned positions are not zero (+0.0 or -0.0)."""
-    offenders = []
-    for name, key in located.items():
-        pruned = ~sub[name].reshape(-1)
-        count = int(_nonzero(state[key]).reshape(-1)[pruned].sum())
-        if count:
-            offenders.append((key, count))
-    if offenders and not force_zero:
-        key, count = offenders[0]
-        total = sum(c for _, c in offenders)
-        raise OpenTransError(f"{count:,} pruned positions are not zero (in {len(offenders)} tensor(s), {total:,} in "
-                             "all): this checkpoint was not trained with this subnetwork's masks; pass force_zero "
-                             "(--force-zero) to zero them", path=source, tensor=key)
-
-
-def _check_cast(tensor: torch.Tensor, keep: torch.Tensor, stored: torch.dtype, dtype: str, key: str,
-                source: str) -> None:
-    """Refuse a cast of the kept values that turns a finite value into inf or a nonzero one into zero (more than
-    the dtype's rounding): the packed file would not hold the weights that were trained."""
-    values = tensor.detach().reshape(-1)[keep]
-    cast = values.to(stored)
-    overflow = int((torch.isfinite(values) & ~torch.isfinite(cast)).sum())
-    underflow = int(((values != 0) & (cast == 0)).sum())
-    if overflow or underflow:
-        biggest = float(values[torch.isfinite(values)].abs().max()) if overflow else 0.0
-        what = [f"{overflow:,} finite value(s) into inf (largest |value| {biggest:.4g})"] if overflow else []
-        what += [f"{underflow:,} nonzero value(s) into 0"] if underflow else []
-        raise OpenTransError(f"casting the kept values to {dtype} turns {' and '.join(what)}; nothing was written "
-                             "(keep the dtype, or bf16, which has float32's range)", path=source, tensor=key)
-
-
-def _signed_zeros(sub: Subnetwork, located: Mapping[str, str], state: Mapping[str, torch.Tensor]) -> set[str]:
-    """Masks whose pruned positions hold a -0.0 somewhere: packing stores them as +0.0, the one pruned value."""
-    return {name for name, key in located.items()
-            if bool((sf.bits(state[key])[~sub[name].reshape(-1)] != 0).any())}
+def _bytes(tensor: torch.Tensor) -> np.ndarray | bytes:
+    return sf.as_bytes(tensor) if tensor.numel() else b""
 
 
 def packed_stats(reader: PackedReader) -> dict[str, Any]:
@@ -354,7 +274,7 @@ def tower_masks(packed: str | os.PathLike | PackedReader, names: Any) -> dict[st
     decoder) are not. ``packed``: a path, or a reader already open."""
     reader = packed if isinstance(packed, PackedReader) else open_packed(packed)
     names = set(names)
-    prefixes = find_prefixes(reader.specs, names)
+    prefixes = find_prefixes({*reader.specs, *(node["t"] for node in tensor_nodes(reader.tree))}, names)
     if len(prefixes) != 1:
         what = "no" if not prefixes else f"{len(prefixes)} ({prefixes[:3]})"
         raise OpenTransError(f"the packed file's masks do not fit the model: {what} prefix holds every one of its "
@@ -365,6 +285,7 @@ def tower_masks(packed: str | os.PathLike | PackedReader, names: Any) -> dict[st
 
 
 # ----------------------------------------------------------------------------------------- unpack / load
+@gc_paused()
 def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The dense model state dict (zeros at pruned positions) of a packed file, verified."""
     reader = open_packed(path)
@@ -373,6 +294,7 @@ def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+@gc_paused()
 def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Write the dense checkpoint of a packed file to ``out`` (``.safetensors`` when it is a flat tensor dict,
     else ``torch.save``), bit-identical to what was packed; verified (the content hash, then the embedded
@@ -381,16 +303,17 @@ def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     out = check_output(out, path)
     reader = open_packed(path)
     check_decode(reader.dense_bytes, f"unpacking {len(reader.specs)} tensors dense", reader.source)
+    flat: list | None = None
     if is_safetensors_name(out):
         flat = reader.tree.get("d") if isinstance(reader.tree, dict) else None
-        if not isinstance(flat, list) or not all(isinstance(v, dict) and "t" in v and k == {"s": v["t"]}
-                                                 for k, v in flat):
+        if not isinstance(flat, list) or not all(isinstance(k, dict) and set(k) == {"s"} and isinstance(v, dict)
+                                                 and "t" in v for k, v in flat):
             raise OpenTransError("this checkpoint nests entries beyond a flat tensor dict; unpack it to a .pth "
                                  "file (safetensors holds only a flat dict of tensors)", path=out)
     checked: list[str | None] = []
 
     def write(handle) -> int:
-        size = (_write_dense_safetensors(handle, reader) if is_safetensors_name(out)
+        size = (_write_dense_safetensors(handle, reader, flat) if is_safetensors_name(out)
                 else _torch_save(handle, reader, out.parent))
         checked.append(reader.verify_subnetwork())  # after the content hash, before the output is committed
         return size
@@ -399,22 +322,57 @@ def unpack(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     subnetwork_sha256 = checked[0]
     return {"out": str(out), "bytes": size, "content_sha256": reader.content_sha256,
             "subnetwork_sha256": subnetwork_sha256, "format_version": reader.version,
-            "unhashed_fields": list(reader.unverified_fields), "tensors": len(reader.specs),
+            "unhashed_fields": list(reader.unverified_fields),
+            "tensors": len({node["t"] for node in tensor_nodes(reader.tree)}),
             "masked_tensors": len(reader.mask_names)}
 
 
-def _write_dense_safetensors(handle, reader: PackedReader) -> int:
-    dense = [sf.TensorSpec(s.key, s.dtype, s.shape) for s in reader.specs.values()]
-    sizes = {s.key: s.dense_bytes for s in dense}
-    meta = reader.source_metadata() or {}
-    stream = reader.tensors(order=[s.key for s in sf.write_order(dense)])  # the writer's order: one at a time
+def _write_dense_safetensors(handle, reader: PackedReader, flat: list) -> int:
+    """Every name of a flat checkpoint as its own dense tensor (safetensors shares no storage: a tied tensor is
+    written under each of its names), decoded one stored tensor at a time."""
+    by_key = {v["t"]: v for _, v in flat if isinstance(v["t"], str) and "a" not in v}
+    nodes = {k["s"]: by_key.get(v["a"], v) if isinstance(v.get("a"), str) else v for k, v in flat}  # alias: its
+    # tensor's node
+    dense, source = [], {}
+    for name, node in nodes.items():
+        view = node.get("v")
+        if view is None:
+            source[name] = node["t"]
+            spec = reader.specs.get(node["t"]) if isinstance(node["t"], str) else None
+            if spec is None:
+                raise OpenTransError("the tree names a tensor the header does not describe", path=reader.source,
+                                     tensor=str(node["t"]))
+            dense.append(sf.TensorSpec(name, spec.dtype, spec.shape))
+        else:
+            if not isinstance(view, dict) or not isinstance(view.get("of"), str):
+                raise OpenTransError(f"bad view record {str(view)[:80]}", path=reader.source, tensor=name)
+            source[name] = view["of"]
+            dense.append(sf.TensorSpec.from_json(name, {"dtype": view.get("dtype"), "shape": view.get("shape")},
+                                                 reader.source))
+    order = sf.write_order(dense)
+    uses = Counter(source.values())
+    needed = list(dict.fromkeys(source[spec.key] for spec in order))
+    stream = reader.tensors(order=needed + [k for k in reader.specs if k not in uses])  # the writer's order
+    held: dict[str, torch.Tensor] = {}
+
+    def stored(key: str) -> torch.Tensor:
+        if key not in held:
+            got, tensor = next(stream)
+            assert got == key
+            held[key] = tensor
+        tensor = held[key]
+        uses[key] -= 1
+        if not uses[key]:
+            del held[key]
+        return tensor
 
     def parts(spec: sf.TensorSpec):
-        key, tensor = next(stream)
-        assert key == spec.key
+        node = nodes[spec.key]
+        tensor = (view_of(stored, node["v"], node["t"], reader.source) if "v" in node
+                  else stored(node["t"]))
         yield _bytes(tensor)
 
-    written = sf.write(handle, dense, parts, sizes, meta)
+    written = sf.write(handle, dense, parts, {s.key: s.dense_bytes for s in dense}, reader.source_metadata() or {})
     for _ in stream:  # finish the hash check before the spool is committed
         pass
     return written

@@ -70,7 +70,11 @@ def find_blocks(names: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]
     # a block holds several layers (a wrapper around one layer, mmcv's ffn.layers.0.0, is not one)
     deep = {node: len(found) >= 2 for node, found in modules.items()}
     candidates = {node for node, is_deep in deep.items() if is_deep}
-    blocks = {node for node in candidates if not any(o != node and o.startswith(node + ".") for o in candidates)}
+    enclosing = set()  # candidates that hold a deeper candidate: each name's ancestors, not all pairs
+    for node in candidates:
+        tokens = node.split(".")
+        enclosing.update(".".join(tokens[:i]) for i in range(1, len(tokens)))
+    blocks = candidates - enclosing
     owner: dict[str, str] = {}
     for name in names:
         tokens = name.split(".")
