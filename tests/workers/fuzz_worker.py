@@ -24,6 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.crafted import edit_json, edit_meta, split
+from support.fuzz import mutate
 
 from opentrans_hub import LayerSelection, OpenTransError, Subnetwork
 from opentrans_hub.formats.packed import PackedFile, PackedReader
@@ -113,22 +114,8 @@ _huge = st.one_of(st.integers(0, 70), st.integers(0, 2**64), st.sampled_from([1 
 
 @given(origin=st.sampled_from(sorted(SAMPLES)), data=st.data())
 def mutated(origin: str, data: st.DataObject) -> None:
-    blob = bytearray(SAMPLES[origin])
-    for _ in range(data.draw(st.integers(1, 3), label="mutations")):
-        kind = data.draw(st.sampled_from(["flip", "truncate", "insert", "delete", "overwrite"]), label="kind")
-        pos = data.draw(st.integers(0, max(len(blob) - 1, 0)), label="pos")
-        if kind == "flip" and blob:
-            blob[pos] ^= 1 << data.draw(st.integers(0, 7), label="bit")
-        elif kind == "truncate":
-            del blob[pos:]
-        elif kind == "insert":
-            blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=16), label="inserted")
-        elif kind == "delete":
-            del blob[pos:pos + data.draw(st.integers(1, 16), label="deleted")]
-        elif blob:
-            chunk = data.draw(st.binary(min_size=1, max_size=8), label="overwrite")
-            blob[pos:pos + len(chunk)] = chunk
-    decode_all(bytes(blob), origin)
+    blob = mutate(data, SAMPLES[origin], mutations=3, chunk=16, overwrite=True)
+    decode_all(blob, origin)
 
 
 PACKED = sorted(name for name in SAMPLES if name.startswith("packed"))
