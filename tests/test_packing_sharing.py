@@ -84,6 +84,9 @@ def test_shared_storage_and_parameters_round_trip_through_the_script(tmp_path):
     # each storage once: the file is smaller than the storages it holds (not 2-3x with the tied ones doubled)
     assert info["packed_bytes"] < storage_bytes(original)
 
+    shown = run_cli(tmp_path, "inspect", "model.sparse.safetensors", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["shared_tensors"] == 8  # decoder, tied, q, k, kt, pos.a, pos.b, lm_head
     back = run_cli(tmp_path, "unpack", "model.sparse.safetensors", "--out", "restored.pth", "--json")
     assert back.returncode == 0, back.stderr
     restored_size = (tmp_path / "restored.pth").stat().st_size

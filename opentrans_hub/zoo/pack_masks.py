@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,11 +36,11 @@ def element_bits(data: np.ndarray, itemsize: int) -> np.ndarray:
     return data.view(_INTS[itemsize])
 
 
-def masks_from_zeros(tensors: Mapping[str, torch.Tensor], data: Mapping[str, np.ndarray],
-                     pattern: re.Pattern | None) -> dict[str, np.ndarray]:
+def masks_from_zeros(tensors: Mapping[str, torch.Tensor], data: Any, pattern: re.Pattern | None
+                     ) -> dict[str, np.ndarray]:
     """Flat keep-masks from exact +0.0 (bitwise: a -0.0 or a NaN is a value to keep, so unpacking gives the file
     back bit-identical), for every floating 2-D+ ``*weight`` that packing makes smaller; ``pattern`` narrows them
-    by name. ``data``: each tensor's bytes."""
+    by name. ``data[key]``: each tensor's bytes."""
     masks = {}
     for key, tensor in tensors.items():
         if (not key.endswith("weight") or tensor.dim() < 2 or not tensor.is_floating_point()

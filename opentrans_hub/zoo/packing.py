@@ -124,14 +124,14 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
         tree = encoder.encode(obj)
     except RecursionError:
         raise OpenTransError("the checkpoint nests too deeply to be packed", path=source) from None
-    _check_names(encoder.tensors, source)
+    _check_names([*encoder.tensors, *encoder.aliases], source)
     _, trail = find_state_dict(obj, source)
     head = f"{trail}." if trail else ""
     tensors = encoder.tensors  # what is stored, once storage sharing is resolved below
 
     if zeros:
         encoder.share()  # masks are found on what is stored
-        data = {key: sf.as_bytes(tensor.cpu()) for key, tensor in tensors.items()}
+        data = _TensorBytes(tensors)
         keeps = masks_from_zeros({k: v for k, v in tensors.items() if k.startswith(head) and "::" not in k}, data,
                                  pattern)
         if not keeps:
@@ -155,7 +155,7 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
         check_zero(sub, located, state, force_zero, source)
         key_of = stored_keys(encoder, {name: head + key for name, key in located.items()}, source)
         negative_zeros = signed_zeros(sub, located, state)
-        data = {key: sf.as_bytes(tensor.cpu()) for key, tensor in tensors.items()}
+        data = _TensorBytes(tensors)
         keeps = {key: sub[name].reshape(-1).numpy() for name, key in key_of.items()}
     mask_names = {key: name for name, key in key_of.items()}
     sub_meta, blobs = encode_parts(sub.masks, sub.arch, sub.provenance, sub.sha256, encoding)
@@ -214,9 +214,28 @@ def pack_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], out: str 
             "encoding": encoding, "forced_zero": bool(force_zero and not zeros)}
 
 
-def _check_names(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+class _TensorBytes:
+    """Each tensor's bytes in C order (:func:`~opentrans_hub.io.packed_spec.as_bytes`), taken once and kept when
+    they are the tensor's own memory; a copy (of a non-contiguous or GPU tensor) is made again when asked, so it
+    lives only while it is used."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors = tensors
+        self.kept: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        data = self.kept.get(key)
+        if data is None:
+            tensor = self.tensors[key]
+            data = sf.as_bytes(tensor.cpu())
+            if tensor.device.type == "cpu" and tensor.is_contiguous():
+                self.kept[key] = data
+        return data
+
+
+def _check_names(keys: list[str], source: str) -> None:
     """Refuse names the format cannot hold: ``::`` (its own suffixes) and unpaired surrogates (not UTF-8)."""
-    for key in tensors:
+    for key in keys:
         if "::" in key:
             raise OpenTransError("tensor names with '::' cannot be packed", path=source, tensor=key)
         try:
@@ -244,7 +263,9 @@ def _bytes(tensor: torch.Tensor) -> np.ndarray | bytes:
 
 def packed_stats(reader: PackedReader) -> dict[str, Any]:
     """Dense vs packed bytes and per-tensor sparsity (what ``inspect`` prints), from the header alone: nothing is
-    decoded, so nothing here is verified yet (the architecture and hashes are the ones the file records)."""
+    decoded, so nothing here is verified yet (the architecture and hashes are the ones the file records);
+    ``tensors`` counts what is stored, ``shared_tensors`` the names stored with another (the same object again, or a
+    view of its storage)."""
     layers = []
     for key in reader.mask_names:
         spec = reader.specs[key]
@@ -260,6 +281,7 @@ def packed_stats(reader: PackedReader) -> dict[str, Any]:
             "subnetwork_sha256": reader.sub_meta.get("sha256") if reader.mask_names else None,
             "unhashed_fields": list(reader.unverified_fields), "file_bytes": reader.size,
             "dense_bytes": dense, "ratio": reader.size / dense if dense else 0.0, "tensors": len(reader.specs),
+            "shared_tensors": sum(1 for node in tensor_nodes(reader.tree) if "a" in node or "v" in node),
             "masked_tensors": len(layers), "masked_dense_bytes": masked_dense,
             "masked_packed_bytes": masked_packed,
             "masked_sparsity": (1 - sum(x["kept"] for x in layers) / max(sum(x["numel"] for x in layers), 1)),
