@@ -131,14 +131,6 @@ class TreeEncoder:
         return views
 
 
-def encode_tree(obj: Any, tensors: dict[str, torch.Tensor], path: tuple = ()) -> Any:
-    """JSON node for ``obj`` (no storage sharing resolved); its tensors are collected into ``tensors``."""
-    encoder = TreeEncoder()
-    node = encoder.encode(obj, path)
-    tensors.update(encoder.tensors)
-    return node
-
-
 def tensor_nodes(tree: Any) -> Iterator[dict[str, Any]]:
     """Every tensor node of a tree (each time it occurs)."""
     stack = [tree]
