@@ -155,7 +155,11 @@ def test_sigint_during_unpack_is_interrupted_exit_130_and_writes_nothing(tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([str(SCRIPT), "unpack", "p.safetensors", "--out", "u.pth"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)  # past start-up, inside the decode / torch.save
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:  # the signal once decoding has begun
+        if any(p.name.startswith(".opentrans-hub-unpack-") for p in tmp_path.iterdir()):
+            break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
