@@ -31,7 +31,6 @@ proves the zeros on demand.
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -40,7 +39,8 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..errors import OpenTransError, OpenTransWarning
+from ..errors import OpenTransError
+from .precision import warn_float16_eps
 from .sharding import FSDP1_HINT, check_not_fsdp1, is_dtensor, local, shard_like
 
 _ATTR = "_opentrans_masks"
@@ -211,23 +211,6 @@ def _masked_params(optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Ten
             mask = _mask_for(param)
             if mask is not None:
                 yield param, mask
-
-
-def warn_float16_eps(optimizer: torch.optim.Optimizer) -> bool:
-    """Warn (once per optimizer, at its first step) when float16 parameters meet an ``eps`` that float16 rounds
-    to 0: Adam-type and RMSprop updates then divide 0 by 0, and every weight, kept or pruned, dense models too,
-    becomes NaN within steps. torch's defaults (1e-8, 1e-10) do; the library cannot change the optimizer."""
-    for group in optimizer.param_groups:
-        eps = group.get("eps")
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-            continue
-        if any(p.dtype == torch.float16 for p in group["params"]) and float(torch.tensor(eps).half()) == 0.0:
-            warnings.warn(f"{type(optimizer).__name__} steps float16 parameters with eps={eps:g}, which float16 "
-                          "rounds to 0: its updates divide 0 by 0 and the weights become NaN. Use an eps float16 "
-                          "holds (1e-4), autocast with float32 master weights, or bfloat16", OpenTransWarning,
-                          stacklevel=3)
-            return True
-    return False
 
 
 @torch.compiler.disable  # under torch.compile(opt.step): one eager call, not a trace per parameter
