@@ -269,3 +269,15 @@ def test_bad_rules_are_refused_with_the_line(line):
         NameMap.parse(["# header", line])
     message = str(info.value)
     assert "line 2" in message or "regex" in message or "target" in message
+
+
+@pytest.mark.parametrize("captured", ["\u00b9", "\u0663", "1\u00b2", "-\u00b9"])
+def test_a_name_part_that_only_looks_like_a_number_is_not_one(captured):
+    """str.isdigit() takes '¹' and '٣', int() refuses the first: a crafted tensor name is one clear refusal or no
+    match, never a traceback."""
+    arithmetic = NameMap.parse(r"rename layer(.+)\.w -> res{g1+1}.w")
+    with pytest.raises(OpenTransError, match="not an integer"):
+        arithmetic.map(f"layer{captured}.w")
+    guarded = NameMap.parse(r"rename layer(.+)\.w -> res.w if g1 < 9")
+    assert guarded.map(f"layer{captured}.w") == [(f"layer{captured}.w", None)]  # the guard does not hold
+    assert guarded.map("layer3.w") == [("res.w", None)]

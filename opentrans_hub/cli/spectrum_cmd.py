@@ -75,7 +75,7 @@ def load_target(args: argparse.Namespace) -> tuple[Any, str, str | None]:
 
 
 def _natural_key(name: str) -> list:
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+    return [(0, int(part), "") if part.isdecimal() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def _network_order(state: dict, arch: str | None) -> list[str]:

@@ -37,6 +37,15 @@ _TEMPLATE_FIELD = re.compile(r"\{g(\d+)(?:([+-])(\d+))?\}")
 _GUARD_TERM = re.compile(r"^\s*g(\d+)\s*(<=|>=|==|!=|<|>)\s*(-?\d+)\s*$")
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _integer(text: str | None) -> int | None:
+    """``text`` as an int when it is one written in ASCII digits (``str.isdigit`` also takes '¹', which ``int``
+    refuses); a captured name part is untrusted input."""
+    return int(text) if text is not None and _INTEGER.fullmatch(text) else None
+
+
 def _fill(template: str, match: re.Match) -> str:
     def field(m: re.Match) -> str:
         group = int(m.group(1))
@@ -48,11 +57,12 @@ def _fill(template: str, match: re.Match) -> str:
             raise OpenTransError(f"template {template!r}: group {group} did not take part in the match")
         if m.group(2) is None:
             return value
-        if not value.lstrip("-").isdigit():
+        number = _integer(value)
+        if number is None:
             raise OpenTransError(f"template {template!r}: arithmetic on group {group}, which captured {value!r} "
                                  "(not an integer); narrow the pattern or add a guard")
         offset = int(m.group(3)) * (1 if m.group(2) == "+" else -1)
-        return str(int(value) + offset)
+        return str(number + offset)
 
     return _TEMPLATE_FIELD.sub(field, template)
 
@@ -75,10 +85,8 @@ _COMPARE = {"<": int.__lt__, "<=": int.__le__, ">": int.__gt__, ">=": int.__ge__
 
 def _guard_holds(guard: tuple[tuple[int, str, int], ...], match: re.Match) -> bool:
     for group, op, value in guard:
-        captured = match.group(group)
-        if captured is None or not captured.lstrip("-").isdigit():
-            return False
-        if not _COMPARE[op](int(captured), value):
+        captured = _integer(match.group(group))
+        if captured is None or not _COMPARE[op](captured, value):
             return False
     return True
 
