@@ -136,3 +136,13 @@ def test_console_script_runs_in_a_real_process(weights, tmp_path):
     selection = LayerSelection.load(tmp_path / "s.json")
     assert len(selection.trainable) == round(0.25 * len(selection.layers))
     assert str(tmp_path / "s.json") in proc.stdout
+
+
+def test_a_safetensors_file_by_any_name_gets_the_network_order(weights, capsys, tmp_path, cache_dir, tiny_family):
+    """The order is restored for what the file is (sniffed), not for what its name says."""
+    renamed = tmp_path / "tiny-weights.bin"
+    renamed.write_bytes(weights.read_bytes())
+    args = ("--arch", tiny_family, "--json")
+    by_suffix = [layer["name"] for layer in run_json(capsys, "spectrum", str(weights), *args)["layers"]]
+    by_content = [layer["name"] for layer in run_json(capsys, "spectrum", str(renamed), *args)["layers"]]
+    assert by_content == by_suffix and by_content != sorted(by_content)  # the tower's order, not the file's sorted one

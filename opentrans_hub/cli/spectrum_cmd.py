@@ -53,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def load_target(args: argparse.Namespace) -> tuple[Any, str, str | None]:
     """(module or state dict, arch id, weights sha256 or None) for the command's TARGET."""
     from ..io.checkpoints import read_state_dict
+    from ..io.sniff import sniff_file
     from ..towers.backbones import build_visual, weights_sha256
 
     target = args.target
@@ -63,7 +64,7 @@ def load_target(args: argparse.Namespace) -> tuple[Any, str, str | None]:
             raise OpenTransError("--weights goes with an architecture id; TARGET is already a weights file",
                                  path=target)
         state = read_state_dict(target)
-        if Path(target).suffix == ".safetensors":  # safetensors sorts names: restore a network order
+        if sniff_file(target).kind == "safetensors":  # safetensors sorts names: restore a network order
             state = {name: state[name] for name in _network_order(state, args.arch)}
         return state, args.arch or "unknown", weights_sha256(state)
     if Path(target).suffix in {".safetensors", ".pth", ".pt", ".bin", ".ckpt"}:
