@@ -4,7 +4,6 @@ nothing written; and the outputs that must be exact (bytes, dtypes, signs) are.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,26 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from support.cli import assert_refused, cli_env, command, run_cli
 
 from opentrans_hub import Subnetwork
 from opentrans_hub.formats.packed import PackedFile
-
-SCRIPT = Path(sys.executable).with_name("opentrans-hub")
-
-
-def run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENTRANS_HUB_HOME": str(tmp / "home")}
-    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=tmp)
-
-
-def refused(done: subprocess.CompletedProcess, *needles: str) -> str:
-    assert done.returncode == 2, (done.returncode, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def pruned_state(seed: int = 0, size: int = 64) -> dict[str, torch.Tensor]:
@@ -54,22 +37,21 @@ def ckpt(tmp_path) -> Path:
 
 
 def nothing_written(tmp: Path, *keep: str) -> None:
-    extra = sorted(p.name for p in tmp.iterdir() if p.name not in {*keep, "home"})
+    """Only ``keep`` (and the private registry and caches ``cli_env`` puts under ``tmp``) is left in ``tmp``."""
+    extra = sorted(p.name for p in tmp.iterdir() if p.name not in {*keep, ".home", ".cache", ".hf"})
     assert not extra, extra
 
 
 def test_a_bad_include_regex_is_one_line(tmp_path, ckpt):
-    refused(run(tmp_path, "pack", ckpt, "--zeros", "--include", "(", "--out", "o.safetensors"),
-            "--include", "regular expression")
-    nothing_written(tmp_path, "ckpt.pth")
+    assert_refused(tmp_path, "pack", ckpt, "--zeros", "--include", "(", "--out", "o.safetensors",
+                   needles=("--include", "regular expression"))
 
 
 def test_include_with_a_subnetwork_is_refused_not_ignored(tmp_path, ckpt):
     state = pruned_state()
     Subnetwork({k: v != 0 for k, v in state.items() if k.endswith("weight")}).save(tmp_path / "s.safetensors")
-    refused(run(tmp_path, "pack", ckpt, "--subnetwork", "s.safetensors", "--include", "layer0", "--out",
-                "o.safetensors"), "--include")
-    nothing_written(tmp_path, "ckpt.pth", "s.safetensors")
+    assert_refused(tmp_path, "pack", ckpt, "--subnetwork", "s.safetensors", "--include", "layer0", "--out",
+                   "o.safetensors", needles=("--include",))
 
 
 def test_a_checkpoint_nested_600_deep_is_one_line(tmp_path):
@@ -82,46 +64,42 @@ def test_a_checkpoint_nested_600_deep_is_one_line(tmp_path):
         torch.save(nested, tmp_path / "deep.pth")
     finally:
         sys.setrecursionlimit(limit)
-    refused(run(tmp_path, "pack", "deep.pth", "--zeros", "--out", "o.safetensors"), "deep.pth")
-    nothing_written(tmp_path, "deep.pth")
+    assert_refused(tmp_path, "pack", "deep.pth", "--zeros", "--out", "o.safetensors", needles=("deep.pth",))
 
 
 def test_a_tensor_name_with_an_unpaired_surrogate_is_one_line(tmp_path):
     state = pruned_state()
     state["bad\udcffname.weight"] = state.pop("layer1.weight")
     torch.save(state, tmp_path / "s.pth")
-    line = refused(run(tmp_path, "pack", "s.pth", "--zeros", "--out", "o.safetensors"), "UTF-8")
+    line = assert_refused(tmp_path, "pack", "s.pth", "--zeros", "--out", "o.safetensors", needles=("UTF-8",))
     assert "\\udcff" in line
-    nothing_written(tmp_path, "s.pth")
 
 
 def test_a_cast_that_makes_inf_is_refused(tmp_path):
     state = pruned_state()
     state["layer2.weight"][0, 0] = 1e5  # float16's largest is 65504
     torch.save(state, tmp_path / "big.pth")
-    refused(run(tmp_path, "pack", "big.pth", "--zeros", "--dtype", "fp16", "--out", "o.safetensors"),
-            "inf", "layer2.weight", "bf16")
-    nothing_written(tmp_path, "big.pth")
-    assert run(tmp_path, "pack", "big.pth", "--zeros", "--dtype", "bf16", "--out", "o.safetensors").returncode == 0
+    assert_refused(tmp_path, "pack", "big.pth", "--zeros", "--dtype", "fp16", "--out", "o.safetensors",
+                   needles=("inf", "layer2.weight", "bf16"))
+    assert run_cli(tmp_path, "pack", "big.pth", "--zeros", "--dtype", "bf16", "--out", "o.safetensors").returncode == 0
 
 
 def test_a_refused_unpack_leaves_no_folders(tmp_path, ckpt):
-    assert run(tmp_path, "pack", ckpt, "--zeros", "--out", "p.safetensors").returncode == 0
-    refused(run(tmp_path, "unpack", "p.safetensors", "--out", "new/a/b.safetensors"), "flat")
-    nothing_written(tmp_path, "ckpt.pth", "p.safetensors")
+    assert run_cli(tmp_path, "pack", ckpt, "--zeros", "--out", "p.safetensors").returncode == 0
+    assert_refused(tmp_path, "unpack", "p.safetensors", "--out", "new/a/b.safetensors", needles=("flat",))
 
 
 def test_suffixes_are_compared_without_case(tmp_path):
     torch.save(pruned_state(), tmp_path / "flat.pth")
-    assert run(tmp_path, "pack", "flat.pth", "--zeros", "--out", "p.SafeTensors").returncode == 0
-    assert run(tmp_path, "unpack", "p.SafeTensors", "--out", "x.SAFETENSORS").returncode == 0
+    assert run_cli(tmp_path, "pack", "flat.pth", "--zeros", "--out", "p.SafeTensors").returncode == 0
+    assert run_cli(tmp_path, "unpack", "p.SafeTensors", "--out", "x.SAFETENSORS").returncode == 0
     with safe_open(str(tmp_path / "x.SAFETENSORS"), framework="pt") as handle:  # safetensors, not a torch zip
         assert sorted(handle.keys()) == sorted(pruned_state())
 
 
 def test_the_same_input_packs_to_the_same_bytes(tmp_path, ckpt):
     for out in ("a.safetensors", "b.safetensors"):
-        assert run(tmp_path, "pack", ckpt, "--zeros", "--out", out).returncode == 0
+        assert run_cli(tmp_path, "pack", ckpt, "--zeros", "--out", out).returncode == 0
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
@@ -133,10 +111,10 @@ def test_negative_zero_at_pruned_positions_is_pruned(tmp_path):
     torch.save(state, tmp_path / "neg.pth")
     sub = Subnetwork({k: v != 0 for k, v in state.items() if k.endswith("weight")})
     sub.save(tmp_path / "s.safetensors")
-    done = run(tmp_path, "pack", "neg.pth", "--subnetwork", "s.safetensors", "--out", "p.safetensors")
+    done = run_cli(tmp_path, "pack", "neg.pth", "--subnetwork", "s.safetensors", "--out", "p.safetensors")
     assert done.returncode == 0, done.stderr
     assert PackedFile.load(tmp_path / "p.safetensors").subnetwork.same_masks(sub)  # verified on load
-    assert run(tmp_path, "unpack", "p.safetensors", "--out", "u.pth").returncode == 0
+    assert run_cli(tmp_path, "unpack", "p.safetensors", "--out", "u.pth").returncode == 0
     back = torch.load(tmp_path / "u.pth", weights_only=True)
     assert all(torch.equal(back[k], state[k]) for k in state)  # equal values
     assert not torch.signbit(back["layer0.weight"][~sub["layer0.weight"]]).any()  # the pruned value is +0.0
@@ -150,10 +128,10 @@ def test_sigint_during_unpack_is_interrupted_exit_130_and_writes_nothing(tmp_pat
         tensor[:1024] = 0
     torch.save({"model": state}, tmp_path / "big.pth")
     del state
-    assert run(tmp_path, "pack", "big.pth", "--zeros", "--out", "p.safetensors").returncode == 0
+    assert run_cli(tmp_path, "pack", "big.pth", "--zeros", "--out", "p.safetensors").returncode == 0
     (tmp_path / "big.pth").unlink()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(SCRIPT), "unpack", "p.safetensors", "--out", "u.pth"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([*command(), "unpack", "p.safetensors", "--out", "u.pth"], cwd=tmp_path,
+                            env=cli_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:  # the signal once decoding has begun

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support.cli import command
 from support.processes import TESTS, pip_install, python_env
 from support.towers import RN_TINY, register, tower
 
-SCRIPT = Path(sys.executable).with_name("opentrans-hub")
 INJECTION = 'ck""" if __import__("os").system("touch PWNED") else """.pth'
 PREFIX = "bb\"'\n\x1b[2J\u00e9\u4e2d\udcff."
 
@@ -25,7 +24,7 @@ PREFIX = "bb\"'\n\x1b[2J\u00e9\u4e2d\udcff."
 def run(tmp: Path, *args: str, site: Path | None = None) -> subprocess.CompletedProcess:
     env = python_env(tmp / "custom", TESTS, *([site] if site else []), OMP_NUM_THREADS="1",
                      OPENTRANS_HUB_HOME=str(tmp / "home"))
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, timeout=300, env=env, cwd=tmp)
+    return subprocess.run([*command(), *args], capture_output=True, timeout=300, env=env, cwd=tmp)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from support.cli import command
 
 from opentrans_hub import LayerSelection, OpenTransError, Subnetwork, get_plugin
 from opentrans_hub.io.atomic import atomic_write_bytes, check_output
@@ -109,10 +108,9 @@ def test_two_packs_to_one_new_output_one_wins(tmp_path):
     torch.save(state, tmp_path / "a.pth")
     state["layer0.weight"][0, 0] = 7.0  # the second writer packs other content
     torch.save(state, tmp_path / "b.pth")
-    script = Path(sys.executable).with_name("opentrans-hub")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENTRANS_HUB_HOME": str(tmp_path / "home")}
     out = tmp_path / "o.safetensors"
-    procs = [subprocess.Popen([str(script), "pack", str(tmp_path / name), "--zeros", "--out", str(out)],
+    procs = [subprocess.Popen([*command(), "pack", str(tmp_path / name), "--zeros", "--out", str(out)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for name in ("a.pth", "b.pth")]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
@@ -122,7 +120,7 @@ def test_two_packs_to_one_new_output_one_wins(tmp_path):
     assert len(loser.strip().splitlines()) == 1 and "o.safetensors" in loser and "Traceback" not in loser
     winner = "a.pth" if results[0][0] == 0 else "b.pth"
     unpacked = tmp_path / "check.pth"
-    assert subprocess.run([str(script), "unpack", str(tmp_path / "o.safetensors"), "--out", str(unpacked)], env=env,
+    assert subprocess.run([*command(), "unpack", str(tmp_path / "o.safetensors"), "--out", str(unpacked)], env=env,
                           capture_output=True).returncode == 0
     got, want = torch.load(unpacked, weights_only=True), torch.load(tmp_path / winner, weights_only=True)
     assert all(torch.equal(got[k], want[k]) for k in want)
