@@ -68,10 +68,15 @@ def _evidence_comment(rule: Rule, sources: list[str], report: Any) -> str:
     return f"{len(covered)} tensor(s); evidence: {detail or 'shapes'}" + (f"; {low} low-confidence" if low else "")
 
 
+def rule_evidence(name_map: NameMap, report: Any) -> list[tuple[Rule, str]]:
+    """Each rule with what made it (how many tensors it carries, and their evidence kinds)."""
+    coverage = _coverage(name_map, list(report.tensors) + list(report.unmapped))
+    return [(rule, _evidence_comment(rule, sources, report)) for rule, sources in zip(name_map.rules, coverage)]
+
+
 def rule_lines(name_map: NameMap, report: Any) -> list[str]:
     """Each rule's text with its evidence comment (one entry per rule; a crafted name may hold a newline)."""
-    coverage = _coverage(name_map, list(report.tensors) + list(report.unmapped))
-    return [f"{rule}  # {_evidence_comment(rule, sources, report)}" for rule, sources in zip(name_map.rules, coverage)]
+    return [f"{rule}  # {evidence}" for rule, evidence in rule_evidence(name_map, report)]
 
 
 def _tower_path(report: Any, target_names: list[str]) -> str | None:
@@ -114,10 +119,9 @@ RESERVED = {"auto"}
 def plugin_spec(name: str, arch: str, name_map: NameMap, report: Any, target_names: list[str],
                 source: str = "") -> dict[str, Any]:
     """The generated plugin's data: what ``plugin.json`` holds."""
-    coverage = _coverage(name_map, list(report.tensors) + list(report.unmapped))
     rules = [{"kind": rule.kind, "pattern": rule.pattern, "targets": list(rule.targets), "guard": rule.guard,
-              "dim": rule.dim, "spec": rule.spec, "evidence": _evidence_comment(rule, sources, report)}
-             for rule, sources in zip(name_map.rules, coverage)]
+              "dim": rule.dim, "spec": rule.spec, "evidence": evidence}
+             for rule, evidence in rule_evidence(name_map, report)]
     return {"format": "opentrans-hub/plugin-spec", "format_version": 1, "name": name, "frameworks": [name],
             "arch": arch, "tower_path": _tower_path(report, target_names),
             "description": f"{name}: inferred map, tower at {report.tower or '(top level)'}",
