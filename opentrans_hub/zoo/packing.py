@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import secrets
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Mapping
@@ -401,8 +403,13 @@ def _write_dense_safetensors(handle, reader: PackedReader, flat: list) -> int:
 
 
 def _torch_save(handle, reader: PackedReader, folder: Path) -> int:
-    """torch.save the dense checkpoint, its tensors held in scratch files (page cache) instead of memory."""
-    with tempfile.TemporaryDirectory(prefix=".opentrans-hub-unpack-", dir=folder) as scratch:
+    """torch.save the dense checkpoint, its tensors held in scratch files (page cache) instead of memory.
+
+    The scratch folder's name is chosen before it is made and removed in ``finally``: a Ctrl-C at any moment, even
+    while ``mkdtemp`` would still be returning, leaves nothing behind."""
+    scratch = os.path.join(folder, f".opentrans-hub-unpack-{secrets.token_hex(16)}")
+    try:
+        os.mkdir(scratch, 0o700)
         dense: dict[str, torch.Tensor] = {}
         for i, (key, tensor) in enumerate(reader.tensors()):
             nbytes = tensor.numel() * tensor.element_size()
@@ -422,3 +429,5 @@ def _torch_save(handle, reader: PackedReader, folder: Path) -> int:
                 raise KeyboardInterrupt from None
             raise
         return handle.tell() - start
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
