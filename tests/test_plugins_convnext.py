@@ -257,7 +257,21 @@ def test_maftplus_default_preset_and_preset_errors(large_names, tmp_path, capsys
         ["trunk.head.norm.weight", "trunk.head.norm.bias", "head.mlp.fc1.weight", "head.mlp.fc1.bias",
          "head.mlp.fc2.weight"])
 
-    # the CLI writes the same selection; modes that train nothing of the tower have no preset
+    # through a MAFT+ checkpoint of ConvNeXt-L's names (one value each: a selection maps by name), the manifest names
+    # the student's parameters only, never the teacher's
+    state = {f"{m}.clip_model.visual.{n}": torch.ones(1) for m in ("backbone", "backbone_t") for n in large_names}
+    state["backbone.clip_model.text_projection"] = state["backbone_t.clip_model.text_projection"] = torch.ones(1)
+    torch.save({"model": state}, tmp_path / "maftp.pth")
+    selection.save(tmp_path / "default.json")
+    code, _, err = main_in_process(capsys, "apply", "--plugin", "maftplus", "--selection", tmp_path / "default.json",
+                                   "--checkpoint", tmp_path / "maftp.pth", "--out", tmp_path / "manifest.json",
+                                   "--strict")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["trainable"] == sorted(f"backbone.clip_model.visual.{n}" for n, t in expected.items() if t)
+    assert manifest["frozen"] == sorted(f"backbone.clip_model.visual.{n}" for n, t in expected.items() if not t)
+
+    # the CLI writes the same selection as the Python call; modes that train nothing of the tower have no preset
     out = tmp_path / "sed-conv.json"
     code, stdout, err = main_in_process(capsys, "plugins", "preset", "sed", "conv", "--arch", LARGE, "--out", out)
     assert code == 0, err
