@@ -285,6 +285,8 @@ def test_maftplus_default_preset_and_preset_errors(large_names, tmp_path, capsys
     for mode in ("prompt", "attention", "fast_infer"):
         code, _, err = main_in_process(capsys, "plugins", "preset", "sed", mode, "--out", tmp_path / "x.json")
         assert code == 2 and "no preset" in err and "full_res5" in err and not (tmp_path / "x.json").exists()
+    code, _, err = main_in_process(capsys, "plugins", "preset", "sed", "--out", tmp_path / "x.json")
+    assert code == 2 and "name the preset" in err and not (tmp_path / "x.json").exists()  # not a silent listing
     code, stdout, _ = main_in_process(capsys, "plugins", "preset", "sed", "--json")
     assert code == 0 and set(json.loads(stdout)["presets"]) == {"full", "conv", "mlp", "full_res5"}
     with pytest.raises(OpenTransError, match="does not cover"):
@@ -294,6 +296,8 @@ def test_maftplus_default_preset_and_preset_errors(large_names, tmp_path, capsys
 def test_preset_declarations_and_empty_presets_are_refused(clip):
     with pytest.raises(OpenTransError, match="preset 'bad'"):
         Plugin(name="x", frameworks=("X",), archs={CONVNEXT_TINY: ""}, presets={"bad": "stages.("})
+    with pytest.raises(OpenTransError, match="presets must map"):
+        Plugin(name="x", frameworks=("X",), archs={CONVNEXT_TINY: ""}, presets=["full"])
     with pytest.raises(OpenTransError, match="preset ''"):
         Plugin(name="x", frameworks=("X",), archs={CONVNEXT_TINY: ""}, presets={"": "."})
     presets = {"prompt": "prompt", "s3": r"^trunk\.stages\.3\."}

@@ -113,6 +113,9 @@ def run_preset(args: argparse.Namespace) -> int:
 
     plugin = get_plugin(args.plugin)
     if args.name is None:
+        if args.out is not None:
+            raise OpenTransError(f"plugins preset: name the preset to write to {args.out} (presets of "
+                                 f"{plugin.name!r}: {', '.join(plugin.presets) or 'none'})")
         if args.json:
             print_json({"plugin": plugin.name, "presets": dict(plugin.presets)})
         elif plugin.presets:

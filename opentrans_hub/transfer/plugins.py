@@ -76,6 +76,9 @@ class Plugin:
             except OpenTransError as exc:
                 raise OpenTransError(f"plugin {self.name!r}, arch {arch!r}: {exc}") from None
         self.archs = parsed
+        if not isinstance(self.presets, Mapping):
+            raise OpenTransError(f"plugin {self.name!r}: presets must map names to regular expressions, "
+                                 f"got a {type(self.presets).__name__}")
         self.presets = dict(self.presets)
         for preset, pattern in self.presets.items():
             try:
