@@ -258,6 +258,19 @@ def test_maftplus_default_preset_and_preset_errors(large_names, tmp_path, capsys
         ["trunk.head.norm.weight", "trunk.head.norm.bias", "head.mlp.fc1.weight", "head.mlp.fc1.bias",
          "head.mlp.fc2.weight"])
 
+    # on a live MAFT+ model (MLP head, as ConvNeXt-L has): the student as MAFT+'s _freeze leaves it, the teacher
+    # and everything outside the student's tower untouched
+    clip = clip_model(CONVNEXT_MLP_TINY, seed=6)
+    model = maftplus_layout(clip)
+    model.backbone_t.requires_grad_(True)
+    report = plugin.apply_selection(model, selection)
+    assert len(report.mapped) == sum(1 for _ in clip.visual.parameters())
+    for name, param in model.named_parameters():
+        if name.startswith(TOWER["maftplus"]):
+            assert param.requires_grad is maftplus_sets_trainable(name), name
+        else:
+            assert param.requires_grad, name
+
     # through a MAFT+ checkpoint of ConvNeXt-L's names (one value each: a selection maps by name), the manifest names
     # the student's parameters only, never the teacher's
     state = {f"{m}.clip_model.visual.{n}": torch.ones(1) for m in ("backbone", "backbone_t") for n in large_names}
