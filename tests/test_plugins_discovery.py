@@ -19,7 +19,7 @@ from opentrans_hub.transfer.plugins import Plugin
 
 FIXTURE = Path(__file__).parent / "fixtures" / "oth-demo-plugin"
 FIRST_PARTY = {"fcclip", "hanovs", "deeplabv3-opentrans", "deeplabv3-d2", "deeplabv3-torchvision", "timm-clip-resnet",
-               "catseg", "san"}
+               "catseg", "san", "maftplus", "maskadapter", "sed"}
 REPO = Path(__file__).resolve().parents[1]
 
 

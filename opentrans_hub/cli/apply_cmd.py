@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from ._common import add_overwrite, check_out, print_json, printable
+from .plugins_cmd import add_tower_option, plugin_for
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strict", action="store_true", help="fail (write nothing) when a name finds no destination")
     parser.add_argument("--allow-partial", action="store_true", help="apply even when the checkpoint's tower has "
                         "Conv/Linear weights the subnetwork's architecture does not cover (they stay dense, listed)")
+    add_tower_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_overwrite(parser)
     parser.set_defaults(func=run)
@@ -61,11 +63,10 @@ def _say_inferred(plugin: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..io.atomic import atomic_write_text
     from ..io.checkpoints import read_state_dict
-    from ..transfer.discovery import get_plugin
     from ..zoo.registry import load_selection, load_subnetwork
 
     check_out(args, args.out, args.checkpoint, args.subnetwork, args.selection)
-    plugin = get_plugin(args.plugin)
+    plugin = plugin_for(args.plugin, args.tower)
     if args.subnetwork:
         subnetwork = load_subnetwork(args.subnetwork)
         report = plugin.apply_checkpoint(args.checkpoint, subnetwork, args.out, strict=args.strict, arch=args.arch,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,9 @@ class Plugin:
     model is the tower); plugins whose tower is split over several modules pass ``locator`` instead
     (model -> a module presenting the tower).
     ``config`` names the detectron2 config fragment shipped in ``configs/`` for detectron2 frameworks.
+    ``presets`` names the framework's own choices of trainable tower parameters (its fine-tuning modes): preset
+    name -> a regular expression searched in each canonical parameter name; :meth:`selection_preset` turns one
+    into a LayerSelection.
     """
 
     name: str
@@ -54,6 +58,7 @@ class Plugin:
     description: str = ""
     config: str | None = None
     locator: Callable[[nn.Module], nn.Module] | None = field(default=None, repr=False)
+    presets: Mapping[str, str] = field(default_factory=dict)
     source: str = field(default="", compare=False)  # the distribution it came from (set by discovery)
 
     def __post_init__(self):
@@ -71,6 +76,17 @@ class Plugin:
             except OpenTransError as exc:
                 raise OpenTransError(f"plugin {self.name!r}, arch {arch!r}: {exc}") from None
         self.archs = parsed
+        if not isinstance(self.presets, Mapping):
+            raise OpenTransError(f"plugin {self.name!r}: presets must map names to regular expressions, "
+                                 f"got a {type(self.presets).__name__}")
+        self.presets = dict(self.presets)
+        for preset, pattern in self.presets.items():
+            try:
+                if not isinstance(preset, str) or not preset or not isinstance(pattern, str):
+                    raise OpenTransError("a preset is a non-empty name -> a regular expression")
+                re.compile(pattern)
+            except (re.error, OpenTransError) as exc:
+                raise OpenTransError(f"plugin {self.name!r}, preset {preset!r}: {exc}") from None
 
     # ------------------------------------------------------------------ names
     @property
@@ -302,6 +318,32 @@ class Plugin:
         info["counts"]["kept_sparsity"] = info["kept_sparsity"]
         return info
 
+    def selection_preset(self, name: str, arch: str | None = None) -> LayerSelection:
+        """Preset ``name`` as a LayerSelection over every canonical parameter of ``arch``'s tower (default: the
+        plugin's first architecture): trainable where the preset's expression is found in the name.
+
+        Every parameter is listed (weights, biases, norms), so applying the selection reproduces inside the tower
+        what the framework's own fine-tuning mode sets trainable. A preset that trains nothing on ``arch`` is an
+        error: a selection that freezes the whole tower is the framework's frozen mode, not a choice of layers.
+        """
+        from ..towers.backbones import canonical_shapes
+
+        if name not in self.presets:
+            offered = ", ".join(self.presets) or "none"
+            raise OpenTransError(f"plugin {self.name!r} has no preset {name!r} (presets: {offered})")
+        arch = arch or self.default_arch
+        self.name_map(arch)  # refuses an architecture the plugin does not cover
+        pattern = re.compile(self.presets[name])
+        shapes = canonical_shapes(arch)
+        layers = [{"name": param, "trainable": bool(pattern.search(param))} for param in shapes]
+        trainable = sum(shapes[layer["name"]].numel() for layer in layers if layer["trainable"])
+        if not trainable:
+            raise OpenTransError(f"preset {name!r} of plugin {self.name!r} trains no parameter of {arch}'s tower")
+        policy = {"name": f"preset:{self.name}/{name}", "pattern": self.presets[name], "trainable_params": trainable,
+                  "total_params": sum(t.numel() for t in shapes.values())}
+        return LayerSelection(layers, arch=arch, policy=policy,
+                              provenance={"plugin": self.name, "preset": name, "source": self.source})
+
     def concrete_archs(self) -> list[str]:
         """The declared architecture ids that are not patterns."""
         return [arch for arch in self.archs if not any(ch in arch for ch in "*?[")]
@@ -309,7 +351,7 @@ class Plugin:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "frameworks": list(self.frameworks), "archs": list(self.archs),
                 "tower_path": self.tower_path, "config": self.config, "description": self.description,
-                "source": self.source}
+                "presets": dict(self.presets), "source": self.source}
 
 
 # ---------------------------------------------------------------------- plugin ranking
