@@ -55,8 +55,9 @@ def _cfg(lr_scales: str = "") -> CfgNode:
 
 
 def d2_style_build(cfg, model):
-    """detectron2's build_optimizer rules, written out: one group per parameter, norms at WEIGHT_DECAY_NORM,
-    biases at BASE_LR * BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS, frozen parameters left out, SGD."""
+    """detectron2's build_optimizer rules, written out: one group per parameter, norms at WEIGHT_DECAY_NORM, then
+    every bias (a norm's too: the bias override comes last) at BASE_LR * BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS,
+    frozen parameters left out, SGD."""
     norms = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
     groups = []
     for module in model.modules():
@@ -66,7 +67,7 @@ def d2_style_build(cfg, model):
             lr, decay = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
             if isinstance(module, norms):
                 decay = cfg.SOLVER.WEIGHT_DECAY_NORM
-            elif name == "bias":
+            if name == "bias":
                 lr, decay = lr * cfg.SOLVER.BIAS_LR_FACTOR, cfg.SOLVER.WEIGHT_DECAY_BIAS
             groups.append({"params": [param], "lr": lr, "weight_decay": decay})
     return torch.optim.SGD(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
@@ -96,7 +97,7 @@ def test_rates_are_detectron2s_times_the_scale_and_a_step_moves_by_them(tmp_path
     tower = TOWER + "."
     # by hand: base 0.1; biases x 2.0 (BIAS_LR_FACTOR); conv1 x 0.5, conv2 x 1.5, its bias follows its weight
     expected = {tower + "conv1.weight": (0.05, 1e-3), tower + "conv1.bias": (0.1, 1e-4),
-                tower + "bn1.weight": (0.1, 0.0), tower + "bn1.bias": (0.1, 0.0),
+                tower + "bn1.weight": (0.1, 0.0), tower + "bn1.bias": (0.2, 1e-4),
                 tower + "conv2.weight": (0.15, 1e-3), tower + "conv2.bias": (0.3, 1e-4),
                 "head.weight": (0.1, 1e-3), "head.bias": (0.2, 1e-4)}
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}

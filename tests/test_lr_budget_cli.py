@@ -60,6 +60,8 @@ def test_lr_range_on_the_median_policy_keeps_its_frozen_layers(weights, tmp_path
     assert data["lr_scales"] == pytest.approx(expected)
     code, text, _ = main_in_process(capsys, "inspect", out)
     assert code == 0 and "lr budget: scales 1.000..2.000" in text and "lr scale" in text
+    fastest = max(expected, key=expected.get)
+    assert f"fastest: {fastest} x2.000" in text
     frozen = sel.frozen[0]
     row = next(line for line in text.splitlines() if line.startswith(frozen + " "))
     assert "frozen" in row and row.split()[-1] == f"{expected[frozen]:.3f}"

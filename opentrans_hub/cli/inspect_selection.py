@@ -21,7 +21,7 @@ def is_selection_file(path: str) -> bool:
 def run_selection(args: argparse.Namespace) -> int:
     """Verify and describe the selection at ``args.path``: one line on its policy, its lr budget, a per-layer table."""
     from ..formats.selection import LayerSelection
-    from ..methods.lr_budget import budget_summary
+    from ..methods.lr_budget import budget_summary, extreme_layers
 
     selection = LayerSelection.load(args.path)
     scaled = "lr_range" in selection.policy or selection.has_lr_scales
@@ -35,6 +35,9 @@ def run_selection(args: argparse.Namespace) -> int:
                     f"{len(selection.layers)} layers trainable"))
     if scaled:
         print(budget_summary(selection))
+        top, bottom = extreme_layers(selection, 3)
+        for what, layers in (("fastest", top), ("slowest", bottom)):
+            print(printable(f"{what}: " + ", ".join(f"{x['name']} x{x.get('lr_scale', 1.0):.3f}" for x in layers)))
     rows = []
     for layer in selection.layers:
         alpha = "-" if layer.get("alpha") is None else f"{layer['alpha']:.3f}"
