@@ -35,6 +35,7 @@ _PUBLIC = {
     "push": "zoo.hub", "pull": "zoo.hub", "load_backbone": "transfer.backbone",
     "apply_subnetwork": "transfer.apply", "apply_subnetwork_to_state_dict": "transfer.apply",
     "apply_selection": "transfer.apply", "SelectionReport": "transfer.selection",
+    "param_groups": "transfer.lr_groups",
     # Plugin is defined in transfer.plugins; loading it through discovery also wires the installed-plugin hints
     "Plugin": "transfer.discovery", "get_plugin": "transfer.discovery", "list_plugins": "transfer.discovery",
     "InferenceReport": "transfer.inference", "infer_name_map": "transfer.inference",

@@ -68,7 +68,8 @@ def test_push_pull_identical(hub, tmp_path, kind):
     # what olah served is what the upload endpoint committed into git
     files = subprocess.run(["git", "--git-dir", str(hub.repo(repo_id)), "ls-tree", "--name-only", "main"],
                            capture_output=True, text=True, check=True).stdout.split()
-    assert set(files) == {".gitattributes", "README.md", MANIFEST, record["path"].rsplit("/", 1)[1]}
+    plots = {"alpha.png"} if kind == "selection" else set()  # a selection's card shows its per-layer plot
+    assert set(files) == {".gitattributes", "README.md", MANIFEST, record["path"].rsplit("/", 1)[1], *plots}
 
 
 def test_model_card(hub, tmp_path):
@@ -85,6 +86,25 @@ def test_model_card(hub, tmp_path):
     assert meta["base_model"] == "timm/resnet50_clip.openai"
     assert f"{sub.sparsity:.2%}" in body and "layer1.0.conv2.weight" in body
     assert sub.sha256 in body and "test-fixture" in body and "opentrans-hub pull hf://" in body
+
+
+def test_selection_card_shows_its_plot_and_lr_budget(hub, tmp_path):
+    from huggingface_hub import hf_hub_download
+
+    from opentrans_hub.methods.select import select_layers
+
+    # alphas 2.0, 2.1, ... over (0.5, 1.5): the first layer 0.5, the last 1.5
+    sel = select_layers(tiny_selection().layers, "median", arch="test/tiny", lr_range=(0.5, 1.5))
+    pushed = push(sel, "org/budget-card", endpoint=hub.upload.url)
+
+    def get(name: str) -> Path:
+        return Path(hf_hub_download("org/budget-card", name, revision=pushed["commit"], endpoint=hub.olah.url,
+                                    cache_dir=tmp_path / "cache"))
+
+    readme = get("README.md").read_text()
+    assert "![per-layer plot](alpha.png)" in readme and "learning-rate budget" in readme
+    assert f"lr budget: scales 0.500..1.500 over {len(sel.layers)} layers" in readme
+    assert get("alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_revision_pinning(hub, tmp_path):

@@ -1,4 +1,4 @@
-"""``opentrans-hub inspect PATH``: what a subnetwork file or a packed sparse checkpoint holds.
+"""``opentrans-hub inspect PATH``: what a subnetwork file, a packed sparse checkpoint or a layer selection holds.
 
 A subnetwork file is decoded and verified. A packed file is described from its header alone (sizes checked
 against the file, nothing decoded, so a few KB that claim gigabytes cost nothing) and says so: its hashes are
@@ -15,8 +15,9 @@ from ._common import print_json, printable, table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("inspect", help="show a subnetwork or packed file: sparsity, size, per-layer table")
-    parser.add_argument("path", help="subnetwork or packed .safetensors file")
+    parser = subparsers.add_parser("inspect", help="show a subnetwork, packed file or layer selection: "
+                                   "sparsity, size, lr budget, per-layer table")
+    parser.add_argument("path", help="subnetwork or packed .safetensors file, or a layer selection .json")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -39,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
 
     if is_packed(args.path):
         return _run_packed(args)
+    from .inspect_selection import is_selection_file, run_selection
+
+    if is_selection_file(args.path):
+        return run_selection(args)
     info = describe(args.path)
     if args.json:
         print_json(info)

@@ -1,4 +1,8 @@
-"""``opentrans-hub select TARGET --policy median --out FILE``: derive and save a LayerSelection (JSON)."""
+"""``opentrans-hub select TARGET --policy median --out FILE``: derive and save a LayerSelection (JSON).
+
+``--policy alpha-lr [--lr-range LO HI]`` trains every layer with a learning-rate scale from its alpha (a
+budget for ``oth.param_groups``); ``--lr-range`` with another policy adds the scales to that policy's flags.
+"""
 
 from __future__ import annotations
 
@@ -26,9 +30,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"path": str(path), "sha256": selection.sha256, "arch": selection.arch,
                     "weights_sha256": selection.weights_sha256, "policy": selection.policy,
-                    "trainable": selection.trainable, "frozen": selection.frozen})
+                    "trainable": selection.trainable, "frozen": selection.frozen,
+                    "lr_scales": {layer["name"]: layer["lr_scale"] for layer in selection.layers
+                                  if "lr_scale" in layer} or None})
         return 0
     print(f"{path}: {selection.arch}, policy {selection.policy.get('name')}: {len(selection.trainable)} of "
           f"{len(selection.layers)} layers trainable ({selection.policy.get('trainable_params', 0):,} weights); "
           f"sha256 {selection.sha256[:16]}")
+    if "lr_range" in selection.policy:
+        from ..methods.lr_budget import budget_summary
+
+        print(budget_summary(selection))
     return 0

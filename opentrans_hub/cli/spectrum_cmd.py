@@ -32,11 +32,15 @@ def add_metric_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_policy_options(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--policy", choices=("median", "fraction", "count", "budget"), required=required,
-                        help="selection policy (median = the paper)")
+    parser.add_argument("--policy", choices=("median", "fraction", "count", "budget", "alpha-lr"), required=required,
+                        help="selection policy (median = the paper; alpha-lr: every layer trains, its learning rate "
+                        "scaled by its alpha)")
     parser.add_argument("--fraction", type=float, help="fraction policy: share of layers to train")
     parser.add_argument("--count", type=int, help="count policy: number of layers to train")
     parser.add_argument("--max-params", type=int, help="budget policy: most trainable weights")
+    parser.add_argument("--lr-range", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="learning-rate scales linear in alpha from LO (lowest alpha) to HI (highest); with "
+                        "alpha-lr the default is 0.5 1.5, with another policy it adds the scales to its flags")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -118,7 +122,8 @@ def build_selection(args: argparse.Namespace, metrics: list, arch: str, sha: str
                   "settings": metrics_settings(args.xmin, args.conv_norm, args.max_aspect or None),
                   "source": os.path.basename(args.target) if Path(args.target).is_file() else args.target}
     return select_layers(metrics, args.policy, arch=arch, weights_sha256=sha, provenance=provenance,
-                         fraction=args.fraction, count=args.count, max_params=args.max_params)
+                         fraction=args.fraction, count=args.count, max_params=args.max_params,
+                         lr_range=getattr(args, "lr_range", None))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                    title=f"{arch}: alpha per layer (x_min {args.xmin})")
     if args.json:
         keys = ("name", "param", "kind", "shape", "alpha", "D", "num_eigs", "xmin", "spectral_norm", "stable_rank",
-                "num_params", "trainable")
+                "num_params", "trainable", "lr_scale")
         out: dict[str, Any] = {"arch": arch, "weights_sha256": sha, "xmin": args.xmin,
                                "layers": [{k: r[k] for k in keys if k in r} for r in rows]}
         if selection is not None:
@@ -148,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     print(f"{arch}: {len(metrics)} layers, x_min method {args.xmin}")
-    headers = ["layer", "alpha", "D", "eigs", "stable rank"] + (["train"] if selection is not None else [])
+    scaled = selection is not None and "lr_range" in selection.policy
+    headers = (["layer", "alpha", "D", "eigs", "stable rank"] + (["train"] if selection is not None else [])
+               + (["lr scale"] if scaled else []))
     table_rows = []
     for r in rows:
         alpha = "-" if r.get("alpha") is None else f"{r['alpha']:.3f}"
@@ -157,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         row = [r["name"], alpha, dist, r["num_eigs"], stable]
         if selection is not None:
             row.append("yes" if r["trainable"] else "frozen")
+        if scaled:
+            row.append(f"{r.get('lr_scale', 1.0):.3f}")
         table_rows.append(row)
     print(table(table_rows, headers))
     if selection is not None:

@@ -145,6 +145,10 @@ def run_demo(out_dir: str | os.PathLike = "opentrans-demo", weights: str | os.Pa
                               provenance={"source": "opentrans-hub demo", "weights": weights_note})
     log(f"[2/5] spectral selection: {len(selection.trainable)} of {len(selection.layers)} layers train "
         f"(alpha >= median), the heavy-tailed rest is frozen")
+    from ..methods.lr_budget import budget_summary
+
+    # shown, not published: the demo's selection stays the paper's median split
+    log(f"[2/5] {budget_summary(selection.reselect('alpha-lr'))} (policy alpha-lr, shown only)")
     timings["spectrum_s"] = time.perf_counter() - t0
 
     # 2b. IMP on the synthetic segmentation task ---------------------------------------------------

@@ -2,8 +2,13 @@
 
 A selection is data: per-layer metrics (alpha, D, ...) in network order, a ``trainable`` flag per layer,
 the policy that set the flags, the architecture id and the sha256 of the weights it was measured on. It
-is stored as a small JSON manifest; its identity (sha256) covers the architecture id, the layer names and their
-flags only, so recomputing metrics or re-wording provenance never changes which selection it is.
+is stored as a small JSON manifest; its identity (sha256) covers the architecture id, the layer names, their
+flags and their learning-rate scales only, so recomputing metrics or re-wording provenance never changes which
+selection it is.
+
+A layer may carry ``lr_scale`` (finite, > 0): its learning rate is the optimizer's times this (a learning-rate
+budget, ``oth.param_groups``). A layer without one means 1.0, and a scale of 1.0 is not part of the identity,
+so a manifest written before scales existed keeps its sha256.
 
 :func:`select_layers` derives a selection from metrics (``opentrans_hub.methods.spectral.compute_metrics``) with a
 policy (``median`` as in the paper, ``fraction``, ``count``, ``budget``); :meth:`LayerSelection.apply` sets
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -32,6 +38,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FORMAT = SELECTION_FORMAT
 FORMAT_VERSION = 1
+
+
+def check_lr_scale(value: Any, name: str | None = None) -> float:
+    """``value`` as a learning-rate scale: a finite number > 0 (not a bool), else :class:`OpenTransError`."""
+    try:
+        scale = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer too large for a float
+        scale = math.inf
+    if not math.isfinite(scale) or scale <= 0:
+        raise OpenTransError(f"'lr_scale' must be a finite number > 0, got {str(value)[:40]!r}", tensor=name)
+    return scale
 
 
 class LayerSelection:
@@ -53,7 +70,10 @@ class LayerSelection:
             if not isinstance(layer.get("trainable"), bool):
                 raise OpenTransError("layer needs a boolean 'trainable'", tensor=name)
             seen.add(name)
-            self.layers.append(dict(layer))
+            layer = dict(layer)
+            if "lr_scale" in layer:
+                layer["lr_scale"] = check_lr_scale(layer["lr_scale"], name)
+            self.layers.append(layer)
         self.arch = arch
         self.policy: dict[str, Any] = dict(policy or {})
         self.weights_sha256 = weights_sha256
@@ -67,6 +87,27 @@ class LayerSelection:
     def frozen(self) -> list[str]:
         return [layer["name"] for layer in self.layers if not layer["trainable"]]
 
+    def lr_scale(self, name: str) -> float | None:
+        """The learning-rate scale of a listed layer (1.0 when it carries none), None for a name not listed."""
+        for layer in self.layers:
+            if layer["name"] == name:
+                return layer.get("lr_scale", 1.0)
+        return None
+
+    @property
+    def has_lr_scales(self) -> bool:
+        """Whether any layer's learning-rate scale differs from 1.0."""
+        return any(layer.get("lr_scale", 1.0) != 1.0 for layer in self.layers)
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        """Canonical parameter name -> learning-rate scale; a split attention weight takes the mean of its parts
+        (one parameter has one learning rate)."""
+        parts: dict[str, list[float]] = {}
+        for layer in self.layers:
+            parts.setdefault(layer.get("param") or layer["name"], []).append(layer.get("lr_scale", 1.0))
+        return {param: math.fsum(values) / len(values) for param, values in parts.items()}
+
     def is_trainable(self, name: str) -> bool | None:
         """True/False for a listed layer, None for a name the selection does not cover."""
         for layer in self.layers:
@@ -76,12 +117,16 @@ class LayerSelection:
 
     @property
     def sha256(self) -> str:
-        """sha256 over the architecture id and the layer names with their flags (not metrics or provenance)."""
+        """sha256 over the architecture id and the layer names with their flags and learning-rate scales other
+        than 1.0 (not metrics or provenance)."""
         return self._hash(self.arch)
 
     def _hash(self, arch: str | None) -> str:
-        canonical = json.dumps(sorted([layer["name"], layer["trainable"]] for layer in self.layers),
-                               separators=(",", ":"))
+        def entry(layer: dict[str, Any]) -> list[Any]:
+            scale = layer.get("lr_scale", 1.0)
+            return [layer["name"], layer["trainable"]] + ([] if scale == 1.0 else [scale])
+
+        canonical = json.dumps(sorted(entry(layer) for layer in self.layers), separators=(",", ":"))
         if arch is None:  # opentrans-hub 0.1: the architecture was not part of the identity
             return hashlib.sha256(b"opentrans-hub/layer-selection/v1\0" + canonical.encode()).hexdigest()
         head = b"opentrans-hub/layer-selection/v2\0" + arch.encode("utf-8") + b"\0"

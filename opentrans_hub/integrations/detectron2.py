@@ -3,12 +3,17 @@
 detectron2 is imported only when a hook is created, so this module (and its config helpers, which work on
 any yacs-style ``CfgNode``) import without it. Typical use in a detectron2 ``train_net.py``::
 
-    from opentrans_hub.integrations.detectron2 import add_opentrans_config, opentrans_build_model, opentrans_hook
+    from opentrans_hub.integrations.detectron2 import (add_opentrans_config, opentrans_build_model,
+                                                       opentrans_build_optimizer, opentrans_hook)
 
     class Trainer(DefaultTrainer):
         @classmethod
         def build_model(cls, cfg):  # the layer selection must exist before the optimizer and DDP
             return opentrans_build_model(cfg, super().build_model(cfg))
+
+        @classmethod
+        def build_optimizer(cls, cfg, model):  # MODEL.OPENTRANS.LR_SCALES: a learning-rate budget
+            return opentrans_build_optimizer(cfg, model, build=super().build_optimizer)
 
     cfg = get_cfg(); add_opentrans_config(cfg); cfg.merge_from_file("configs/fcclip.yaml")
     trainer = Trainer(cfg); trainer.register_hooks([opentrans_hook(cfg)]); trainer.train()
@@ -23,17 +28,19 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from ..errors import OpenTransError
+from ..errors import OpenTransError, OpenTransWarning
 from ..methods.imp import IMPRunner, PruneScope
 from ..naming.namemap import NameMap
 from ..sparsity.masks import unwrap
 from ..transfer.apply import apply_subnetwork
 from ..zoo.registry import load_selection, load_subnetwork
+from .lr_scales import apply_lr_scales
 from .training import OpenTransSchedule, apply_layer_selection, mark_built
 
 #: our lines go to a child of detectron2's logger, so ``default_setup``'s handlers (stdout, log.txt) show them
@@ -51,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "BAKE_AT": -1,                     # bake masks after this iteration and save a checkpoint (-1: never)
     "BAKE_CHECKPOINT": "model_{:07d}_baked",  # checkpoint at the bake: model_0368749_baked(.pth) for 368749
     "SELECTION": "",                   # LayerSelection JSON: layers to train (others frozen)
+    "LR_SCALES": "",                   # LayerSelection JSON whose lr_scale's scale the optimizer's rates ("" = none)
     "VERIFY_PERIOD": 0,                # prove every pruned weight is 0.0 every N iterations, fail if not (0: off)
 }
 IMP_DEFAULTS: dict[str, Any] = {
@@ -231,6 +239,48 @@ def opentrans_build_model(cfg: Any, model: nn.Module) -> nn.Module:
     elif oc.SUBNETWORK:
         logger.info("opentrans: the subnetwork is on a schedule (APPLY_AT/BAKE_AT): opentrans_hook(cfg) applies it")
     return model
+
+
+def opentrans_build_optimizer(cfg: Any, model: nn.Module,
+                              build: Callable[[Any, nn.Module], Any] | None = None) -> Any:
+    """The optimizer ``build(cfg, model)`` makes (default ``detectron2.solver.build_optimizer``), with each
+    parameter's learning rate times its layer's scale from the selection ``MODEL.OPENTRANS.LR_SCALES``.
+
+    Everything detectron2 decides stays: ``SOLVER.BASE_LR``, ``BIAS_LR_FACTOR``, the weight decay of norms and
+    biases, overrides, gradient clipping; a bias follows its weight's scale. The selection's layers are mapped
+    like ``SELECTION`` (``NAME_MAP``, ``PLUGIN``, ``PREFIX``); none reaching the model is an error. Call it before
+    the scheduler is built (``DefaultTrainer`` does: ``build_optimizer`` comes first). ``LR_SCALES`` empty:
+    the optimizer as built.
+    """
+    from ..transfer.lr_groups import parameter_scales
+
+    if "OPENTRANS" not in cfg.MODEL:
+        raise OpenTransError("cfg has no MODEL.OPENTRANS: call add_opentrans_config(cfg) first")
+    if build is None:
+        try:
+            from detectron2.solver import build_optimizer as build
+        except ImportError as exc:
+            raise OpenTransError("opentrans_build_optimizer without build= uses detectron2's build_optimizer "
+                                 f"(https://github.com/facebookresearch/detectron2): {exc}") from None
+    optimizer = build(cfg, model)
+    source = cfg.MODEL.OPENTRANS.get("LR_SCALES", "")
+    if not source:
+        return optimizer
+    logger = logging.getLogger(LOGGER_NAME)
+    selection = load_selection(source)
+    if not selection.has_lr_scales:
+        message = (f"MODEL.OPENTRANS.LR_SCALES {source}: the selection carries no learning-rate scale other than "
+                   "1.0 (make one with `opentrans-hub select ... --policy alpha-lr`); the optimizer is unchanged")
+        warnings.warn(message, OpenTransWarning, stacklevel=2)
+        logger.warning(f"opentrans: {message}")
+    model = unwrap(model)
+    scales, _ = parameter_scales(model, selection, name_map=name_map_from_cfg(cfg, model))
+    params = dict(model.named_parameters())
+    changed = apply_lr_scales(optimizer, {params[name]: scale for name, scale in scales.items()})
+    values = list(scales.values())
+    logger.info(f"opentrans: learning-rate budget {selection.sha256[:12]} applied: {changed} parameters at "
+                f"{min(values):.3f}..{max(values):.3f} x their rate")
+    return optimizer
 
 
 class OpenTransHookLogic:

@@ -13,7 +13,8 @@ from ..errors import OpenTransError
 def plot_alpha(layers: Any, path: str | os.PathLike, title: str | None = None) -> Path:
     """PNG of alpha per layer in network order, the median line, trainable layers marked.
 
-    ``layers`` is a LayerSelection (its trainable flags are marked), or a list of LayerMetrics / dicts.
+    ``layers`` is a LayerSelection (its trainable flags are marked; its learning-rate scales, when it has any,
+    drawn as steps on a second axis), or a list of LayerMetrics / dicts.
     """
     from matplotlib.figure import Figure
 
@@ -41,13 +42,20 @@ def plot_alpha(layers: Any, path: str | os.PathLike, title: str | None = None) -
         ax.scatter(xs, alphas, color="tab:blue", s=18, zorder=2, label="layer")
     if median is not None:
         ax.axhline(median, color="k", linestyle="--", linewidth=1, label=f"median {median:.3f}")
+    handles, labels = ax.get_legend_handles_labels()
+    if any(r.get("lr_scale", 1.0) != 1.0 for r in rows):
+        scale_ax = ax.twinx()
+        line = scale_ax.step(xs, [r.get("lr_scale", 1.0) for r in rows], where="mid", color="tab:green",
+                             linewidth=1.2, label="lr scale")
+        scale_ax.set_ylabel("learning-rate scale", color="tab:green")
+        handles, labels = handles + line, labels + ["lr scale"]
     ax.set_xlabel("layer (network order)")
     ax.set_ylabel("alpha")
     ax.set_title(title or "power-law alpha per layer")
     if len(rows) <= 80:
         ax.set_xticks(xs)
         ax.set_xticklabels([r["name"].removesuffix(".weight") for r in rows], rotation=90, fontsize=5)
-    ax.legend(fontsize=7)
+    ax.legend(handles, labels, fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -43,7 +43,8 @@ class SelectionReport:
 _CHOICES = {"biases": ("follow", "freeze", "train"), "norms": ("freeze", "train", "keep"), "others": ("freeze", "keep")}
 
 
-def _bias_name(weight_name: str) -> str | None:
+def bias_name(weight_name: str) -> str | None:
+    """The bias beside a weight (``in_proj_bias`` for ``in_proj_weight``), None for a name not ending in weight."""
     if weight_name.endswith("in_proj_weight"):
         return weight_name[: -len("in_proj_weight")] + "in_proj_bias"
     if weight_name.endswith("weight"):
@@ -89,7 +90,7 @@ def select_trainable(model: nn.Module, selection: LayerSelection, name_map: Name
                    for attr, _ in module.named_parameters(recurse=False)}
     bias_of = {}
     for weight_name, trainable in flags.items():
-        bias = _bias_name(weight_name)
+        bias = bias_name(weight_name)
         if bias in params and bias not in flags:
             bias_of[bias] = trainable
     plan: dict[str, bool] = {}

@@ -8,8 +8,10 @@ Front matter: ``library_name: opentrans-hub``, ``license``, tags (``arxiv:2404.0
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..formats.packed import PackedFile
@@ -70,8 +72,30 @@ def _body(obj: Artefact, kind: str) -> list[str]:
                 "| masked tensors | weights | kept | sparsity |", "|---:|---:|---:|---:|",
                 f"| {stats['num_layers']} | {stats['total_params']:,} | {stats['kept_params']:,} | "
                 f"{stats['sparsity']:.2%} |", "", *_layer_table(stats["layers"])]
-    return [f"A layer selection for the CLIP image encoder `{obj.arch}`: {len(obj.trainable)} of "
-            f"{len(obj.layers)} layers are fine-tuned, the rest stay frozen.", ""]
+    lines = [f"A layer selection for the CLIP image encoder `{obj.arch}`: {len(obj.trainable)} of "
+             f"{len(obj.layers)} layers are fine-tuned, the rest stay frozen.", ""]
+    if obj.has_lr_scales:
+        from ..methods.lr_budget import budget_summary
+
+        lines += ["It carries a learning-rate budget: each layer's rate is the optimizer's times its `lr_scale` "
+                  "(`oth.param_groups(model, selection, lr)`).", "", f"`{budget_summary(obj)}`", ""]
+    return lines
+
+
+#: the per-layer plot written next to the card, by artefact kind
+CARD_PLOTS = {"selection": "alpha.png"}
+
+
+def write_card_plot(obj: Artefact, kind: str, folder: str | os.PathLike) -> str | None:
+    """Write ``obj``'s per-layer plot into ``folder`` for its card; the file name, None for a kind without one."""
+    name = CARD_PLOTS.get(kind)
+    if name is None:
+        return None
+    from ..methods.plots import plot_alpha
+
+    title = f"{obj.arch}: alpha per layer" + (", learning-rate scales" if obj.has_lr_scales else "")
+    plot_alpha(obj, Path(folder) / name, title=title)
+    return name
 
 
 def _how_to_load(kind: str, arch: str, repo: str) -> list[str]:
@@ -89,8 +113,9 @@ def _how_to_load(kind: str, arch: str, repo: str) -> list[str]:
 
 
 def model_card(obj: Artefact, manifest: Mapping[str, Any], license: str | None = None,
-               base: str | None = None, repo_id: str | None = None) -> str:
-    """README.md text: front matter, what the artefact is, its method and provenance, how to load it."""
+               base: str | None = None, repo_id: str | None = None, plot: str | None = None) -> str:
+    """README.md text: front matter, what the artefact is (with ``plot``, an image file beside the card), its
+    method and provenance, how to load it."""
     kind = manifest["kind"]
     tags = {"packed": ["pruned", "sparse"], "subnetwork": ["pruning", "pruned"]}.get(kind, ["layer-selection"])
     tags = ["opentrans-hub", *tags, PAPER_TAG, "clip", "open-vocabulary-segmentation"]
@@ -109,7 +134,8 @@ def model_card(obj: Artefact, manifest: Mapping[str, Any], license: str | None =
     repo = repo_id or "ORG/REPO"
     provenance = {"policy": obj.policy, **obj.provenance} if kind == "selection" else obj.provenance
     method = obj.policy.get("name") if kind == "selection" else obj.provenance.get("method")
-    lines = ["---", *front, "---", "", f"# {name}", "", *_body(obj, kind),
+    figure = [f"![per-layer plot]({plot})", ""] if plot else []
+    lines = ["---", *front, "---", "", f"# {name}", "", *_body(obj, kind), *figure,
              "## Method", "", f"`{method}` (OpenTrans, arXiv:2404.07448)", "", "```json",
              json.dumps(provenance, indent=1, sort_keys=True, default=str), "```", "",
              "## Provenance", "", f"- content sha256: `{manifest['sha256']}`",

@@ -6,7 +6,8 @@ A published repo holds three files:
 * ``subnetwork.safetensors`` (or ``selection.json``, ``backbone.sparse.safetensors``): the artefact itself;
 * ``opentrans_hub.json``: a small manifest (kind, file, content sha256, file sha256, arch, summary);
 * ``README.md``: a model card (YAML front matter with ``library_name: opentrans-hub``, tags, ``base_model``
-  when known and ``license``; a sparsity table, the method, provenance and how to load it).
+  when known and ``license``; a sparsity table, the method, provenance and how to load it);
+* a selection's card shows ``alpha.png``: alpha per layer, the trainable split and its learning-rate scales.
 
 ``push`` uses ``HfApi.create_repo(exist_ok=True)`` and ``upload_folder``; ``pull`` uses
 ``hf_hub_download`` with a revision, so the normal HF cache and ``HF_HUB_OFFLINE=1`` work, and checks both
@@ -29,7 +30,7 @@ from ..formats.artefacts import KIND_FILES, encode, kind_of, summary
 from ..formats.packed import PackedFile
 from ..formats.selection import LayerSelection
 from ..formats.subnetwork import Subnetwork
-from .cards import model_card  # noqa: F401  (hub.model_card before the split)
+from .cards import model_card, write_card_plot  # noqa: F401  (model_card: hub's public name before the split)
 from .registry import Registry, default_registry
 from .remote import (  # noqa: F401  (parse_hf_ref, MANIFEST: hub's public names before the split)
     MANIFEST,
@@ -62,8 +63,9 @@ def export_folder(obj: Artefact, folder: str | os.PathLike, name: str | None = N
                 "library": f"opentrans-hub {__version__}", **summary(obj)}
     (folder / KIND_FILES[kind]).write_bytes(data)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n", encoding="utf-8")
+    plot = write_card_plot(obj, kind, folder)
     (folder / "README.md").write_text(model_card(obj, manifest, license=license, base=base_model,
-                                                          repo_id=repo_id), encoding="utf-8")
+                                                          repo_id=repo_id, plot=plot), encoding="utf-8")
     return manifest
 
 
